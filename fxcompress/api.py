@@ -1,0 +1,140 @@
+"""The entry point: ``optimize(model, example_inputs, recipe)`` -> :class:`CompressedModel`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+from torch import fx, nn
+
+from fxcompress.capture import capture, normalize_inputs, run_reference
+from fxcompress.errors import InputError
+from fxcompress.export import export_onnx
+from fxcompress.graph_edit import state_bytes
+from fxcompress.pipeline import LayerRecord, PassConfig, PassContext, PassManager, RecipeLike, Tolerance, parse_recipe, recipe_tolerance
+from fxcompress.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompressedModel:
+    """The result of :func:`optimize`: a runnable torch module plus what every pass did.
+
+    Attributes:
+        module: the rewritten GraphModule; call it like the original model.
+        records: one :class:`LayerRecord` per candidate layer and pass (done, or skipped with a reason).
+        recipe: the parsed pass configs, in order.
+        capture_method: ``"fx"`` or ``"export"``.
+        bytes_before / bytes_after: parameter+buffer bytes of the original and the compressed module.
+    """
+
+    module: fx.GraphModule
+    records: list[LayerRecord]
+    recipe: list[PassConfig]
+    example_inputs: tuple
+    capture_method: str
+    bytes_before: int
+    bytes_after: int
+    capture_note: Optional[str] = None
+    onnx_path: Optional[Path] = field(default=None, repr=False)
+
+    def __call__(self, *args: Any) -> Any:
+        with torch.no_grad():
+            return self.module(*args)
+
+    @property
+    def tolerance(self) -> Tolerance:
+        """The parity floor implied by the recipe (the loosest of its passes)."""
+        return recipe_tolerance(self.recipe)
+
+    @property
+    def compression_ratio(self) -> float:
+        """bytes_before / bytes_after of the torch module's parameters and buffers."""
+        return self.bytes_before / max(self.bytes_after, 1)
+
+    def export(self, path: str | os.PathLike, target: str = "cpu", dynamic_batch: bool = True) -> Path:
+        """Write the compressed model as ONNX and return the path.
+
+        Args:
+            path: the ``.onnx`` file to write; nothing is left there if export fails.
+            target: ``"cpu"`` (DynamicQuantizeMatMul for Linear; fastest on ORT's CPU EP) or ``"cuda"``
+                (standard DequantizeLinear + MatMul, runs on every EP).
+            dynamic_batch: make axis 0 of every input symbolic.
+
+        Example:
+            >>> cm = optimize(nn.Sequential(nn.Linear(16, 4)), torch.randn(2, 16), recipe="int8")
+            >>> cm.export("model.onnx").name
+            'model.onnx'
+        """
+        meta = {
+            "recipe": [c.to_dict() for c in self.recipe],
+            "tolerance": self.tolerance.__dict__,
+            "bytes_before": self.bytes_before,
+            "capture": self.capture_method,
+        }
+        self.onnx_path = export_onnx(self.module, self.example_inputs, path, target=target, metadata=meta, dynamic_batch=dynamic_batch)
+        return self.onnx_path
+
+    def summary(self) -> str:
+        """A per-layer table (kind, action, bytes before/after, error) with totals."""
+        from fxcompress.report import layer_table
+
+        return layer_table(self)
+
+
+def optimize(
+    model: nn.Module,
+    example_inputs: Any,
+    recipe: RecipeLike = "int8",
+    *,
+    calibration: Optional[Iterable[Any]] = None,
+    progress: bool = False,
+) -> CompressedModel:
+    """Capture ``model``, run the recipe's rewrite passes and return the compressed module.
+
+    The model is never modified: capture works on a deep copy.
+
+    Args:
+        model: any ``nn.Module``; captured with torch.fx, or torch.export when symbolic tracing fails.
+        example_inputs: a tensor or tuple of positional tensors the model accepts.
+        recipe: pass names with options (``"fold_bn,int8"``), a config, or a list of either.
+        calibration: input tuples for passes that look at activations.
+        progress: show a progress bar over the layers being rewritten.
+
+    Returns:
+        A :class:`CompressedModel`; ``.module`` runs in torch, ``.export(path)`` writes ONNX.
+
+    Raises:
+        InputError: ``example_inputs`` do not fit the model. CaptureError: the model cannot be captured.
+        RecipeError: unknown pass or option. PassError: a pass failed (the message names it).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        >>> cm = optimize(model, torch.randn(1, 64), recipe="int8")
+        >>> round(cm.compression_ratio, 1)
+        3.8
+    """
+    configs = parse_recipe(recipe)
+    inputs = normalize_inputs(example_inputs)
+    calib = [normalize_inputs(c) for c in calibration] if calibration is not None else None
+    captured = capture(model, inputs)
+    gm = captured.graph_module
+    before = state_bytes(gm)
+    with progress_bar(progress, desc="fxcompress") as bar:
+        ctx = PassContext(inputs, calib, progress=bar.step)
+        records = PassManager(configs).run(gm, ctx)
+    run_reference(gm, inputs)  # the rewritten graph must still run on what the original ran on
+    done = [r for r in records if not r.skipped]
+    if not done:
+        warnings.warn(
+            f"recipe {[c.name for c in configs]} found nothing to compress in {type(model).__name__}: "
+            + ("; ".join(f"{r.layer}: {r.reason}" for r in records[:5]) or "no Linear/Conv/Embedding layer"),
+            stacklevel=2,
+        )
+    return CompressedModel(gm, records, configs, inputs, captured.method, before, state_bytes(gm), captured.fx_failure)

@@ -1,0 +1,177 @@
+"""Custom torch ops that compressed sites are rewritten into, each beside its ONNX translation.
+
+A compressed site becomes one opaque op (`torch.ops.fxcompress.*`) holding quantized tensors as buffers. The
+op has a real torch implementation (so the compressed module runs and can be checked in torch) and, per
+export target, an onnxscript translation that decides how ONNX Runtime executes it:
+
+* ``cpu``: Linear -> ``com.microsoft.DynamicQuantizeMatMul`` (uint8 weights with zero point 128). Measured on the
+  CPU EP about 3x faster than fp32 at batch 1, while ``DequantizeLinear + MatMul`` was 3.6x *slower* and grew the
+  arena by the dequantized weights. uint8 (not int8) weights because the U8S8 kernel saturates its int16
+  accumulators on AVX2 CPUs without VNNI; U8U8 does not.
+* ``cuda``: Linear -> ``DequantizeLinear + MatMul`` (standard ONNX, runs on every EP; int8 stays int8 in the file and
+  in the session, dequantized per call).
+
+Conv and Embedding use standard ops on both targets: ``DequantizeLinear + Conv`` and ``Gather + Cast + Mul``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import onnx
+import onnxscript
+import torch
+import torch.nn.functional as F
+from onnx.defs import OpSchema
+from onnxscript import opset21 as op
+from torch import Tensor
+
+TARGETS = ("cpu", "cuda")
+ONNX_OPSET = 21
+MSFT = onnxscript.values.Opset("com.microsoft", 1)
+
+
+def _dequantize(qweight: Tensor, scale: Tensor, zero_point: Optional[Tensor], axis: int) -> Tensor:
+    shape = [1] * qweight.dim()
+    shape[axis] = -1
+    w = qweight.to(torch.float32)
+    if zero_point is not None:
+        w = w - zero_point.to(torch.float32).reshape(shape)
+    return w * scale.reshape(shape)
+
+
+# --- Linear ------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("fxcompress::linear_q8", mutates_args=())
+def linear_q8(x: Tensor, qweight: Tensor, scale: Tensor, zero_point: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """y = x @ dequant(qweight) + bias, with qweight laid out [in_features, out_features] and one scale per column."""
+    y = x @ _dequantize(qweight, scale, zero_point, axis=1).to(x.dtype)
+    return y + bias if bias is not None else y
+
+
+@linear_q8.register_fake
+def _(x, qweight, scale, zero_point, bias):
+    return x.new_empty(*x.shape[:-1], qweight.shape[1])
+
+
+def _linear_q8_cpu(x, qweight, scale, zero_point=None, bias=None):
+    return MSFT.DynamicQuantizeMatMul(x, qweight, scale, zero_point, bias)
+
+
+def _linear_q8_qdq(x, qweight, scale, zero_point=None, bias=None):
+    w = op.DequantizeLinear(qweight, scale, zero_point, axis=1)
+    y = op.MatMul(x, w)
+    return op.Add(y, bias) if bias is not None else y
+
+
+# --- Conv1d / Conv2d ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("fxcompress::conv_q8", mutates_args=())
+def conv_q8(
+    x: Tensor,
+    qweight: Tensor,
+    scale: Tensor,
+    zero_point: Optional[Tensor],
+    bias: Optional[Tensor],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> Tensor:
+    """Conv1d/Conv2d (chosen by weight rank) over a per-output-channel dequantized weight."""
+    conv = F.conv1d if qweight.dim() == 3 else F.conv2d
+    w = _dequantize(qweight, scale, zero_point, axis=0).to(x.dtype)
+    return conv(x, w, bias, stride, padding, dilation, groups)
+
+
+@conv_q8.register_fake
+def _(x, qweight, scale, zero_point, bias, stride, padding, dilation, groups):
+    spatial = [
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, k, s, p, d in zip(x.shape[2:], qweight.shape[2:], stride, padding, dilation)
+    ]
+    return x.new_empty(x.shape[0], qweight.shape[0], *spatial)
+
+
+def _conv_q8(x, qweight, scale, zero_point=None, bias=None, stride=(1,), padding=(0,), dilation=(1,), groups=1):
+    w = op.DequantizeLinear(qweight, scale, zero_point, axis=0)
+    pads = list(padding) + list(padding)  # ONNX wants all begins, then all ends
+    return op.Conv(x, w, bias, strides=list(stride), pads=pads, dilations=list(dilation), group=groups)
+
+
+# --- Embedding ---------------------------------------------------------------------------------------------------
+@torch.library.custom_op("fxcompress::embedding_q8", mutates_args=())
+def embedding_q8(indices: Tensor, qweight: Tensor, scale: Tensor) -> Tensor:
+    """Row lookup in an int8 table with one scale per row; only the gathered rows are dequantized."""
+    return qweight[indices].to(torch.float32) * scale[indices].unsqueeze(-1)
+
+
+@embedding_q8.register_fake
+def _(indices, qweight, scale):
+    return scale.new_empty(*indices.shape, qweight.shape[1])
+
+
+def _embedding_q8(indices, qweight, scale):
+    rows = op.Cast(op.Gather(qweight, indices, axis=0), to=onnx.TensorProto.FLOAT)
+    row_scale = op.Unsqueeze(op.Gather(scale, indices, axis=0), op.Constant(value_ints=[-1]))
+    return op.Mul(rows, row_scale)
+
+
+# --- ONNX Runtime contrib schemas --------------------------------------------------------------------------------
+def _register_contrib_schemas() -> None:
+    """onnx does not know ORT's com.microsoft ops; onnxscript and onnx.checker need their schemas."""
+    optional = OpSchema.FormalParameterOption.Optional
+    param = OpSchema.FormalParameter
+    if not onnx.defs.has("DynamicQuantizeMatMul", "com.microsoft"):
+        onnx.defs.register_schema(
+            OpSchema(
+                "DynamicQuantizeMatMul",
+                "com.microsoft",
+                1,
+                inputs=[
+                    param("A", "T1"),
+                    param("B", "T2"),
+                    param("b_scale", "T1"),
+                    param("b_zero_point", "T2", param_option=optional),
+                    param("bias", "T1", param_option=optional),
+                ],
+                outputs=[param("Y", "T1")],
+                type_constraints=[
+                    ("T1", ["tensor(float)"], "activations and scales"),
+                    ("T2", ["tensor(int8)", "tensor(uint8)"], "quantized weights"),
+                ],
+            )
+        )
+
+
+_register_contrib_schemas()
+
+_TRANSLATIONS: dict[str, dict[object, Callable]] = {
+    "cpu": {
+        torch.ops.fxcompress.linear_q8.default: _linear_q8_cpu,
+        torch.ops.fxcompress.conv_q8.default: _conv_q8,
+        torch.ops.fxcompress.embedding_q8.default: _embedding_q8,
+    },
+    "cuda": {
+        torch.ops.fxcompress.linear_q8.default: _linear_q8_qdq,
+        torch.ops.fxcompress.conv_q8.default: _conv_q8,
+        torch.ops.fxcompress.embedding_q8.default: _embedding_q8,
+    },
+}
+
+
+def all_custom_ops() -> list[object]:
+    """Every op overload in the ``fxcompress`` torch library namespace (a test checks each has translations)."""
+    ns = torch.ops.fxcompress
+    return [getattr(getattr(ns, name), "default") for name in ("linear_q8", "conv_q8", "embedding_q8")]
+
+
+def translation_table(target: str) -> dict[object, Callable]:
+    """The onnxscript translations used when exporting for ``target`` ("cpu" or "cuda").
+
+    Example:
+        >>> table = translation_table("cpu")
+        >>> torch.ops.fxcompress.linear_q8.default in table
+        True
+    """
+    if target not in _TRANSLATIONS:
+        raise ValueError(f"unknown export target {target!r}; choose one of {TARGETS}")
+    return dict(_TRANSLATIONS[target])

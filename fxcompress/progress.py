@@ -1,0 +1,28 @@
+"""A progress bar on stderr (tqdm) that costs nothing when disabled."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+
+class _Bar:
+    def __init__(self, bar):
+        self._bar = bar
+
+    def step(self, label: str) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(label[-40:], refresh=False)
+            self._bar.update(1)
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool, desc: str, total: int | None = None, unit: str = "layer") -> Iterator[_Bar]:
+    """Yield an object with ``.step(label)``; a tqdm bar when ``enabled``."""
+    if not enabled:
+        yield _Bar(None)
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc=desc, unit=unit, leave=False) as bar:
+        yield _Bar(bar)

@@ -1,0 +1,178 @@
+"""Compressible sites: every Linear / Conv1d / Conv2d / Embedding in a captured graph, in one uniform shape.
+
+A weight reaches an fx graph in several ways: a ``call_module`` on ``nn.Linear`` (symbolic_trace), a
+``call_function`` on ``F.linear`` with a ``get_attr`` weight (symbolic_trace of functional code), or
+``aten.linear.default`` / ``aten.conv2d.default`` / ``aten.embedding.default`` (torch.export). :func:`find_sites`
+turns all of them into :class:`Site` records, so a pass reads ``site.weight`` and calls :func:`replace_site`
+without knowing which form it came from. Nodes that look like a site but cannot be rewritten come back as
+:class:`Skipped` with the reason, because a pass must never skip silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+SiteKind = Literal["linear", "conv1d", "conv2d", "embedding"]
+aten = torch.ops.aten
+
+
+@dataclass
+class Site:
+    """One compressible layer in the graph.
+
+    ``input`` is the activation (or the indices for an embedding); ``weight_key`` identifies the weight's storage,
+    so sites that share (tie) a weight can share its compressed form.
+    """
+
+    node: fx.Node
+    kind: SiteKind
+    name: str
+    input: fx.Node
+    weight: Tensor
+    bias: Optional[Tensor]
+    weight_key: tuple
+    conv: dict[str, Any] = field(default_factory=dict)  # stride, padding, dilation, groups (conv only)
+
+    @property
+    def weight_bytes(self) -> int:
+        b = self.weight.numel() * self.weight.element_size()
+        return b + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
+
+
+@dataclass
+class Skipped:
+    """A node that is a Linear/Conv/Embedding but cannot be rewritten, and why."""
+
+    node: fx.Node
+    kind: str
+    name: str
+    reason: str
+
+
+_MODULE_KINDS: dict[type, SiteKind] = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Embedding: "embedding"}
+_LINEAR_FNS = {F.linear, torch._C._nn.linear, aten.linear.default}
+_CONV_FNS = {F.conv1d: "conv1d", F.conv2d: "conv2d", aten.conv1d.default: "conv1d", aten.conv2d.default: "conv2d"}
+_EMBEDDING_FNS = {F.embedding, aten.embedding.default}
+
+
+def _key(t: Tensor) -> tuple:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def _attr(gm: fx.GraphModule, node: Any) -> Optional[Tensor]:
+    """The tensor behind a get_attr node, or None when the argument is computed at run time."""
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        value = gm
+        for part in str(node.target).split("."):
+            value = getattr(value, part)
+        return value.detach() if isinstance(value, Tensor) else None
+    return None
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _tup(v: Any, n: int) -> list[int]:
+    return list(v) * (n if len(v) == 1 else 1) if isinstance(v, (list, tuple)) else [int(v)] * n
+
+
+def _name_of(node: fx.Node, weight_node: Any) -> str:
+    if isinstance(weight_node, fx.Node) and weight_node.op == "get_attr":
+        target = str(weight_node.target)
+        return target[: -len(".weight")] if target.endswith(".weight") else target
+    return node.name
+
+
+def _from_module(gm: fx.GraphModule, node: fx.Node) -> Union[Site, Skipped, None]:
+    mod = gm.get_submodule(str(node.target))
+    kind = _MODULE_KINDS.get(type(mod))
+    if kind is None:
+        return None
+    name = str(node.target)
+    if kind in ("conv1d", "conv2d"):
+        if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+            return Skipped(node, kind, name, f"padding={mod.padding!r}, padding_mode={mod.padding_mode!r} not supported")
+        conv = dict(stride=list(mod.stride), padding=list(mod.padding), dilation=list(mod.dilation), groups=mod.groups)
+    else:
+        conv = {}
+    if kind == "embedding" and mod.max_norm is not None:
+        return Skipped(node, kind, name, "max_norm renormalizes the table in place at run time")
+    w = mod.weight.detach()
+    b = mod.bias.detach() if getattr(mod, "bias", None) is not None else None
+    return Site(node, kind, name, node.args[0], w, b, _key(w), conv)
+
+
+def _from_function(gm: fx.GraphModule, node: fx.Node) -> Union[Site, Skipped, None]:
+    target = node.target
+    if target in _LINEAR_FNS:
+        kind, x, w_node, b_node = "linear", _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
+        conv: dict[str, Any] = {}
+    elif target in _CONV_FNS:
+        kind = _CONV_FNS[target]
+        x, w_node, b_node = _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
+        n = 1 if kind == "conv1d" else 2
+        padding = _arg(node, 4, "padding", 0)
+        if isinstance(padding, str):
+            return Skipped(node, kind, _name_of(node, w_node), f"padding={padding!r} not supported")
+        conv = dict(
+            stride=_tup(_arg(node, 3, "stride", 1), n),
+            padding=_tup(padding, n),
+            dilation=_tup(_arg(node, 5, "dilation", 1), n),
+            groups=int(_arg(node, 6, "groups", 1)),
+        )
+    elif target in _EMBEDDING_FNS:
+        kind, conv = "embedding", {}
+        if target is F.embedding:
+            x, w_node = _arg(node, 0, "input"), _arg(node, 1, "weight")
+            if _arg(node, 3, "max_norm") is not None:
+                return Skipped(node, kind, _name_of(node, w_node), "max_norm renormalizes the table in place at run time")
+        else:  # aten.embedding(weight, indices, ...)
+            w_node, x = _arg(node, 0, "weight"), _arg(node, 1, "indices")
+        b_node = None
+    else:
+        return None
+    name = _name_of(node, w_node)
+    w = _attr(gm, w_node)
+    if w is None:
+        return Skipped(node, kind, name, "weight is computed at run time, not a stored parameter")
+    b = _attr(gm, b_node) if b_node is not None else None
+    if b_node is not None and b is None:
+        return Skipped(node, kind, name, "bias is computed at run time, not a stored parameter")
+    return Site(node, kind, name, x, w, b, _key(w), conv)
+
+
+def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[Skipped]]:
+    """All compressible sites of ``gm`` in graph order, and the look-alikes that cannot be rewritten.
+
+    Example:
+        >>> gm = fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)))
+        >>> [s.name for s in find_sites(gm)[0]]
+        ['0', '2']
+    """
+    sites: list[Site] = []
+    skipped: list[Skipped] = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            found = _from_module(gm, node)
+        elif node.op == "call_function":
+            found = _from_function(gm, node)
+        else:
+            continue
+        if isinstance(found, Site):
+            if found.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                found = Skipped(node, found.kind, found.name, f"weight dtype {found.weight.dtype} is not floating point")
+            elif not isinstance(found.input, fx.Node):
+                found = Skipped(node, found.kind, found.name, "input is a constant, not a graph value")
+        if isinstance(found, Site):
+            sites.append(found)
+        elif isinstance(found, Skipped):
+            skipped.append(found)
+    return sites, skipped

@@ -1,0 +1,1 @@
+"""Reference model zoo: seeded factories returning ``(model, example_inputs[, EvalData])``."""

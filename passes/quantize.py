@@ -1,0 +1,109 @@
+"""Weight quantization passes.
+
+``int8``: symmetric per-output-channel int8, q = round(w / s) clipped to [-127, 127] with s = max|w_c| / 127 per
+output channel c (rows of Linear/Embedding weights, output channels of Conv). -128 is left unused so the grid is
+symmetric and q -> q + 128 re-encodes it exactly as uint8 for the CPU kernel. An all-zero channel gets s = 1 and
+q = 0 rather than a division by zero.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, fx
+
+from fxcompress.graph_edit import replace_site
+from fxcompress.pipeline import LayerRecord, PassConfig, PassContext, PassResult, Tolerance, register_pass, select_sites
+
+QUANTIZABLE_KINDS = ("linear", "conv1d", "conv2d", "embedding")
+
+
+@dataclass(frozen=True)
+class Int8Config(PassConfig):
+    """Symmetric per-output-channel int8 weights for Linear, Conv1d/2d and Embedding.
+
+    ``kinds`` limits the layer kinds (recipe text: ``int8:kinds=linear+embedding``).
+    """
+
+    name: ClassVar[str] = "int8"
+    tolerance: ClassVar[Tolerance] = Tolerance(cosine_min=0.999, top1_agreement_min=0.98, accuracy_drop_max_pp=1.0)
+    kinds: tuple[str, ...] = QUANTIZABLE_KINDS
+
+    def __post_init__(self) -> None:
+        unknown = set(self.kinds) - set(QUANTIZABLE_KINDS)
+        if unknown or not self.kinds:
+            raise ValueError(f"kinds must be a non-empty subset of {QUANTIZABLE_KINDS}, got {self.kinds}")
+
+
+def quantize_per_channel(w: Tensor, axis: int = 0, bits: int = 8) -> tuple[Tensor, Tensor]:
+    """Symmetric per-channel quantization along ``axis``: returns (int8 q, fp32 scale) with w ~= q * scale.
+
+    Example:
+        >>> q, s = quantize_per_channel(torch.tensor([[0.5, -1.0], [0.0, 0.0]]))
+        >>> q.tolist(), s.tolist()
+        ([[64, -127], [0, 0]], [0.007874015718698502, 1.0])
+    """
+    qmax = 2 ** (bits - 1) - 1
+    w32 = w.detach().to(torch.float32)
+    dims = [d for d in range(w32.dim()) if d != axis]
+    amax = w32.abs().amax(dim=dims) if dims else w32.abs()
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    shape = [1] * w32.dim()
+    shape[axis] = -1
+    q = torch.clamp(torch.round(w32 / scale.reshape(shape)), -qmax, qmax).to(torch.int8)
+    return q, scale
+
+
+def sqnr_db(reference: Tensor, approx: Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (capped at 200 for exact reconstructions)."""
+    noise = (reference.double() - approx.double()).pow(2).sum().item()
+    signal = reference.double().pow(2).sum().item()
+    if noise == 0:
+        return 200.0
+    return 10 * math.log10(max(signal, 1e-300) / noise)
+
+
+def _nbytes(*tensors: Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+@register_pass(Int8Config)
+def quantize_int8(gm: fx.GraphModule, cfg: Int8Config, ctx: PassContext) -> PassResult:
+    """Rewrite every selected site into an ``fxcompress::*_q8`` op holding int8 weights.
+
+    Example:
+        >>> gm = fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(8, 4)))
+        >>> quantize_int8(gm, Int8Config(), PassContext((torch.randn(1, 8),))).records[0].action
+        'int8'
+    """
+    sites, records = select_sites(gm, cfg, cfg.kinds)
+    ops = torch.ops.fxcompress
+    done: dict[tuple, tuple[str, dict[str, fx.Node]]] = {}  # (weight storage, layout) -> first site, its nodes
+    for site in sites:
+        ctx.progress(site.name)
+        layout = "conv" if site.kind.startswith("conv") else site.kind
+        tie = done.get((site.weight_key, layout))
+        q, scale = quantize_per_channel(site.weight, axis=0)
+        bias = site.bias.to(torch.float32) if site.bias is not None else None
+        if site.kind == "linear":
+            tensors = {"qweight": q.t().contiguous(), "scale": scale, "zero_point": None, "bias": bias}
+            new = replace_site(gm, site, ops.linear_q8.default, tensors, shared=tie[1] if tie else None)
+        elif site.kind == "embedding":
+            tensors = {"qweight": q, "scale": scale}
+            new = replace_site(gm, site, ops.embedding_q8.default, tensors, shared=tie[1] if tie else None)
+        else:
+            c = site.conv
+            tensors = {"qweight": q, "scale": scale, "zero_point": None, "bias": bias}
+            extra = (c["stride"], c["padding"], c["dilation"], c["groups"])
+            new = replace_site(gm, site, ops.conv_q8.default, tensors, extra, shared=tie[1] if tie else None)
+        if tie is None:
+            done[(site.weight_key, layout)] = (site.name, {"qweight": new.args[1], "scale": new.args[2]})
+            before, after, note = site.weight_bytes, _nbytes(q, scale, bias), ""
+        else:
+            before, after, note = _nbytes(site.bias), _nbytes(bias), f"shares the int8 weight of {tie[0]}"
+        dq = q.to(torch.float32) * scale.reshape(-1, *([1] * (q.dim() - 1)))
+        records.append(LayerRecord(site.name, site.kind, cfg.name, "int8", note, before, after, sqnr_db(site.weight, dq), "weight SQNR dB"))
+    return PassResult(gm, bool(sites), records)
