@@ -16,6 +16,7 @@ from fxcompress.capture import capture, normalize_inputs, run_reference
 from fxcompress.errors import InputError
 from fxcompress.export import export_onnx
 from fxcompress.graph_edit import state_bytes
+from fxcompress.lowering import tolerance_for
 from fxcompress.pipeline import LayerRecord, PassConfig, PassContext, PassManager, RecipeLike, Tolerance, parse_recipe, recipe_tolerance
 from fxcompress.progress import progress_bar
 
@@ -63,8 +64,9 @@ class CompressedModel:
 
         Args:
             path: the ``.onnx`` file to write; nothing is left there if export fails.
-            target: ``"cpu"`` (DynamicQuantizeMatMul for Linear; fastest on ORT's CPU EP) or ``"cuda"``
-                (standard DequantizeLinear + MatMul, runs on every EP).
+            target: ``"cpu"`` (DynamicQuantizeMatMul for Linear: fastest on ORT's CPU EP at any batch),
+                ``"cpu-nbits"`` (MatMulNBits 8-bit: more accurate, fast at batch 1, slow at large batches) or
+                ``"cuda"`` (standard DequantizeLinear + MatMul: weight-only numerics, runs on every EP).
             dynamic_batch: make axis 0 of every input symbolic.
 
         Example:
@@ -72,9 +74,10 @@ class CompressedModel:
             >>> cm.export("model.onnx").name
             'model.onnx'
         """
+        quantized = any(r.action.startswith("int") for r in self.records)
         meta = {
             "recipe": [c.to_dict() for c in self.recipe],
-            "tolerance": self.tolerance.__dict__,
+            "tolerance": tolerance_for(self.tolerance, target, quantized).__dict__,
             "bytes_before": self.bytes_before,
             "capture": self.capture_method,
         }

@@ -72,6 +72,18 @@ def _outputs_match(a: Any, b: Any) -> bool:
     )
 
 
+def batch_of_two(inputs: tuple) -> tuple:
+    """torch.export specializes size-1 dims, so trace a batch of at least 2 to keep the batch axis symbolic."""
+    return tuple(t.repeat(2, *([1] * (t.dim() - 1))) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 1 else t for t in inputs)
+
+
+def _export_module(model: nn.Module, inputs: tuple) -> fx.GraphModule:
+    """torch.export with a symbolic batch axis when the model allows one (Dim.AUTO never fails on it)."""
+    traced = batch_of_two(inputs)
+    shapes = tuple({0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.dim() else None for t in traced)
+    return torch.export.export(model, traced, dynamic_shapes=shapes, strict=False).module()
+
+
 def capture(model: nn.Module, example_inputs: Any) -> Captured:
     """Capture ``model`` into a GraphModule that computes what it computes on ``example_inputs``.
 
@@ -110,8 +122,7 @@ def capture(model: nn.Module, example_inputs: Any) -> Captured:
     log.info("torch.fx.symbolic_trace failed (%s); falling back to torch.export", fx_failure)
 
     try:
-        program = torch.export.export(work, inputs, strict=False)
-        gm = program.module()
+        gm = _export_module(work, inputs)
     except Exception as exc:
         raise CaptureError(
             f"cannot capture {type(model).__name__}: torch.fx.symbolic_trace failed ({fx_failure}) and "

@@ -7,7 +7,6 @@ step leaves no file behind.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -21,46 +20,12 @@ import torch
 from torch import fx
 
 from fxcompress import ops
+from fxcompress.capture import batch_of_two
 from fxcompress.errors import ExportError
+from fxcompress.lowering import lower_for_target
 
 log = logging.getLogger(__name__)
 META_PREFIX = "fxcompress."
-
-
-def prepare_for_target(gm: fx.GraphModule, target: str) -> fx.GraphModule:
-    """A copy of ``gm`` whose quantized buffers use the encoding ``target``'s kernels want.
-
-    For ``cpu`` the int8 Linear weights become uint8 with zero point 128 (exact: q + 128), the U8U8 encoding
-    that DynamicQuantizeMatMul runs without int16 saturation on CPUs lacking VNNI.
-    """
-    if target not in ops.TARGETS:
-        raise ExportError(f"unknown export target {target!r}; choose one of {ops.TARGETS}")
-    gm = copy.deepcopy(gm)
-    if target != "cpu":
-        return gm
-    converted: dict[str, fx.Node] = {}
-    for node in list(gm.graph.nodes):
-        if node.target is not torch.ops.fxcompress.linear_q8.default or node.args[3] is not None:
-            continue
-        qnode = node.args[1]
-        name = str(qnode.target)
-        if name not in converted:
-            q = getattr(gm, name)
-            setattr(gm, name, (q.to(torch.int16) + 128).to(torch.uint8))
-            zp_name = f"{name}_zero_point"
-            gm.register_buffer(zp_name, torch.full((q.shape[1],), 128, dtype=torch.uint8))
-            with gm.graph.inserting_after(qnode):
-                converted[name] = gm.graph.get_attr(zp_name)
-        args = list(node.args)
-        args[3] = converted[name]
-        node.args = tuple(args)
-    gm.recompile()
-    return gm
-
-
-def _batched(inputs: tuple) -> tuple:
-    """torch.export specializes size-1 dims, so trace a batch of at least 2 to keep the batch axis symbolic."""
-    return tuple(t.repeat(2, *([1] * (t.dim() - 1))) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 1 else t for t in inputs)
 
 
 def _probe_writable(path: Path) -> None:
@@ -92,7 +57,8 @@ def export_onnx(
         module: a GraphModule made by :func:`fxcompress.optimize` (or any exportable module).
         example_inputs: positional inputs used for tracing.
         path: the ``.onnx`` file to write (its directory must exist).
-        target: ``"cpu"`` or ``"cuda"``; picks the ONNX lowering of compressed sites (see :mod:`fxcompress.ops`).
+        target: ``"cpu"``, ``"cpu-nbits"`` or ``"cuda"``; picks the ONNX lowering of compressed sites
+            (see :mod:`fxcompress.lowering`).
         metadata: stored as ``fxcompress.<key>`` metadata_props (JSON values); ``fxcompress.check`` reads them.
         dynamic_batch: make axis 0 of every input symbolic.
 
@@ -104,8 +70,8 @@ def export_onnx(
     _probe_writable(path)
     if target not in ops.TARGETS:
         raise ExportError(f"unknown export target {target!r}; choose one of {ops.TARGETS}")
-    module = prepare_for_target(module, target) if isinstance(module, fx.GraphModule) else module
-    inputs = _batched(tuple(example_inputs)) if dynamic_batch else tuple(example_inputs)
+    module = lower_for_target(module, target) if isinstance(module, fx.GraphModule) else module
+    inputs = batch_of_two(tuple(example_inputs)) if dynamic_batch else tuple(example_inputs)
     proto = _export_proto(module, inputs, target, dynamic_batch)
     meta = dict(metadata or {})
     meta.update(target=target)
