@@ -129,9 +129,9 @@ def optimize(
     captured = capture(model, inputs)
     gm = captured.graph_module
     before = state_bytes(gm)
-    with progress_bar(progress, desc="fxcompress") as bar:
-        ctx = PassContext(inputs, calib, progress=bar.step)
-        records = PassManager(configs).run(gm, ctx)
+    with progress_bar(progress, desc="fxcompress", total=len(configs)) as bar:
+        ctx = PassContext(inputs, calib, progress=bar.note)
+        records = PassManager(configs).run(gm, ctx, on_pass_done=bar.advance)
     run_reference(gm, inputs)  # the rewritten graph must still run on what the original ran on
     done = [r for r in records if not r.skipped]
     if not done:

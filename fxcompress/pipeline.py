@@ -254,7 +254,7 @@ class PassManager:
     def __init__(self, configs: Sequence[PassConfig]):
         self.configs = list(configs)
 
-    def run(self, gm: fx.GraphModule, ctx: PassContext) -> list[LayerRecord]:
+    def run(self, gm: fx.GraphModule, ctx: PassContext, on_pass_done: Callable[[str], None] = lambda _: None) -> list[LayerRecord]:
         records: list[LayerRecord] = []
         done: list[str] = []
         for cfg in self.configs:
@@ -270,6 +270,7 @@ class PassManager:
             gm = result.graph_module
             records.extend(result.records)
             done.append(cfg.name)
+            on_pass_done(cfg.name)
             log.info("pass %s: modified=%s in %.2fs", cfg.name, result.modified, time.perf_counter() - start)
         return records
 

@@ -10,15 +10,21 @@ class _Bar:
     def __init__(self, bar):
         self._bar = bar
 
-    def step(self, label: str) -> None:
+    def note(self, label: str) -> None:
+        """Show what is being worked on without advancing."""
         if self._bar is not None:
-            self._bar.set_postfix_str(label[-40:], refresh=False)
+            self._bar.set_postfix_str(label[-40:])
+
+    def advance(self, label: str = "") -> None:
+        if self._bar is not None:
+            if label:
+                self._bar.set_postfix_str(label[-40:], refresh=False)
             self._bar.update(1)
 
 
 @contextlib.contextmanager
-def progress_bar(enabled: bool, desc: str, total: int | None = None, unit: str = "layer") -> Iterator[_Bar]:
-    """Yield an object with ``.step(label)``; a tqdm bar when ``enabled``."""
+def progress_bar(enabled: bool, desc: str, total: int | None = None, unit: str = "pass") -> Iterator[_Bar]:
+    """Yield an object with ``.note(label)`` and ``.advance(label)``; a tqdm bar when ``enabled``."""
     if not enabled:
         yield _Bar(None)
         return

@@ -32,11 +32,17 @@ class Site:
     node: fx.Node
     kind: SiteKind
     name: str
-    input: fx.Node
+    input_at: tuple[int, str]  # (position, keyword) of the activation/indices argument of ``node``
     weight: Tensor
     bias: Optional[Tensor]
     weight_key: tuple
     conv: dict[str, Any] = field(default_factory=dict)  # stride, padding, dilation, groups (conv only)
+
+    @property
+    def input(self) -> Any:
+        """The activation argument, read from the node now: earlier rewrites may have replaced its producer."""
+        index, name = self.input_at
+        return _arg(self.node, index, name)
 
     @property
     def weight_bytes(self) -> int:
@@ -107,17 +113,17 @@ def _from_module(gm: fx.GraphModule, node: fx.Node) -> Union[Site, Skipped, None
         return Skipped(node, kind, name, "max_norm renormalizes the table in place at run time")
     w = mod.weight.detach()
     b = mod.bias.detach() if getattr(mod, "bias", None) is not None else None
-    return Site(node, kind, name, node.args[0], w, b, _key(w), conv)
+    return Site(node, kind, name, (0, "input"), w, b, _key(w), conv)
 
 
 def _from_function(gm: fx.GraphModule, node: fx.Node) -> Union[Site, Skipped, None]:
     target = node.target
     if target in _LINEAR_FNS:
-        kind, x, w_node, b_node = "linear", _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
+        kind, x_at, w_node, b_node = "linear", (0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
         conv: dict[str, Any] = {}
     elif target in _CONV_FNS:
         kind = _CONV_FNS[target]
-        x, w_node, b_node = _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
+        x_at, w_node, b_node = (0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
         n = 1 if kind == "conv1d" else 2
         padding = _arg(node, 4, "padding", 0)
         if isinstance(padding, str):
@@ -131,11 +137,11 @@ def _from_function(gm: fx.GraphModule, node: fx.Node) -> Union[Site, Skipped, No
     elif target in _EMBEDDING_FNS:
         kind, conv = "embedding", {}
         if target is F.embedding:
-            x, w_node = _arg(node, 0, "input"), _arg(node, 1, "weight")
+            x_at, w_node = (0, "input"), _arg(node, 1, "weight")
             if _arg(node, 3, "max_norm") is not None:
                 return Skipped(node, kind, _name_of(node, w_node), "max_norm renormalizes the table in place at run time")
         else:  # aten.embedding(weight, indices, ...)
-            w_node, x = _arg(node, 0, "weight"), _arg(node, 1, "indices")
+            w_node, x_at = _arg(node, 0, "weight"), (1, "indices")
         b_node = None
     else:
         return None
@@ -146,7 +152,7 @@ def _from_function(gm: fx.GraphModule, node: fx.Node) -> Union[Site, Skipped, No
     b = _attr(gm, b_node) if b_node is not None else None
     if b_node is not None and b is None:
         return Skipped(node, kind, name, "bias is computed at run time, not a stored parameter")
-    return Site(node, kind, name, x, w, b, _key(w), conv)
+    return Site(node, kind, name, x_at, w, b, _key(w), conv)
 
 
 def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[Skipped]]:

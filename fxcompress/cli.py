@@ -1,0 +1,160 @@
+"""``fxcompress optimize | check | bench | list``: the command-line front end.
+
+Exit codes: 0 success, 1 parity failed, 2 bad input (the message says which and what to do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from fxcompress.errors import FxCompressError, InputError
+
+EXIT_OK, EXIT_PARITY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def load_factory(spec: str) -> Callable[[], tuple]:
+    """``"package.module:function"`` (or a bundled zoo name like ``"digits_cnn"``) -> the factory function.
+
+    Example:
+        >>> model, example_inputs, *rest = load_factory("fxcompress.models.zoo:mlp")()
+    """
+    if ":" not in spec:
+        from fxcompress.models.zoo import FACTORIES
+
+        if spec in FACTORIES:
+            return FACTORIES[spec]
+        raise InputError(f"{spec!r} is neither MODULE:FACTORY nor a bundled model ({', '.join(FACTORIES)})")
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InputError(f"cannot import {module_name!r} from {spec!r}: {exc}") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise InputError(f"{module_name} has no callable {attr!r}; MODULE:FACTORY must name a function returning (model, example_inputs)")
+    return factory
+
+
+def _call_factory(spec: str):
+    made = load_factory(spec)()
+    if not isinstance(made, tuple) or len(made) not in (2, 3):
+        raise InputError(f"{spec} must return (model, example_inputs) or (model, example_inputs, EvalData), got {type(made).__name__}")
+    return made[0], made[1], made[2] if len(made) == 3 else None
+
+
+def _check(model, path: Path, example_inputs, eval_data, args) -> int:
+    from fxcompress.parity import check
+
+    print(f"checking {path} on ONNX Runtime ...", file=sys.stderr)
+    report = check(model, path, example_inputs, eval_inputs=eval_data.inputs if eval_data else None,
+                   labels=eval_data.labels if eval_data else None, classifier=eval_data.classifier if eval_data else None,
+                   provider=args.provider, fp32_baseline=not args.no_baseline)
+    print(report.to_text())
+    if args.json:
+        Path(args.json).write_text(report.to_json())
+    return EXIT_OK if report.passed else EXIT_PARITY_FAILED
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from fxcompress.api import optimize
+
+    model, example_inputs, eval_data = _call_factory(args.model)
+    cm = optimize(model, example_inputs, recipe=args.recipe, progress=not args.no_progress)
+    print(cm.summary())
+    path = cm.export(args.output, target=args.target)
+    print(f"\nwrote {path} (target {args.target})")
+    if not args.check:
+        if args.json:
+            Path(args.json).write_text(json.dumps({"layers": [r.__dict__ for r in cm.records]}, indent=2))
+        return EXIT_OK
+    return _check(model, path, example_inputs, eval_data, args)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    model, example_inputs, eval_data = _call_factory(args.model)
+    if not Path(args.onnx).is_file():
+        raise InputError(f"no such file: {args.onnx}")
+    return _check(model, Path(args.onnx), example_inputs, eval_data, args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fxcompress.bench import format_rows, rows_to_json, run_benchmark
+
+    rows = run_benchmark(load_factory(args.model), recipes=args.recipe, targets=args.targets.split(","),
+                         batches=[int(b) for b in args.batches.split(",")], ort_quantize_dynamic=not args.no_ort,
+                         provider=args.provider, repeat=args.repeat)
+    print(format_rows(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows_to_json(rows), indent=2))
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from fxcompress.models.zoo import FACTORIES
+    from fxcompress.pipeline import available_passes
+
+    print("passes:", ", ".join(available_passes()))
+    print("bundled models:", ", ".join(FACTORIES))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fxcompress", description="Compress PyTorch models, export ONNX, prove parity on ONNX Runtime.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--provider", default="auto", help="auto (CUDA EP when available, else CPU), cpu or cuda")
+        sp.add_argument("--json", help="also write the report as JSON to this file")
+        sp.add_argument("--no-baseline", action="store_true", help="skip exporting/measuring the fp32 baseline")
+
+    o = sub.add_parser("optimize", help="compress MODULE:FACTORY and write ONNX")
+    o.add_argument("model", help="MODULE:FACTORY returning (model, example_inputs), or a bundled model name")
+    o.add_argument("--recipe", default="int8", help="passes, e.g. 'fold_bn,int8' (see `fxcompress list`)")
+    o.add_argument("-o", "--output", required=True, help="ONNX file to write")
+    o.add_argument("--target", default="cpu", choices=("cpu", "cpu-nbits", "cuda"), help="ONNX lowering of compressed layers")
+    o.add_argument("--check", action="store_true", help="run the parity checker on the result (exit 1 if it fails)")
+    o.add_argument("--no-progress", action="store_true")
+    common(o)
+    o.set_defaults(func=cmd_optimize)
+
+    c = sub.add_parser("check", help="check an ONNX artifact against MODULE:FACTORY's model")
+    c.add_argument("model")
+    c.add_argument("onnx")
+    common(c)
+    c.set_defaults(func=cmd_check)
+
+    b = sub.add_parser("bench", help="fp32 vs fxcompress vs ORT quantize_dynamic, one table")
+    b.add_argument("model")
+    b.add_argument("--recipe", action="append", default=None, help="repeatable; default int8")
+    b.add_argument("--targets", default="cpu,cpu-nbits,cuda")
+    b.add_argument("--batches", default="1,32")
+    b.add_argument("--repeat", type=int, default=20)
+    b.add_argument("--no-ort", action="store_true", help="leave out ORT's quantize_dynamic")
+    b.add_argument("--provider", default="auto")
+    b.add_argument("--json")
+    b.set_defaults(func=cmd_bench)
+
+    sub.add_parser("list", help="available passes and bundled models").set_defaults(func=cmd_list)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "recipe", None) is None and args.command == "bench":
+        args.recipe = ["int8"]
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except FxCompressError as exc:
+        print(f"fxcompress {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

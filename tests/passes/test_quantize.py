@@ -1,0 +1,104 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxcompress
+from fxcompress.passes.quantize import quantize_per_channel, sqnr_db
+
+from helpers import cosine
+
+
+def test_per_channel_quantization_bounds_error_by_half_a_step():
+    w = torch.randn(16, 32) * torch.logspace(-3, 1, 16).unsqueeze(1)  # channels of very different ranges
+    q, scale = quantize_per_channel(w)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    err = (q.float() * scale.unsqueeze(1) - w).abs()
+    assert (err <= scale.unsqueeze(1) / 2 + 1e-7).all()
+
+
+def test_all_zero_channel_does_not_divide_by_zero():
+    w = torch.randn(4, 8)
+    w[2] = 0
+    q, scale = quantize_per_channel(w)
+    assert torch.isfinite(scale).all() and scale[2] == 1 and (q[2] == 0).all()
+    assert sqnr_db(w, q.float() * scale.unsqueeze(1)) > 40
+
+
+class Convs(nn.Module):
+    def __init__(self, bias: bool, groups: int):
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 8, 3, padding=1, bias=bias, groups=groups)
+        self.c2 = nn.Conv2d(8, 8, 3, stride=2, padding=1, dilation=1, bias=bias, groups=groups)
+
+    def forward(self, x):
+        y = self.c1(x)  # [B, 8, L]
+        return self.c2(y.unsqueeze(-1).expand(-1, -1, -1, y.shape[-1]))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv_sites_quantize_with_high_sqnr(bias, groups):
+    model = Convs(bias, groups).eval()
+    x = torch.randn(2, 4, 10)
+    cm = fxcompress.optimize(model, x, recipe="int8")
+    assert [r.action for r in cm.records] == ["int8", "int8"]
+    out, ref = cm(x), model(x)
+    assert sqnr_db(ref, out) > 30
+    assert [n.target for n in cm.module.graph.nodes if n.op == "call_function"].count(torch.ops.fxcompress.conv_q8.default) == 2
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_and_embedding_numerics(bias):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 16)
+            self.fc = nn.Linear(16, 8, bias=bias)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids))
+
+    model = M().eval()
+    ids = torch.randint(0, 50, (3, 7))
+    cm = fxcompress.optimize(model, ids, recipe="int8")
+    assert {r.kind: r.action for r in cm.records} == {"embedding": "int8", "linear": "int8"}
+    assert all(r.error > 35 for r in cm.records)  # weight SQNR in dB
+    assert cosine(cm(ids), model(ids)) > 0.999
+    # int8 storage really is int8 in the torch module
+    dtypes = {b.dtype for b in cm.module.buffers()}
+    assert torch.int8 in dtypes and cm.compression_ratio > 3.0  # 16-wide rows: a 4-byte scale per 16 weights
+
+
+def test_tied_weights_are_quantized_once():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(16, 16)
+            self.b = nn.Linear(16, 16)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    model = Tied().eval()
+    x = torch.randn(2, 16)
+    cm = fxcompress.optimize(model, x, recipe="int8")
+    assert "shares the int8 weight of a" in cm.records[1].reason
+    int8_buffers = [b for b in cm.module.buffers() if b.dtype == torch.int8]
+    assert len(int8_buffers) == 1
+    assert cosine(cm(x), model(x)) > 0.999
+
+
+def test_model_without_compressible_layers_warns_and_reports_honestly():
+    model = nn.Sequential(nn.ReLU(), nn.Softmax(-1))
+    with pytest.warns(UserWarning, match="found nothing to compress"):
+        cm = fxcompress.optimize(model, torch.randn(2, 3), recipe="int8")
+    assert cm.records == [] and cm.bytes_after == cm.bytes_before == 0
+
+
+def test_kinds_option_limits_what_is_quantized():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
+    cm = fxcompress.optimize(model, torch.randn(2, 1, 8, 8), recipe="int8:kinds=linear")
+    assert {r.layer: r.action for r in cm.records} == {"0": "skipped", "2": "int8"}
+    assert "conv2d is not handled" in cm.records[0].reason

@@ -1,0 +1,64 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxcompress.capture import capture
+from fxcompress.errors import CaptureError, InputError
+from fxcompress.models.zoo import TinyTransformer
+
+from helpers import same_state, state_snapshot
+
+
+def test_symbolic_trace_is_used_when_it_works():
+    cap = capture(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), torch.randn(2, 4))
+    assert cap.method == "fx" and cap.fx_failure is None
+
+
+def test_falls_back_to_torch_export_with_the_reason():
+    model = TinyTransformer(vocab=50, seq=8, dim=16, heads=2, depth=1).eval()
+    ids = torch.randint(0, 50, (2, 8))
+    cap = capture(model, ids)
+    assert cap.method == "export"
+    assert cap.fx_failure  # why fx was not used is kept for the report
+    torch.testing.assert_close(cap.graph_module(ids), model(ids))
+    # the batch axis stays symbolic: the captured graph runs at another batch size
+    torch.testing.assert_close(cap.graph_module(ids.repeat(3, 1)), model(ids.repeat(3, 1)))
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # Python control flow on tensor values: neither capture can handle it
+            return self.fc(x)
+        return x
+
+
+def test_untraceable_model_names_both_failures():
+    with pytest.raises(CaptureError) as err:
+        capture(DataDependent(), torch.ones(2, 4))
+    msg = str(err.value)
+    assert "symbolic_trace failed" in msg and "torch.export failed" in msg and "DataDependent" in msg
+
+
+def test_inputs_that_do_not_fit_are_rejected_with_shapes():
+    with pytest.raises(InputError, match=r"\(2, 5\):float32"):
+        capture(nn.Linear(4, 4), torch.randn(2, 5))
+
+
+def test_non_module_and_empty_inputs_are_rejected():
+    with pytest.raises(InputError, match="nn.Module"):
+        capture(lambda x: x, torch.randn(1))
+    with pytest.raises(InputError, match="non-empty"):
+        capture(nn.Linear(2, 2), ())
+
+
+def test_user_model_is_not_mutated():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    model.train()
+    snap = state_snapshot(model)
+    capture(model, torch.randn(2, 1, 5, 5))
+    assert model.training and same_state(model, snap)

@@ -1,0 +1,65 @@
+import pytest
+import torch
+from torch import fx, nn
+
+from fxcompress.errors import PassError, RecipeError
+from fxcompress.passes.quantize import Int8Config
+from fxcompress.pipeline import PassContext, PassManager, parse_recipe, recipe_tolerance
+
+
+def test_text_recipe_with_options():
+    configs = parse_recipe("fold_bn,int8:kinds=linear+conv2d,exclude=fc*")
+    assert [c.name for c in configs] == ["fold_bn", "int8"]
+    assert configs[1] == Int8Config(kinds=("linear", "conv2d"), exclude=("fc*",))
+
+
+def test_dict_and_config_recipes():
+    assert parse_recipe([{"pass": "int8", "kinds": ["linear"]}, Int8Config()]) == [Int8Config(kinds=("linear",)), Int8Config()]
+    assert parse_recipe([{"pass": "int8", "kinds": ["linear"]}])[0].to_dict() == {
+        "pass": "int8", "include": [], "exclude": [], "kinds": ["linear"]}
+
+
+@pytest.mark.parametrize(
+    "recipe, message",
+    [
+        ("int9", "unknown pass 'int9' in recipe. Did you mean 'int8'?"),
+        ("", "empty recipe"),
+        ([], "empty recipe"),
+        ("int8:bits=4", "pass 'int8' has no option 'bits'"),
+        ("int8:kinds", "must be written key=value"),
+        ("int8:kinds=linear+lstm", "kinds must be a non-empty subset"),
+        ({"kinds": ["linear"]}, "needs 'pass'"),
+    ],
+)
+def test_bad_recipes_say_what_is_wrong(recipe, message):
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(recipe)
+    assert message in str(err.value)
+
+
+def test_recipe_tolerance_is_the_loosest_pass():
+    assert recipe_tolerance(parse_recipe("fold_bn")).cosine_min == 0.99999
+    assert recipe_tolerance(parse_recipe("fold_bn,int8")).cosine_min == 0.999
+
+
+def test_failing_pass_is_named_with_what_ran_before(monkeypatch):
+    import fxcompress.pipeline as pl
+
+    def boom(gm, cfg, ctx):
+        raise RuntimeError("kaboom")
+
+    cls, _ = pl._REGISTRY["int8"]
+    monkeypatch.setitem(pl._REGISTRY, "int8", (cls, boom))
+    gm = fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(PassError, match=r"pass 'int8' failed after \[fold_bn\]: RuntimeError: kaboom"):
+        PassManager(parse_recipe("fold_bn,int8")).run(gm, PassContext((torch.randn(1, 2),)))
+
+
+def test_include_exclude_select_layers_and_records_say_why():
+    import fxcompress
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    cm = fxcompress.optimize(model, torch.randn(2, 8), recipe="int8:exclude=2")
+    by_layer = {r.layer: r for r in cm.records}
+    assert by_layer["0"].action == "int8"
+    assert by_layer["2"].skipped and "excluded by pattern '2'" in by_layer["2"].reason
