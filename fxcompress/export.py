@@ -96,7 +96,9 @@ def export_onnx(
 
 def _export_proto(module: torch.nn.Module, inputs: tuple, target: str, dynamic_batch: bool) -> onnx.ModelProto:
     # The exporter logs a warning per missing torchvision op and per deprecation on every call: noise to a user.
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    # onnxscript's constant folder also logs each sub-graph it declines to fold (harmless).
+    for name in ("torch.onnx._internal.exporter._registration", "onnxscript.optimizer._constant_folding"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return _export_proto_inner(module, inputs, target, dynamic_batch)

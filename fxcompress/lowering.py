@@ -93,5 +93,5 @@ def _to_nbits(gm: fx.GraphModule, node: fx.Node, q: torch.Tensor, scale: torch.T
     base = str(node.args[1].target)
     packed_node = add_constant(gm, f"{base}_nbits", packed, node)
     scales_node = add_constant(gm, f"{base}_nbits_scales", scales, node)
-    args = (node.args[0], packed_node, scales_node, node.args[4], k, n, 8, block)
+    args = (node.args[0], packed_node, scales_node, None, node.args[4], k, n, 8, block)
     replace_node(gm, node, torch.ops.fxcompress.linear_nbits.default, args)

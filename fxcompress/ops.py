@@ -68,32 +68,54 @@ def _linear_q8_qdq(x, qweight, scale, zero_point=None, bias=None):
 
 
 # --- Linear as blockwise n-bit (com.microsoft.MatMulNBits) -------------------------------------------------------
-def unpack_nbits(packed: Tensor, bits: int, k: int) -> Tensor:
-    """[N, blocks, blob] uint8 -> [N, K] signed integers (offset 2**(bits-1) removed), the MatMulNBits layout."""
+def unpack_nbits(packed: Tensor, bits: int, count: int) -> Tensor:
+    """Unpack uint8 storage into ``count`` unsigned codes per row (two 4-bit codes per byte, low nibble first)."""
     if bits == 8:
-        q = packed.to(torch.int16)
-    else:  # two 4-bit values per byte, low nibble first
-        q = torch.stack([packed & 0x0F, packed >> 4], dim=-1).to(torch.int16)
-    return (q.reshape(packed.shape[0], -1)[:, :k] - (1 << (bits - 1))).to(torch.float32)
+        codes = packed.reshape(packed.shape[0], -1)
+    else:
+        codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+    return codes[:, :count].to(torch.float32)
+
+
+def pack_nbits(codes: Tensor, bits: int) -> Tensor:
+    """Inverse of :func:`unpack_nbits` for one row-major [rows, count] tensor of codes (odd counts padded)."""
+    codes = codes.to(torch.uint8)
+    if bits == 8:
+        return codes
+    if codes.shape[-1] % 2:
+        codes = torch.cat([codes, codes.new_zeros(*codes.shape[:-1], 1)], dim=-1)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
 
 
 @torch.library.custom_op("fxcompress::linear_nbits", mutates_args=())
-def linear_nbits(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor], k: int, n: int, bits: int, block_size: int) -> Tensor:
-    """y = x @ W^T + bias with W [N, K] stored blockwise: ``scales`` [N * K/block] (one per block of K)."""
-    q = unpack_nbits(packed, bits, k)
-    w = q.reshape(n, -1, block_size) * scales.reshape(n, -1, 1)
-    y = x @ w.reshape(n, -1)[:, :k].t().to(x.dtype)
+def linear_nbits(
+    x: Tensor, packed: Tensor, scales: Tensor, zero_points: Optional[Tensor], bias: Optional[Tensor],
+    k: int, n: int, bits: int, block_size: int,
+) -> Tensor:
+    """y = x @ W^T + bias, W [N, K] stored as MatMulNBits does.
+
+    ``packed`` [N, K/block, block*bits/8] uint8 codes; ``scales`` [N * K/block]; ``zero_points`` [N, ceil(K/block *
+    bits/8)] packed codes, or None for the symmetric default 2**(bits-1). W = (code - zero_point) * scale per block.
+    """
+    blocks = k // block_size
+    codes = unpack_nbits(packed.reshape(n, -1), bits, k).reshape(n, blocks, block_size)
+    if zero_points is None:
+        zp = torch.full((n, blocks, 1), float(1 << (bits - 1)))
+    else:
+        zp = unpack_nbits(zero_points, bits, blocks).reshape(n, blocks, 1)
+    w = ((codes - zp) * scales.reshape(n, blocks, 1)).reshape(n, k)
+    y = x @ w.t().to(x.dtype)
     return y + bias if bias is not None else y
 
 
 @linear_nbits.register_fake
-def _(x, packed, scales, bias, k, n, bits, block_size):
+def _(x, packed, scales, zero_points, bias, k, n, bits, block_size):
     return x.new_empty(*x.shape[:-1], n)
 
 
-def _linear_nbits(x, packed, scales, bias=None, k=0, n=0, bits=8, block_size=32):
+def _linear_nbits(x, packed, scales, zero_points=None, bias=None, k=0, n=0, bits=8, block_size=32):
     # accuracy_level=4: activations quantized to int8 per block, the fast path measured on ORT's CPU EP.
-    y = MSFT.MatMulNBits(x, packed, scales, K=k, N=n, bits=bits, block_size=block_size, accuracy_level=4)
+    y = MSFT.MatMulNBits(x, packed, scales, zero_points, K=k, N=n, bits=bits, block_size=block_size, accuracy_level=4)
     return op.Add(y, bias) if bias is not None else y
 
 

@@ -1,0 +1,89 @@
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import fxcompress
+from fxcompress.errors import InputError, RecipeError
+from fxcompress.ops import pack_nbits, unpack_nbits
+from fxcompress.passes.int4 import block_params, dequantize, quantize_gptq, quantize_rtn
+from fxcompress.passes.quantize import sqnr_db
+
+from helpers import cosine, op_types
+
+
+def test_pack_unpack_roundtrip_with_odd_count():
+    codes = torch.randint(0, 16, (3, 7)).float()
+    assert torch.equal(unpack_nbits(pack_nbits(codes, 4), 4, 7), codes)
+
+
+def test_rtn_error_is_within_half_a_step_and_zero_is_exact():
+    w = torch.randn(8, 64)
+    w[0, :32] = 0
+    codes, scale, zp = quantize_rtn(w, 32)
+    assert codes.min() >= 0 and codes.max() <= 15
+    deq = dequantize(codes, scale, zp, 32)
+    assert (deq - w).abs().max() <= scale.max() / 2 + 1e-6
+    assert (deq[0, :32] == 0).all()
+
+
+def test_gptq_beats_rtn_on_the_output_error_it_minimises():
+    torch.manual_seed(0)
+    x = torch.randn(512, 64) @ torch.randn(64, 64)  # correlated inputs: where GPTQ helps
+    w = torch.randn(32, 64)
+    h = 2 * x.t().double() @ x.double() / x.shape[0]
+    for act_order in (False, True):
+        g = dequantize(*quantize_gptq(w, h, 32, act_order=act_order), 32)
+        r = dequantize(*quantize_rtn(w, 32), 32)
+        assert sqnr_db(x @ w.t(), x @ g.t()) > sqnr_db(x @ w.t(), x @ r.t()) + 1.0
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.odd = nn.Linear(64, 128), nn.Linear(128, 64), nn.Linear(64, 8)
+
+    def forward(self, x):
+        return self.odd(self.b(torch.relu(self.a(x))))
+
+
+@pytest.mark.parametrize("recipe", ["int4:block=32", "int4:block=32,algo=gptq", "int4:block=16,algo=gptq,act_order=true"])
+def test_int4_module_and_onnx_agree(tmp_path, recipe):
+    torch.manual_seed(0)
+    model = Model().eval()
+    x = torch.randn(16, 64)
+    cm = fxcompress.optimize(model, x, recipe=recipe, calibration=[(torch.randn(32, 64),) for _ in range(4)])
+    assert all(r.action.startswith("int4") for r in cm.records)
+    assert cosine(cm(x), model(x)) > 0.98
+    path = cm.export(tmp_path / "m.onnx")
+    assert op_types(path).count("MatMulNBits") == 3
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    assert cosine(out, cm(x)) > 0.995  # ORT quantizes activations per block (accuracy_level 4)
+
+
+def test_layer_whose_k_does_not_fit_the_block_is_skipped_with_reason():
+    model = nn.Sequential(nn.Linear(48, 8)).eval()
+    cm = fxcompress.optimize(model, torch.randn(2, 48), recipe="int4:block=32")
+    assert cm.records[0].skipped and "48 is not a multiple of block 32" in cm.records[0].reason
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ("int4:block=24", "block must be one of"),
+    ("int4:algo=awq", "algo must be 'rtn' or 'gptq'"),
+    ("int4:damp=0", "damp must be in (0, 1)"),
+])
+def test_bad_int4_options(recipe, message):
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        fxcompress.optimize(nn.Linear(32, 4), torch.randn(1, 32), recipe=recipe)
+
+
+def test_gptq_without_or_with_wrong_calibration_is_an_input_error():
+    model = nn.Sequential(nn.Linear(32, 4)).eval()
+    with pytest.raises(InputError, match="needs calibration data"):
+        fxcompress.optimize(model, torch.randn(2, 32), recipe="int4:block=32,algo=gptq")
+    with pytest.raises(InputError, match="calibration data is empty|needs calibration"):
+        fxcompress.optimize(model, torch.randn(2, 32), recipe="int4:block=32,algo=gptq", calibration=[])
+    with pytest.raises(InputError, match=r"calibration batch 1 \(shapes \[\(2, 31\)\]\) does not fit"):
+        fxcompress.optimize(model, torch.randn(2, 32), recipe="int4:block=32,algo=gptq",
+                            calibration=[(torch.randn(2, 32),), (torch.randn(2, 31),)])

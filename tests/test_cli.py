@@ -1,0 +1,46 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fxcompress.cli import main
+
+
+def test_optimize_check_writes_artifact_and_json(tmp_path, capsys):
+    out, rep = tmp_path / "m.onnx", tmp_path / "r.json"
+    code = main(["optimize", "fxcompress.models.zoo:mlp", "--recipe", "int8", "-o", str(out), "--check",
+                 "--no-baseline", "--no-progress", "--json", str(rep)])
+    text = capsys.readouterr().out
+    assert code == 0 and out.is_file()
+    assert "weight SQNR" in text and "parity PASSED" in text and "CPUExecutionProvider" in text
+    assert json.loads(rep.read_text())["passed"] is True
+
+
+def test_check_on_broken_artifact_exits_1(tmp_path, capsys):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx model")
+    assert main(["check", "mlp", str(bad), "--no-baseline"]) == 1
+    assert "parity FAILED" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["optimize", "mlp", "--recipe", "int9", "-o", "{d}/m.onnx"], "unknown pass 'int9'"),
+        (["optimize", "no_such_model", "-o", "{d}/m.onnx"], "neither MODULE:FACTORY nor a bundled model"),
+        (["optimize", "fxcompress.models.zoo:nope", "-o", "{d}/m.onnx"], "has no callable 'nope'"),
+        (["optimize", "mlp", "-o", "{d}/missing/m.onnx"], "does not exist"),
+        (["check", "mlp", "{d}/absent.onnx"], "no such file"),
+    ],
+)
+def test_bad_input_exits_2_with_message_and_writes_nothing(tmp_path, capsys, argv, message):
+    argv = [a.replace("{d}", str(tmp_path)) for a in argv] + (["--no-progress"] if argv[0] == "optimize" else [])
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.rglob("*.onnx")) == []
+
+
+def test_console_script_is_installed():
+    proc = subprocess.run([sys.executable, "-m", "fxcompress.cli", "list"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "int8" in proc.stdout and "minilm" in proc.stdout

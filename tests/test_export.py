@@ -1,0 +1,124 @@
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import fxcompress
+from fxcompress import ops
+from fxcompress.errors import ExportError
+from fxcompress.export import read_metadata
+
+from helpers import init_dtypes, op_types
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(64, 32)
+        self.conv = nn.Conv1d(32, 32, 3, padding=1)
+        self.fc = nn.Linear(32, 32)  # K=32: MatMulNBits-eligible
+        self.head = nn.Linear(32, 5, bias=False)
+
+    def forward(self, ids):
+        h = self.conv(self.emb(ids).transpose(1, 2)).transpose(1, 2)
+        return self.head(torch.relu(self.fc(h)))
+
+
+@pytest.fixture(scope="module")
+def compressed():
+    torch.manual_seed(0)
+    model = Net().eval()
+    ids = torch.randint(0, 64, (2, 6))
+    return model, ids, fxcompress.optimize(model, ids, recipe="int8")
+
+
+EXPECTED_OPS = {
+    "cpu": {"DynamicQuantizeMatMul", "Conv", "DequantizeLinear", "Gather"},
+    "cpu-nbits": {"MatMulNBits", "Conv", "DequantizeLinear", "Gather"},
+    "cuda": {"MatMul", "Conv", "DequantizeLinear", "Gather"},
+}
+
+
+@pytest.mark.parametrize("target", ops.TARGETS)
+def test_lowering_ops_dtypes_and_ort_parity(compressed, tmp_path, target):
+    model, ids, cm = compressed
+    path = cm.export(tmp_path / "m.onnx", target=target)
+    kinds = set(op_types(path))
+    assert EXPECTED_OPS[target] <= kinds
+    assert "MatMul" not in kinds or target == "cuda"  # no float MatMul left on the CPU lowerings
+    dtypes = init_dtypes(path)
+    quantized = [d for d in dtypes.values() if d in ("int8", "uint8")]
+    assert len(quantized) >= 4  # emb, conv, fc, head
+    onnx.checker.check_model(onnx.load(str(path)))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    batch = torch.randint(0, 64, (5, 6))  # a batch size that was never traced: the axis is dynamic
+    out = sess.run(None, {sess.get_inputs()[0].name: batch.numpy()})[0]
+    ref = model(batch).detach().numpy()
+    cos = (out * ref).sum(-1) / np.linalg.norm(out, axis=-1) / np.linalg.norm(ref, axis=-1)
+    assert cos.mean() > 0.995
+
+
+def test_metadata_carries_recipe_target_and_tolerance(compressed, tmp_path):
+    _, _, cm = compressed
+    meta = read_metadata(onnx.load(str(cm.export(tmp_path / "m.onnx", target="cuda"))))
+    assert meta["target"] == "cuda" and meta["recipe"][0]["pass"] == "int8"
+    assert meta["tolerance"]["cosine_min"] == 0.999  # weight-only lowering keeps the recipe's floor
+    meta_cpu = read_metadata(onnx.load(str(cm.export(tmp_path / "c.onnx", target="cpu"))))
+    assert meta_cpu["tolerance"]["cosine_min"] == 0.99  # run-time activation quantization loosens it
+
+
+def test_every_custom_op_has_a_translation_for_every_target():
+    custom = ops.all_custom_ops()
+    assert len(custom) >= 4
+    for target in ops.TARGETS:
+        missing = [o for o in custom if o not in ops.translation_table(target)]
+        assert not missing, f"{target}: no ONNX translation for {missing}"
+
+
+def test_reference_nbits_op_matches_per_channel_op():
+    from fxcompress.lowering import lower_for_target
+
+    model = nn.Sequential(nn.Linear(64, 16)).eval()
+    x = torch.randn(3, 64)
+    cm = fxcompress.optimize(model, x, recipe="int8")
+    lowered = lower_for_target(cm.module, "cpu-nbits")
+    assert any(n.target is torch.ops.fxcompress.linear_nbits.default for n in lowered.graph.nodes)
+    torch.testing.assert_close(lowered(x), cm(x), rtol=1e-5, atol=1e-5)  # exact re-encoding
+    torch.testing.assert_close(lower_for_target(cm.module, "cpu")(x), cm(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make_path, message",
+    [
+        (lambda d: d / "missing-dir" / "m.onnx", "does not exist"),
+        (lambda d: d, "is a directory"),
+        (lambda d: (d / "file.txt").write_text("x") and d / "file.txt" / "m.onnx", "does not exist"),
+    ],
+)
+def test_unwritable_output_fails_before_export_and_leaves_nothing(compressed, tmp_path, make_path, message):
+    _, _, cm = compressed
+    path = make_path(tmp_path)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(ExportError, match=message):
+        cm.export(path)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_failed_export_leaves_no_partial_file(compressed, tmp_path, monkeypatch):
+    import fxcompress.export as ex
+
+    def broken(*a, **k):
+        raise ExportError("simulated failure")
+
+    monkeypatch.setattr(ex, "_export_proto", broken)
+    with pytest.raises(ExportError):
+        compressed[2].export(tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_target_is_rejected(compressed, tmp_path):
+    with pytest.raises(ExportError, match="unknown export target 'tpu'"):
+        compressed[2].export(tmp_path / "m.onnx", target="tpu")
+    assert list(tmp_path.iterdir()) == []
