@@ -33,6 +33,7 @@ class BenchRow:
     weight_bytes: int
     rss_load_mb: float
     rss_run_mb: float
+    rss_peak_mb: float
     latency_ms: dict[int, Optional[float]] = field(default_factory=dict)
     cosine: Optional[float] = None
     provider: str = ""
@@ -58,7 +59,7 @@ def _measure(name: str, path: Path, batches: Sequence[int], inputs: tuple, eval_
     lat = {}
     for b in batches:
         lat[b] = probe(path, [_tile(inputs, b)], provider=provider, repeat=repeat).latency_ms_p50
-    return BenchRow(name, path.stat().st_size, sum(initializer_bytes(proto).values()), first.rss_load_mb, first.rss_run_mb,
+    return BenchRow(name, path.stat().st_size, sum(initializer_bytes(proto).values()), first.rss_load_mb, first.rss_run_mb, first.rss_peak_mb,
                     lat, cos, first.provider, note)
 
 
@@ -107,11 +108,11 @@ def format_rows(rows: Sequence[BenchRow]) -> str:
     """Markdown table of benchmark rows, with ratios to the fp32 row."""
     base = rows[0]
     batches = list(base.latency_ms)
-    header = ["variant", "file", "weights (x fp32)", "RSS load (x fp32)", "RSS after runs"] + [f"p50 b{b} ms (x fp32)" for b in batches] + ["cosine"]
+    header = ["variant", "file", "weights (x fp32)", "RSS load (x fp32)", "RSS after runs", "RSS peak"] + [f"p50 b{b} ms (x fp32)" for b in batches] + ["cosine"]
     out = []
     for r in rows:
         cells = [r.variant, fmt_bytes(r.file_bytes), f"{fmt_bytes(r.weight_bytes)} ({r.weight_bytes / base.weight_bytes:.3f})",
-                 f"{r.rss_load_mb:.1f} MiB ({r.rss_load_mb / max(base.rss_load_mb, 1e-9):.2f})", f"{r.rss_run_mb:.1f} MiB"]
+                 f"{r.rss_load_mb:.1f} MiB ({r.rss_load_mb / max(base.rss_load_mb, 1e-9):.2f})", f"{r.rss_run_mb:.1f} MiB", f"{r.rss_peak_mb:.1f} MiB"]
         for b in batches:
             v, ref = r.latency_ms.get(b), base.latency_ms.get(b)
             cells.append(f"{v:.2f} ({v / ref:.2f})" if v and ref else "n/a")

@@ -69,6 +69,7 @@ class ParityReport:
         if mem:
             lines.append(_pair_line("session RSS after load", mem, "rss_load_mb", "MiB"))
             lines.append(_pair_line("session RSS after runs", mem, "rss_run_mb", "MiB"))
+            lines.append(_pair_line("session RSS peak", mem, "rss_peak_mb", "MiB"))
             if mem.get("gpu_mem_mb") is not None:
                 lines.append(_pair_line("GPU memory", mem, "gpu_mem_mb", "MiB"))
         if lat:
@@ -205,7 +206,8 @@ def check(
             failures.append(f"cosine {worst['cosine']:.6f} < {tol.cosine_min} (worst sample {worst['cosine_min']:.6f})")
 
     report.weights = _weights(proto, reference_model, path, provider, failures)
-    report.memory = {"rss_base_mb": run.rss_base_mb, "rss_load_mb": run.rss_load_mb, "rss_run_mb": run.rss_run_mb, "gpu_mem_mb": run.gpu_mem_mb}
+    report.memory = {"rss_base_mb": run.rss_base_mb, "rss_load_mb": run.rss_load_mb, "rss_run_mb": run.rss_run_mb,
+                     "rss_peak_mb": run.rss_peak_mb, "gpu_mem_mb": run.gpu_mem_mb}
     report.latency = {"batch": int(np_batches[0][0].shape[0]) if np_batches[0][0].ndim else 1, "p50_ms": run.latency_ms_p50, "p90_ms": run.latency_ms_p90}
     if fp32_baseline:
         _fp32_baseline(reference_model, batches[0], provider, report, latency_repeat)
@@ -247,5 +249,6 @@ def _fp32_baseline(model: torch.nn.Module, inputs: tuple, provider: str, report:
     if base.load_error:
         report.memory["fp32_note"] = base.load_error
         return
-    report.memory.update(fp32_rss_load_mb=base.rss_load_mb, fp32_rss_run_mb=base.rss_run_mb, fp32_gpu_mem_mb=base.gpu_mem_mb)
+    report.memory.update(fp32_rss_load_mb=base.rss_load_mb, fp32_rss_run_mb=base.rss_run_mb, fp32_rss_peak_mb=base.rss_peak_mb,
+                         fp32_gpu_mem_mb=base.gpu_mem_mb)
     report.latency.update(fp32_p50_ms=base.latency_ms_p50, fp32_p90_ms=base.latency_ms_p90)

@@ -62,6 +62,7 @@ class ProbeResult:
     rss_base_mb: float
     rss_load_mb: float  # growth from creating the session
     rss_run_mb: float  # growth after running every input (arena included)
+    rss_peak_mb: float  # high-water mark over load and runs (transient copies made while loading included)
     latency_ms_p50: Optional[float]
     latency_ms_p90: Optional[float]
     gpu_mem_mb: Optional[float] = None
@@ -92,13 +93,13 @@ def probe(model_path: str | os.PathLike, inputs: Sequence[tuple[np.ndarray, ...]
         lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
         if proc.returncode != 0 or not lines:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            return ProbeResult(providers[0], [], 0, 0, 0, None, None, load_error="; ".join(tail) or f"exit {proc.returncode}")
+            return ProbeResult(providers[0], [], 0, 0, 0, 0, None, None, load_error="; ".join(tail) or f"exit {proc.returncode}")
         res = json.loads(lines[-1])
         if res.get("error"):
-            return ProbeResult(res.get("provider", providers[0]), [], 0, 0, 0, None, None, load_error=res["error"])
+            return ProbeResult(res.get("provider", providers[0]), [], 0, 0, 0, 0, None, None, load_error=res["error"])
         with np.load(Path(tmp, "out.npz")) as z:
             outputs = [[z[f"b{i}_{k}"] for k in range(res["n_outputs"])] for i in range(len(inputs))]
-    return ProbeResult(res["provider"], outputs, res["rss_base_mb"], res["rss_load_mb"], res["rss_run_mb"],
+    return ProbeResult(res["provider"], outputs, res["rss_base_mb"], res["rss_load_mb"], res["rss_run_mb"], res["rss_peak_mb"],
                        res["p50_ms"], res["p90_ms"], res.get("gpu_mem_mb"))
 
 
