@@ -241,6 +241,13 @@ def tokenize(sentences: list[str], max_length: int = 32) -> tuple[Tensor, Tensor
     return b["input_ids"], b["attention_mask"]
 
 
+def minilm_calibration(max_length: int = 32, batch: int = 8) -> list[tuple[Tensor, Tensor]]:
+    """Calibration batches for MiniLM from sentences disjoint from the evaluation set."""
+    from fxcompress.models.sentences import CALIBRATION_SENTENCES
+
+    return [tokenize(CALIBRATION_SENTENCES[i : i + batch], max_length) for i in range(0, len(CALIBRATION_SENTENCES), batch)]
+
+
 def minilm(max_length: int = 32) -> tuple[nn.Module, tuple, EvalData]:
     """all-MiniLM-L6-v2 sentence embeddings (22.7M parameters), loaded offline; evaluated on 64 real sentences."""
     from transformers import AutoModel, logging as hf_logging
