@@ -70,7 +70,7 @@ def _key(t: Tensor) -> tuple:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
-def _attr(gm: fx.GraphModule, node: Any) -> Optional[Tensor]:
+def stored_tensor(gm: fx.GraphModule, node: Any) -> Optional[Tensor]:
     """The tensor behind a get_attr node, or None when the argument is computed at run time."""
     if isinstance(node, fx.Node) and node.op == "get_attr":
         value = gm
@@ -146,10 +146,10 @@ def _from_function(gm: fx.GraphModule, node: fx.Node) -> Union[Site, Skipped, No
     else:
         return None
     name = _name_of(node, w_node)
-    w = _attr(gm, w_node)
+    w = stored_tensor(gm, w_node)
     if w is None:
         return Skipped(node, kind, name, "weight is computed at run time, not a stored parameter")
-    b = _attr(gm, b_node) if b_node is not None else None
+    b = stored_tensor(gm, b_node) if b_node is not None else None
     if b_node is not None and b is None:
         return Skipped(node, kind, name, "bias is computed at run time, not a stored parameter")
     return Site(node, kind, name, x_at, w, b, _key(w), conv)

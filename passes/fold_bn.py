@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from fxcompress.pipeline import EXACT, LayerRecord, PassConfig, PassContext, PassResult, Tolerance, register_pass, select_sites
-from fxcompress.sites import Site, find_sites
+from fxcompress.sites import Site, find_sites, stored_tensor
 
 aten = torch.ops.aten
 
@@ -37,15 +37,6 @@ class _BN:
     gamma: Optional[Tensor]
     beta: Optional[Tensor]
     eps: float
-
-
-def _tensor(gm: fx.GraphModule, arg) -> Optional[Tensor]:
-    if isinstance(arg, fx.Node) and arg.op == "get_attr":
-        value = gm
-        for part in str(arg.target).split("."):
-            value = getattr(value, part)
-        return value.detach()
-    return None
 
 
 def _batch_norm_after(gm: fx.GraphModule, conv: fx.Node) -> Optional[_BN] | str:
@@ -71,10 +62,10 @@ def _batch_norm_after(gm: fx.GraphModule, conv: fx.Node) -> Optional[_BN] | str:
             _, w, b, mean, var, training, _, eps = bn.args[:8]
         if training:
             return "BatchNorm runs in training mode (batch statistics)"
-        mean_t, var_t = _tensor(gm, mean), _tensor(gm, var)
+        mean_t, var_t = stored_tensor(gm, mean), stored_tensor(gm, var)
         if mean_t is None or var_t is None:
             return "BatchNorm statistics are not stored tensors"
-        return _BN(bn, mean_t, var_t, _tensor(gm, w), _tensor(gm, b), float(eps))
+        return _BN(bn, mean_t, var_t, stored_tensor(gm, w), stored_tensor(gm, b), float(eps))
     return None
 
 
