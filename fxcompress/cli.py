@@ -48,7 +48,7 @@ def _call_factory(spec: str):
     return made[0], made[1], made[2] if len(made) == 3 else None
 
 
-def _check(model, path: Path, example_inputs, eval_data, args) -> int:
+def _check(model, path: Path, example_inputs, eval_data, args, layers: Optional[list] = None) -> int:
     from fxcompress.parity import check
 
     print(f"checking {path} on ONNX Runtime ...", file=sys.stderr)
@@ -57,7 +57,10 @@ def _check(model, path: Path, example_inputs, eval_data, args) -> int:
                    provider=args.provider, fp32_baseline=not args.no_baseline)
     print(report.to_text())
     if args.json:
-        Path(args.json).write_text(report.to_json())
+        data = json.loads(report.to_json())
+        if layers is not None:
+            data["layers"] = layers
+        Path(args.json).write_text(json.dumps(data, indent=2))
     return EXIT_OK if report.passed else EXIT_PARITY_FAILED
 
 
@@ -69,11 +72,12 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     print(cm.summary())
     path = cm.export(args.output, target=args.target)
     print(f"\nwrote {path} (target {args.target})")
+    layers = [r.__dict__ for r in cm.records]
     if not args.check:
         if args.json:
-            Path(args.json).write_text(json.dumps({"layers": [r.__dict__ for r in cm.records]}, indent=2))
+            Path(args.json).write_text(json.dumps({"layers": layers}, indent=2))
         return EXIT_OK
-    return _check(model, path, example_inputs, eval_data, args)
+    return _check(model, path, example_inputs, eval_data, args, layers)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -14,7 +14,8 @@ def test_optimize_check_writes_artifact_and_json(tmp_path, capsys):
     text = capsys.readouterr().out
     assert code == 0 and out.is_file()
     assert "weight SQNR" in text and "parity PASSED" in text and "CPUExecutionProvider" in text
-    assert json.loads(rep.read_text())["passed"] is True
+    data = json.loads(rep.read_text())
+    assert data["passed"] is True and {r["layer"] for r in data["layers"]} == {"0", "2", "4"}
 
 
 def test_check_on_broken_artifact_exits_1(tmp_path, capsys):
