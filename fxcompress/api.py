@@ -13,7 +13,7 @@ import torch
 from torch import fx, nn
 
 from fxcompress.capture import capture, normalize_inputs, run_reference
-from fxcompress.errors import InputError
+from fxcompress.errors import InputError, PassError
 from fxcompress.export import export_onnx
 from fxcompress.graph_edit import state_bytes
 from fxcompress.lowering import tolerance_for
@@ -132,7 +132,10 @@ def optimize(
     with progress_bar(progress, desc="fxcompress", total=len(configs)) as bar:
         ctx = PassContext(inputs, calib, progress=bar.note)
         records = PassManager(configs).run(gm, ctx, on_pass_done=bar.advance)
-    run_reference(gm, inputs)  # the rewritten graph must still run on what the original ran on
+    try:  # the rewritten graph must still run on what the original ran on
+        run_reference(gm, inputs)
+    except InputError as exc:
+        raise PassError(f"recipe {[c.name for c in configs]} produced a graph that no longer runs: {exc}") from exc
     done = [r for r in records if not r.skipped]
     if not done:
         warnings.warn(

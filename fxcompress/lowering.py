@@ -37,7 +37,7 @@ NBITS_BLOCK_SIZES = (128, 64, 32, 16)
 def tolerance_for(recipe_tolerance: Tolerance, target: str, quantized: bool) -> Tolerance:
     """The parity floor of an artifact: the recipe's, loosened by the target's run-time quantization if any."""
     extra = TARGET_TOLERANCE.get(target)
-    return recipe_tolerance.tighter(extra) if quantized and extra is not None else recipe_tolerance
+    return recipe_tolerance.loosest(extra) if quantized and extra is not None else recipe_tolerance
 
 
 def _block_size(k: int) -> Optional[int]:

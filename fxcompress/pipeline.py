@@ -33,7 +33,7 @@ class Tolerance:
     top1_agreement_min: float = 0.98
     accuracy_drop_max_pp: float = 1.0
 
-    def tighter(self, other: "Tolerance") -> "Tolerance":
+    def loosest(self, other: "Tolerance") -> "Tolerance":
         """The looser floor of the two: a recipe is only as exact as its lossiest pass."""
         return Tolerance(
             min(self.cosine_min, other.cosine_min),
@@ -239,7 +239,7 @@ def recipe_tolerance(configs: Sequence[PassConfig]) -> Tolerance:
     """The parity floor for a recipe: the loosest of its passes' floors."""
     tol = EXACT
     for c in configs:
-        tol = tol.tighter(type(c).tolerance)
+        tol = tol.loosest(type(c).tolerance)
     return tol
 
 
