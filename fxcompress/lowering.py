@@ -21,6 +21,7 @@ import torch
 from torch import fx
 
 from fxcompress.errors import ExportError
+from fxcompress.graph_edit import add_constant, replace_node
 from fxcompress.ops import TARGETS
 from fxcompress.pipeline import Tolerance
 
@@ -85,8 +86,6 @@ def _to_uint8(gm: fx.GraphModule, node: fx.Node, qnode: fx.Node, q: torch.Tensor
 
 
 def _to_nbits(gm: fx.GraphModule, node: fx.Node, q: torch.Tensor, scale: torch.Tensor, block: int) -> None:
-    from fxcompress.graph_edit import add_constant, replace_node
-
     k, n = q.shape
     packed = (q.t().to(torch.int16) + 128).to(torch.uint8).reshape(n, k // block, block)
     scales = scale.reshape(n, 1).expand(n, k // block).reshape(-1).contiguous()
