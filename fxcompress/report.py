@@ -6,7 +6,6 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 import onnx
-from onnx import numpy_helper
 
 if TYPE_CHECKING:
     from fxcompress.api import CompressedModel

@@ -14,7 +14,7 @@ calibration pass (not layer-sequential), which keeps the pass O(1) in model runs
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 from torch import Tensor, fx

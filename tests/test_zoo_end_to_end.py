@@ -1,7 +1,6 @@
 """int8 -> ONNX -> ORT CPU on every zoo model: the foundation issue's acceptance bars, as assertions."""
 
 import pytest
-import torch
 
 import fxcompress
 from fxcompress.models import zoo

@@ -6,7 +6,7 @@ from torch import nn
 import fxcompress
 from fxcompress.errors import InputError, RecipeError
 from fxcompress.ops import pack_nbits, unpack_nbits
-from fxcompress.passes.int4 import block_params, dequantize, quantize_gptq, quantize_rtn
+from fxcompress.passes.int4 import dequantize, quantize_gptq, quantize_rtn
 from fxcompress.passes.quantize import sqnr_db
 
 from helpers import cosine, op_types
