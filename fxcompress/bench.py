@@ -6,7 +6,6 @@ p50 latency per batch size, and cosine similarity to the fp32 torch model.
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,17 +13,13 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import onnx
-import torch
 
 from fxcompress.api import optimize
 from fxcompress.capture import capture, normalize_inputs, run_reference
 from fxcompress.export import export_onnx
-from fxcompress.parity import compare
+from fxcompress.parity import compare, outputs_to_numpy
 from fxcompress.report import fmt_bytes, initializer_bytes
 from fxcompress.runtime import import_ort, probe
-
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class BenchRow:
@@ -37,7 +32,6 @@ class BenchRow:
     latency_ms: dict[int, Optional[float]] = field(default_factory=dict)
     cosine: Optional[float] = None
     provider: str = ""
-    note: str = ""
 
 
 def _tile(inputs: tuple, batch: int) -> tuple[np.ndarray, ...]:
@@ -50,7 +44,7 @@ def _tile(inputs: tuple, batch: int) -> tuple[np.ndarray, ...]:
 
 
 def _measure(name: str, path: Path, batches: Sequence[int], inputs: tuple, eval_batches: list[tuple], reference: list,
-             provider: str, repeat: int, note: str = "") -> BenchRow:
+             provider: str, repeat: int) -> BenchRow:
     proto = onnx.load(str(path))
     first = probe(path, [tuple(t.numpy() for t in b) for b in eval_batches], provider=provider, repeat=repeat)
     if first.load_error:
@@ -60,7 +54,7 @@ def _measure(name: str, path: Path, batches: Sequence[int], inputs: tuple, eval_
     for b in batches:
         lat[b] = probe(path, [_tile(inputs, b)], provider=provider, repeat=repeat).latency_ms_p50
     return BenchRow(name, path.stat().st_size, sum(initializer_bytes(proto).values()), first.rss_load_mb, first.rss_run_mb, first.rss_peak_mb,
-                    lat, cos, first.provider, note)
+                    lat, cos, first.provider)
 
 
 def run_benchmark(
@@ -83,7 +77,7 @@ def run_benchmark(
     made = factory()
     model, inputs = made[0], normalize_inputs(made[1])
     eval_batches = [normalize_inputs(b) for b in made[2].inputs] if len(made) > 2 else [inputs]
-    reference = [[t.numpy() for t in torch.utils._pytree.tree_flatten(run_reference(model, b))[0]] for b in eval_batches]
+    reference = [outputs_to_numpy(run_reference(model, b)) for b in eval_batches]
     rows: list[BenchRow] = []
     with tempfile.TemporaryDirectory(prefix="fxc-bench-", dir=workdir) as tmp:
         fp32 = export_onnx(capture(model, inputs).graph_module, inputs, Path(tmp, "fp32.onnx"))
@@ -94,9 +88,9 @@ def run_benchmark(
                 path = cm.export(Path(tmp, f"{recipe}-{target}.onnx".replace(":", "_").replace(",", "_")), target=target)
                 rows.append(_measure(f"fxcompress {recipe} [{target}]", path, batches, inputs, eval_batches, reference, provider, repeat))
         if ort_quantize_dynamic:
+            import_ort()  # a clear message before onnxruntime.quantization's bare ImportError
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            import_ort()
             out = Path(tmp, "ort_dynamic.onnx")
             quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True)
             rows.append(_measure("ORT quantize_dynamic (QInt8, per-channel)", out, batches, inputs, eval_batches, reference,

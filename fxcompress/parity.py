@@ -87,7 +87,8 @@ def _pair_line(label: str, d: dict, key: str, unit: str) -> str:
     return text
 
 
-def _np(x: Any) -> list[np.ndarray]:
+def outputs_to_numpy(x: Any) -> list[np.ndarray]:
+    """A model's (possibly nested) outputs as a flat list of arrays, in ONNX output order."""
     flat, _ = torch.utils._pytree.tree_flatten(x)
     return [t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t) for t in flat]
 
@@ -165,7 +166,7 @@ def check(
     tol = tolerance or (Tolerance(**meta["tolerance"]) if "tolerance" in meta else Tolerance())
     report = ParityReport(True, failures, str(path), None, meta.get("target"), tol.__dict__)
 
-    reference = [_np(run_reference(reference_model, b)) for b in batches]
+    reference = [outputs_to_numpy(run_reference(reference_model, b)) for b in batches]
     np_batches = [tuple(t.detach().cpu().numpy() for t in b) for b in batches]
     run = probe(path, np_batches, provider=provider, repeat=latency_repeat)
     report.provider = run.provider
