@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
-from fxcompress.sites import Site
+from fxcompress.sites import Site, nbytes
 
 
 def add_constant(gm: fx.GraphModule, base: str, value: Tensor, before: fx.Node) -> fx.Node:
@@ -95,5 +95,5 @@ def state_bytes(module: torch.nn.Module) -> int:
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if key not in seen:
             seen.add(key)
-            total += t.numel() * t.element_size()
+            total += nbytes(t)
     return total

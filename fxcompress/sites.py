@@ -46,8 +46,7 @@ class Site:
 
     @property
     def weight_bytes(self) -> int:
-        b = self.weight.numel() * self.weight.element_size()
-        return b + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
+        return nbytes(self.weight, self.bias)
 
 
 @dataclass
@@ -64,6 +63,11 @@ _MODULE_KINDS: dict[type, SiteKind] = {nn.Linear: "linear", nn.Conv1d: "conv1d",
 _LINEAR_FNS = {F.linear, torch._C._nn.linear, aten.linear.default}
 _CONV_FNS = {F.conv1d: "conv1d", F.conv2d: "conv2d", aten.conv1d.default: "conv1d", aten.conv2d.default: "conv2d"}
 _EMBEDDING_FNS = {F.embedding, aten.embedding.default}
+
+
+def nbytes(*tensors: Optional[Tensor]) -> int:
+    """Storage bytes of the given tensors; None counts as 0 (an absent bias)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def _key(t: Tensor) -> tuple:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from fxcompress.pipeline import EXACT, LayerRecord, PassConfig, PassContext, PassResult, Tolerance, register_pass, select_sites
-from fxcompress.sites import Site, find_sites, stored_tensor
+from fxcompress.sites import Site, find_sites, nbytes, stored_tensor
 
 aten = torch.ops.aten
 
@@ -134,6 +134,6 @@ def fold_batch_norm(gm: fx.GraphModule, cfg: FoldBNConfig, ctx: PassContext) -> 
         _write_back(gm, site, weight, bias)
         bn.node.replace_all_uses_with(site.node)
         gm.graph.erase_node(bn.node)
-        records.append(LayerRecord(site.name, site.kind, cfg.name, "folded", f"absorbed {bn.node.name}", site.weight_bytes, weight.numel() * weight.element_size() + bias.numel() * bias.element_size()))
+        records.append(LayerRecord(site.name, site.kind, cfg.name, "folded", f"absorbed {bn.node.name}", site.weight_bytes, nbytes(weight, bias)))
     return PassResult(gm, any(r.action == "folded" for r in records), records)
 

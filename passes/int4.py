@@ -25,6 +25,7 @@ from fxcompress.graph_edit import replace_site
 from fxcompress.ops import pack_nbits
 from fxcompress.passes.quantize import sqnr_db
 from fxcompress.pipeline import LayerRecord, PassConfig, PassContext, PassResult, Tolerance, register_pass, select_sites
+from fxcompress.sites import nbytes
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 BITS = 4
@@ -158,7 +159,7 @@ def quantize_int4(gm: fx.GraphModule, cfg: Int4Config, ctx: PassContext) -> Pass
         tensors = {"packed": packed, "scales": scale.reshape(-1).contiguous(), "zero_points": pack_nbits(zp, BITS),
                    "bias": site.bias.to(torch.float32) if site.bias is not None else None}
         replace_site(gm, site, torch.ops.fxcompress.linear_nbits.default, tensors, (k, n, BITS, cfg.block))
-        after = sum(t.numel() * t.element_size() for t in tensors.values() if t is not None)
+        after = nbytes(*tensors.values())
         error = sqnr_db(w, dequantize(codes, scale, zp, cfg.block))
         records.append(LayerRecord(site.name, site.kind, cfg.name, f"int4-{cfg.algo}", f"block {cfg.block}",
                                    site.weight_bytes, after, error, "weight SQNR dB"))

@@ -17,6 +17,7 @@ from torch import Tensor, fx
 
 from fxcompress.graph_edit import replace_site
 from fxcompress.pipeline import LayerRecord, PassConfig, PassContext, PassResult, Tolerance, register_pass, select_sites
+from fxcompress.sites import nbytes
 
 QUANTIZABLE_KINDS = ("linear", "conv1d", "conv2d", "embedding")
 
@@ -66,10 +67,6 @@ def sqnr_db(reference: Tensor, approx: Tensor) -> float:
     return 10 * math.log10(max(signal, 1e-300) / noise)
 
 
-def _nbytes(*tensors: Tensor | None) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
 @register_pass(Int8Config)
 def quantize_int8(gm: fx.GraphModule, cfg: Int8Config, ctx: PassContext) -> PassResult:
     """Rewrite every selected site into an ``fxcompress::*_q8`` op holding int8 weights.
@@ -101,9 +98,9 @@ def quantize_int8(gm: fx.GraphModule, cfg: Int8Config, ctx: PassContext) -> Pass
             new = replace_site(gm, site, ops.conv_q8.default, tensors, extra, shared=tie[1] if tie else None)
         if tie is None:
             done[(site.weight_key, layout)] = (site.name, {"qweight": new.args[1], "scale": new.args[2]})
-            before, after, note = site.weight_bytes, _nbytes(q, scale, bias), ""
+            before, after, note = site.weight_bytes, nbytes(q, scale, bias), ""
         else:
-            before, after, note = _nbytes(site.bias), _nbytes(bias), f"shares the int8 weight of {tie[0]}"
+            before, after, note = nbytes(site.bias), nbytes(bias), f"shares the int8 weight of {tie[0]}"
         dq = q.to(torch.float32) * scale.reshape(-1, *([1] * (q.dim() - 1)))
         records.append(LayerRecord(site.name, site.kind, cfg.name, "int8", note, before, after, sqnr_db(site.weight, dq), "weight SQNR dB"))
     return PassResult(gm, bool(sites), records)
