@@ -45,6 +45,11 @@ def _block_size(k: int) -> Optional[int]:
     return next((b for b in NBITS_BLOCK_SIZES if k % b == 0), None)
 
 
+def _offset_binary(q: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 codes as uint8 with zero point 128: exactly q + 128 (the grid never uses -128)."""
+    return (q.to(torch.int16) + 128).to(torch.uint8)
+
+
 def lower_for_target(gm: fx.GraphModule, target: str) -> fx.GraphModule:
     """A copy of ``gm`` with compressed sites encoded for ``target`` ("cpu", "cpu-nbits" or "cuda").
 
@@ -60,7 +65,7 @@ def lower_for_target(gm: fx.GraphModule, target: str) -> fx.GraphModule:
     for node in list(gm.graph.nodes):
         if node.target is not torch.ops.fxcompress.linear_q8.default or node.args[3] is not None:
             continue
-        x, qnode, snode, _, bias = node.args
+        qnode, snode = node.args[1], node.args[2]
         q = getattr(gm, str(qnode.target))
         block = _block_size(q.shape[0]) if target == "cpu-nbits" else None
         if block is not None:
@@ -76,7 +81,7 @@ def lower_for_target(gm: fx.GraphModule, target: str) -> fx.GraphModule:
 def _to_uint8(gm: fx.GraphModule, node: fx.Node, qnode: fx.Node, q: torch.Tensor, cache: dict[str, fx.Node]) -> None:
     name = str(qnode.target)
     if name not in cache:  # tied weights: convert the shared buffer once
-        setattr(gm, name, (q.to(torch.int16) + 128).to(torch.uint8))
+        setattr(gm, name, _offset_binary(q))
         gm.register_buffer(f"{name}_zero_point", torch.full((q.shape[1],), 128, dtype=torch.uint8))
         with gm.graph.inserting_after(qnode):
             cache[name] = gm.graph.get_attr(f"{name}_zero_point")
@@ -87,7 +92,7 @@ def _to_uint8(gm: fx.GraphModule, node: fx.Node, qnode: fx.Node, q: torch.Tensor
 
 def _to_nbits(gm: fx.GraphModule, node: fx.Node, q: torch.Tensor, scale: torch.Tensor, block: int) -> None:
     k, n = q.shape
-    packed = (q.t().to(torch.int16) + 128).to(torch.uint8).reshape(n, k // block, block)
+    packed = _offset_binary(q.t()).reshape(n, k // block, block)
     scales = scale.reshape(n, 1).expand(n, k // block).reshape(-1).contiguous()
     base = str(node.args[1].target)
     packed_node = add_constant(gm, f"{base}_nbits", packed, node)
