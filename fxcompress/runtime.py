@@ -68,6 +68,11 @@ class ProbeResult:
     gpu_mem_mb: Optional[float] = None
     load_error: Optional[str] = None
 
+    @classmethod
+    def failed(cls, provider: str, error: str) -> "ProbeResult":
+        """The result of a model ONNX Runtime could not load or run: nothing measured, the reason kept."""
+        return cls(provider, [], 0, 0, 0, 0, None, None, load_error=error)
+
 
 def probe(model_path: str | os.PathLike, inputs: Sequence[tuple[np.ndarray, ...]], *, provider: str = "auto",
           warmup: int = 3, repeat: int = 20, timeout: float = 900, threads: int = 0) -> ProbeResult:
@@ -93,10 +98,10 @@ def probe(model_path: str | os.PathLike, inputs: Sequence[tuple[np.ndarray, ...]
         lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
         if proc.returncode != 0 or not lines:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            return ProbeResult(providers[0], [], 0, 0, 0, 0, None, None, load_error="; ".join(tail) or f"exit {proc.returncode}")
+            return ProbeResult.failed(providers[0], "; ".join(tail) or f"exit {proc.returncode}")
         res = json.loads(lines[-1])
         if res.get("error"):
-            return ProbeResult(res.get("provider", providers[0]), [], 0, 0, 0, 0, None, None, load_error=res["error"])
+            return ProbeResult.failed(res.get("provider", providers[0]), res["error"])
         with np.load(Path(tmp, "out.npz")) as z:
             outputs = [[z[f"b{i}_{k}"] for k in range(res["n_outputs"])] for i in range(len(inputs))]
     return ProbeResult(res["provider"], outputs, res["rss_base_mb"], res["rss_load_mb"], res["rss_run_mb"], res["rss_peak_mb"],
