@@ -172,59 +172,39 @@ def _embedding_q8(indices, qweight, scale):
 
 
 # --- ONNX Runtime contrib schemas --------------------------------------------------------------------------------
+# onnx does not know ORT's com.microsoft ops; onnxscript and onnx.checker need their schemas. Inputs are
+# (name, type variable, optional); attributes (name, required). Types follow ORT's contrib op docs.
+_CONTRIB_SCHEMAS = {
+    "DynamicQuantizeMatMul": dict(
+        inputs=[("A", "T1", False), ("B", "T2", False), ("b_scale", "T1", False), ("b_zero_point", "T2", True),
+                ("bias", "T1", True)],
+        types=[("T1", ["tensor(float)"]), ("T2", ["tensor(int8)", "tensor(uint8)"])],
+        attributes=[],
+    ),
+    "MatMulNBits": dict(
+        inputs=[("A", "T1", False), ("B", "T2", False), ("scales", "T1", False), ("zero_points", "T3", True),
+                ("g_idx", "T4", True), ("bias", "T1", True)],
+        types=[("T1", ["tensor(float)", "tensor(float16)"]), ("T2", ["tensor(uint8)", "tensor(int32)"]),
+               ("T3", ["tensor(uint8)", "tensor(int32)", "tensor(float)", "tensor(float16)"]), ("T4", ["tensor(int32)"])],
+        attributes=[("K", True), ("N", True), ("bits", True), ("block_size", True), ("accuracy_level", False)],
+    ),
+}
+
+
 def _register_contrib_schemas() -> None:
-    """onnx does not know ORT's com.microsoft ops; onnxscript and onnx.checker need their schemas."""
-    optional = OpSchema.FormalParameterOption.Optional
-    param = OpSchema.FormalParameter
-    if not onnx.defs.has("DynamicQuantizeMatMul", "com.microsoft"):
+    param, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
+    for name, spec in _CONTRIB_SCHEMAS.items():
+        if onnx.defs.has(name, "com.microsoft"):
+            continue
         onnx.defs.register_schema(
             OpSchema(
-                "DynamicQuantizeMatMul",
+                name,
                 "com.microsoft",
                 1,
-                inputs=[
-                    param("A", "T1"),
-                    param("B", "T2"),
-                    param("b_scale", "T1"),
-                    param("b_zero_point", "T2", param_option=optional),
-                    param("bias", "T1", param_option=optional),
-                ],
+                inputs=[param(n, t, param_option=optional) if opt else param(n, t) for n, t, opt in spec["inputs"]],
                 outputs=[param("Y", "T1")],
-                type_constraints=[
-                    ("T1", ["tensor(float)"], "activations and scales"),
-                    ("T2", ["tensor(int8)", "tensor(uint8)"], "quantized weights"),
-                ],
-            )
-        )
-    if not onnx.defs.has("MatMulNBits", "com.microsoft"):
-        attr = OpSchema.Attribute
-        onnx.defs.register_schema(
-            OpSchema(
-                "MatMulNBits",
-                "com.microsoft",
-                1,
-                inputs=[
-                    param("A", "T1"),
-                    param("B", "T2"),
-                    param("scales", "T1"),
-                    param("zero_points", "T3", param_option=optional),
-                    param("g_idx", "T4", param_option=optional),
-                    param("bias", "T1", param_option=optional),
-                ],
-                outputs=[param("Y", "T1")],
-                type_constraints=[
-                    ("T1", ["tensor(float)", "tensor(float16)"], "activations and scales"),
-                    ("T2", ["tensor(uint8)", "tensor(int32)"], "packed weights"),
-                    ("T3", ["tensor(uint8)", "tensor(int32)", "tensor(float)", "tensor(float16)"], "zero points"),
-                    ("T4", ["tensor(int32)"], "group index"),
-                ],
-                attributes=[
-                    attr("K", OpSchema.AttrType.INT, "input features"),
-                    attr("N", OpSchema.AttrType.INT, "output features"),
-                    attr("bits", OpSchema.AttrType.INT, "bits per weight"),
-                    attr("block_size", OpSchema.AttrType.INT, "weights per scale along K"),
-                    attr("accuracy_level", OpSchema.AttrType.INT, "minimum compute precision", required=False),
-                ],
+                type_constraints=[(t, allowed, "") for t, allowed in spec["types"]],
+                attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, "", required=req) for a, req in spec["attributes"]],
             )
         )
 
