@@ -15,7 +15,8 @@ export target, an onnxscript translation that decides how ONNX Runtime executes 
 * ``cuda``: Linear -> ``DequantizeLinear + MatMul`` (standard ONNX, runs on every EP; int8 stays int8 in the file and
   in the session, dequantized per call).
 
-Conv and Embedding use standard ops on both targets: ``DequantizeLinear + Conv`` and ``Gather + Cast + Mul``.
+Conv and int8 Embedding use standard ops on every target: ``DequantizeLinear + Conv`` and ``Gather + Cast + Mul``;
+blockwise int4 Linear and Embedding use ``com.microsoft.MatMulNBits`` and ``com.microsoft.GatherBlockQuantized``.
 """
 
 from __future__ import annotations
@@ -171,6 +172,33 @@ def _embedding_q8(indices, qweight, scale):
     return op.Mul(rows, row_scale)
 
 
+@torch.library.custom_op("fxcompress::embedding_nbits", mutates_args=())
+def embedding_nbits(indices: Tensor, packed: Tensor, scales: Tensor, zero_points: Tensor, bits: int, block_size: int) -> Tensor:
+    """Row lookup in a blockwise n-bit table laid out as GatherBlockQuantized reads it.
+
+    ``packed`` [rows, cols*bits/8] uint8 codes (low nibble first), ``scales`` [rows, cols/block], ``zero_points``
+    [rows, ceil(cols/block*bits/8)] packed codes; row = (code - zero_point) * scale per block. Only gathered rows
+    are unpacked.
+    """
+    rows = packed[indices.reshape(-1)]
+    cols = packed.shape[1] * 8 // bits
+    blocks = scales.shape[1]
+    codes = unpack_nbits(rows, bits, cols).reshape(-1, blocks, block_size)
+    zp = unpack_nbits(zero_points[indices.reshape(-1)], bits, blocks).unsqueeze(-1)
+    out = (codes - zp) * scales[indices.reshape(-1)].unsqueeze(-1)
+    return out.reshape(*indices.shape, cols)
+
+
+@embedding_nbits.register_fake
+def _(indices, packed, scales, zero_points, bits, block_size):
+    return scales.new_empty(*indices.shape, packed.shape[1] * 8 // bits)
+
+
+def _embedding_nbits(indices, packed, scales, zero_points, bits=4, block_size=32):
+    return MSFT.GatherBlockQuantized(packed, indices, scales, zero_points, gather_axis=0, quantize_axis=1,
+                                     block_size=block_size, bits=bits)
+
+
 # --- ONNX Runtime contrib schemas --------------------------------------------------------------------------------
 # onnx does not know ORT's com.microsoft ops; onnxscript and onnx.checker need their schemas. Inputs are
 # (name, type variable, optional); attributes (name, required). Types follow ORT's contrib op docs.
@@ -188,6 +216,13 @@ _CONTRIB_SCHEMAS = {
                ("T3", ["tensor(uint8)", "tensor(int32)", "tensor(float)", "tensor(float16)"]), ("T4", ["tensor(int32)"])],
         attributes=[("K", True), ("N", True), ("bits", True), ("block_size", True), ("accuracy_level", False)],
     ),
+    "GatherBlockQuantized": dict(
+        inputs=[("data", "T1", False), ("indices", "Tind", False), ("scales", "T2", False), ("zero_points", "T1", True)],
+        types=[("T1", ["tensor(uint8)", "tensor(int4)", "tensor(uint4)"]), ("Tind", ["tensor(int32)", "tensor(int64)"]),
+               ("T2", ["tensor(float)", "tensor(float16)"])],
+        attributes=[("gather_axis", False), ("quantize_axis", False), ("block_size", False), ("bits", False)],
+        output="T2",
+    ),
 }
 
 
@@ -202,7 +237,7 @@ def _register_contrib_schemas() -> None:
                 "com.microsoft",
                 1,
                 inputs=[param(n, t, param_option=optional) if opt else param(n, t) for n, t, opt in spec["inputs"]],
-                outputs=[param("Y", "T1")],
+                outputs=[param("Y", spec.get("output", "T1"))],
                 type_constraints=[(t, allowed, "") for t, allowed in spec["types"]],
                 attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, "", required=req) for a, req in spec["attributes"]],
             )
@@ -215,6 +250,7 @@ _COMMON = {
     torch.ops.fxcompress.conv_q8.default: _conv_q8,
     torch.ops.fxcompress.embedding_q8.default: _embedding_q8,
     torch.ops.fxcompress.linear_nbits.default: _linear_nbits,
+    torch.ops.fxcompress.embedding_nbits.default: _embedding_nbits,
 }
 _TRANSLATIONS: dict[str, dict[object, Callable]] = {
     "cpu": {**_COMMON, torch.ops.fxcompress.linear_q8.default: _linear_q8_cpu},

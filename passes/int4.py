@@ -1,4 +1,5 @@
-"""Blockwise int4 weight-only quantization of Linear layers, lowered to com.microsoft.MatMulNBits.
+"""Blockwise int4 weight-only quantization of Linear (-> com.microsoft.MatMulNBits) and Embedding layers
+(-> com.microsoft.GatherBlockQuantized).
 
 Each block of ``block`` consecutive input features of an output row gets a scale and a zero point:
 s = (max(w, 0) - min(w, 0)) / 15, z = round(-min / s), code = clamp(round(w / s) + z, 0, 15), w ~= (code - z) * s.
@@ -8,7 +9,13 @@ spreads each column's rounding error over the columns not yet quantized, weighte
 H = 2/n X^T X of the layer's calibration inputs, which minimises ||XW^T - XQ^T|| rather than ||W - Q||.
 ``act_order`` visits columns by decreasing diag(H); block scales are then fixed up front from the float weights
 ("static groups") so the MatMulNBits block layout stays contiguous. Hessians come from the float model in one
-calibration pass (not layer-sequential), which keeps the pass O(1) in model runs.
+calibration pass when ``sequential=false``; by default (``sequential=true``) layers are quantized in graph order
+and each group of layers sharing an input gets its Hessian from the graph with every earlier layer already
+quantized, so later layers correct for the error upstream (one partial calibration run per group).
+
+``clip=true`` searches, per block, a shrink factor of the [min, max] range that minimises the block's squared
+error (large outliers otherwise stretch the grid for the other values of the block). Embedding tables are quantized
+by RTN (with the clip search if asked): a lookup has no input activations for GPTQ to weigh.
 """
 
 from __future__ import annotations
@@ -41,6 +48,9 @@ class Int4Config(PassConfig):
     algo: str = "rtn"
     act_order: bool = False
     damp: float = 0.01
+    clip: bool = False
+    sequential: bool = True
+    kinds: tuple[str, ...] = ("linear",)
 
     def __post_init__(self) -> None:
         if self.block not in BLOCK_SIZES:
@@ -49,23 +59,46 @@ class Int4Config(PassConfig):
             raise ValueError(f"algo must be 'rtn' or 'gptq', got {self.algo!r}")
         if not 0 < self.damp < 1:
             raise ValueError(f"damp must be in (0, 1), got {self.damp}")
+        if not self.kinds or set(self.kinds) - {"linear", "embedding"}:
+            raise ValueError(f"kinds must be a non-empty subset of ('linear', 'embedding'), got {self.kinds}")
 
 
-def block_params(w: Tensor, block: int) -> tuple[Tensor, Tensor]:
-    """(scale, zero_point) per block: shapes [N, K/block]; the grid always contains 0 exactly."""
+CLIP_GRID = tuple(1.0 - 0.03 * i for i in range(11))  # shrink factors 1.0 .. 0.7 tried by clip=true
+
+
+def _grid(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     qmax = 2**BITS - 1
-    wb = w.reshape(w.shape[0], -1, block)
-    lo, hi = wb.amin(-1).clamp(max=0), wb.amax(-1).clamp(min=0)
     scale = (hi - lo) / qmax
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return scale, torch.clamp(torch.round(-lo / scale), 0, qmax)
+
+
+def block_params(w: Tensor, block: int, clip: bool = False) -> tuple[Tensor, Tensor]:
+    """(scale, zero_point) per block: shapes [N, K/block]; the grid always contains 0 exactly.
+
+    With ``clip`` the range is shrunk by the factor of :data:`CLIP_GRID` with the least squared error per block.
+    """
+    wb = w.reshape(w.shape[0], -1, block)
+    lo, hi = wb.amin(-1).clamp(max=0), wb.amax(-1).clamp(min=0)
+    best_scale, best_zp = _grid(lo, hi)
+    if not clip:
+        return best_scale, best_zp
+    best_err = torch.full_like(best_scale, float("inf"))
+    for f in CLIP_GRID:
+        scale, zp = _grid(lo * f, hi * f)
+        s, z = scale.unsqueeze(-1), zp.unsqueeze(-1)
+        err = ((_codes(wb, s, z) - z) * s - wb).pow(2).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale, best_zp = torch.where(better, scale, best_scale), torch.where(better, zp, best_zp)
+    return best_scale, best_zp
 
 
 def _codes(w: Tensor, scale: Tensor, zp: Tensor) -> Tensor:
     return torch.clamp(torch.round(w / scale) + zp, 0, 2**BITS - 1)
 
 
-def quantize_rtn(w: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
+def quantize_rtn(w: Tensor, block: int, clip: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Round-to-nearest: (codes [N, K], scale [N, K/block], zero_point [N, K/block]).
 
     Example:
@@ -74,14 +107,14 @@ def quantize_rtn(w: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
         (torch.Size([8, 64]), torch.Size([8, 2]))
     """
     w = w.to(torch.float32)
-    scale, zp = block_params(w, block)
+    scale, zp = block_params(w, block, clip)
     n, k = w.shape
     codes = _codes(w.reshape(n, -1, block), scale.unsqueeze(-1), zp.unsqueeze(-1)).reshape(n, k)
     return codes, scale, zp
 
 
 def quantize_gptq(w: Tensor, hessian: Tensor, block: int, act_order: bool = False, damp: float = 0.01,
-                  lazy: int = 128) -> tuple[Tensor, Tensor, Tensor]:
+                  clip: bool = False, lazy: int = 128) -> tuple[Tensor, Tensor, Tensor]:
     """GPTQ with blockwise asymmetric int4; same outputs as :func:`quantize_rtn`."""
     w = w.to(torch.float64).clone()
     n, k = w.shape
@@ -91,7 +124,7 @@ def quantize_gptq(w: Tensor, hessian: Tensor, block: int, act_order: bool = Fals
     w[:, dead] = 0
     static = act_order
     if static:  # block params from the float weights, so the block layout survives the permutation
-        scale, zp = (t.to(torch.float64) for t in block_params(w, block))
+        scale, zp = (t.to(torch.float64) for t in block_params(w, block, clip))
     else:
         scale, zp = torch.ones(n, k // block, dtype=torch.float64), torch.zeros(n, k // block, dtype=torch.float64)
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
@@ -107,7 +140,7 @@ def quantize_gptq(w: Tensor, hessian: Tensor, block: int, act_order: bool = Fals
             col = int(perm[i1 + i])
             g = col // block
             if not static and col % block == 0:  # first column of a block: fit its params on the updated weights
-                s, z = block_params(w1[:, i : i + block], block)
+                s, z = block_params(w1[:, i : i + block], block, clip)
                 scale[:, g], zp[:, g] = s[:, 0].double(), z[:, 0].double()
             c = _codes(w1[:, i], scale[:, g], zp[:, g])
             codes[:, i1 + i] = c
@@ -125,42 +158,61 @@ def dequantize(codes: Tensor, scale: Tensor, zp: Tensor, block: int) -> Tensor:
     return ((codes.reshape(n, -1, block) - zp.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(n, k)
 
 
+def _pack_linear(codes: Tensor, scale: Tensor, zp: Tensor, block: int) -> dict[str, Tensor]:
+    n, k = codes.shape
+    blocks = k // block
+    packed = pack_nbits(codes.reshape(n * blocks, block), BITS).reshape(n, blocks, block * BITS // 8)
+    return {"packed": packed, "scales": scale.reshape(-1).contiguous(), "zero_points": pack_nbits(zp, BITS)}
+
+
+def _pack_embedding(codes: Tensor, scale: Tensor, zp: Tensor) -> dict[str, Tensor]:
+    return {"packed": pack_nbits(codes, BITS), "scales": scale.contiguous(), "zero_points": pack_nbits(zp, BITS)}
+
+
 @register_pass(Int4Config)
 def quantize_int4(gm: fx.GraphModule, cfg: Int4Config, ctx: PassContext) -> PassResult:
-    """Rewrite selected Linear sites into ``fxcompress::linear_nbits`` (4 bits) by RTN or GPTQ.
+    """Rewrite selected Linear sites into ``fxcompress::linear_nbits`` (4 bits) by RTN or GPTQ, and Embedding sites
+    (``kinds=linear+embedding``) into ``fxcompress::embedding_nbits`` by RTN.
 
     Example:
         >>> cm = fxcompress.optimize(model, x, recipe="int4:block=32,algo=gptq", calibration=[(x,)])
     """
-    sites, records = select_sites(gm, cfg, ("linear",))
+    sites, records = select_sites(gm, cfg, cfg.kinds)
     fit = []
     for site in sites:
         k = site.weight.shape[1]
         if k % cfg.block:
+            what = "in_features" if site.kind == "linear" else "embedding_dim"
             records.append(LayerRecord(site.name, site.kind, cfg.name, "skipped",
-                                       f"in_features {k} is not a multiple of block {cfg.block}", site.weight_bytes, site.weight_bytes))
+                                       f"{what} {k} is not a multiple of block {cfg.block}", site.weight_bytes, site.weight_bytes))
         else:
             fit.append(site)
+    gptq_sites = [s for s in fit if s.kind == "linear"] if cfg.algo == "gptq" else []
+    if gptq_sites and not ctx.calibration:
+        raise InputError("int4 algo=gptq needs calibration data: optimize(..., calibration=[input_tuple, ...])")
+    gptq_names = {s.name for s in gptq_sites}
     hessians: dict[str, Tensor] = {}
-    if cfg.algo == "gptq" and fit:
-        if not ctx.calibration:
-            raise InputError("int4 algo=gptq needs calibration data: optimize(..., calibration=[input_tuple, ...])")
-        hessians = input_hessians(gm, {s.name: s.input for s in fit}, ctx.calibration)
+    if gptq_sites and not cfg.sequential:
+        hessians = input_hessians(gm, {s.name: s.input for s in gptq_sites}, ctx.calibration)
+    ops = torch.ops.fxcompress
     for site in fit:
         ctx.progress(site.name)
         w = site.weight.to(torch.float32)
-        n, k = w.shape
-        if cfg.algo == "gptq":
-            codes, scale, zp = quantize_gptq(w, hessians[site.name], cfg.block, cfg.act_order, cfg.damp)
+        algo = "gptq" if site.name in gptq_names else "rtn"
+        if algo == "gptq" and site.name not in hessians:  # sequential: this layer and its input's other readers
+            group = {s.name: s.input for s in gptq_sites if s.input is site.input and s.name not in hessians}
+            hessians.update(input_hessians(gm, group, ctx.calibration))
+        if algo == "gptq":
+            codes, scale, zp = quantize_gptq(w, hessians[site.name], cfg.block, cfg.act_order, cfg.damp, cfg.clip)
         else:
-            codes, scale, zp = quantize_rtn(w, cfg.block)
-        blocks = k // cfg.block
-        packed = pack_nbits(codes.reshape(n * blocks, cfg.block), BITS).reshape(n, blocks, cfg.block * BITS // 8)
-        tensors = {"packed": packed, "scales": scale.reshape(-1).contiguous(), "zero_points": pack_nbits(zp, BITS),
-                   "bias": site.bias.to(torch.float32) if site.bias is not None else None}
-        replace_site(gm, site, torch.ops.fxcompress.linear_nbits.default, tensors, (k, n, BITS, cfg.block))
-        after = nbytes(*tensors.values())
+            codes, scale, zp = quantize_rtn(w, cfg.block, cfg.clip)
+        if site.kind == "linear":
+            tensors = {**_pack_linear(codes, scale, zp, cfg.block), "bias": site.bias.to(torch.float32) if site.bias is not None else None}
+            replace_site(gm, site, ops.linear_nbits.default, tensors, (w.shape[1], w.shape[0], BITS, cfg.block))
+        else:
+            tensors = _pack_embedding(codes, scale, zp)
+            replace_site(gm, site, ops.embedding_nbits.default, tensors, (BITS, cfg.block))
         error = sqnr_db(w, dequantize(codes, scale, zp, cfg.block))
-        records.append(LayerRecord(site.name, site.kind, cfg.name, f"int4-{cfg.algo}", f"block {cfg.block}",
-                                   site.weight_bytes, after, error, "weight SQNR dB"))
+        records.append(LayerRecord(site.name, site.kind, cfg.name, f"int4-{algo}", f"block {cfg.block}" + (", clip" if cfg.clip else ""),
+                                   site.weight_bytes, nbytes(*tensors.values()), error, "weight SQNR dB"))
     return PassResult(gm, bool(fit), records)

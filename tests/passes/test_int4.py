@@ -87,3 +87,58 @@ def test_gptq_without_or_with_wrong_calibration_is_an_input_error():
     with pytest.raises(InputError, match=r"calibration batch 1 \(shapes \[\(2, 31\)\]\) does not fit"):
         fxcompress.optimize(model, torch.randn(2, 32), recipe="int4:block=32,algo=gptq",
                             calibration=[(torch.randn(2, 32),), (torch.randn(2, 31),)])
+
+
+def test_clip_search_never_increases_block_error():
+    torch.manual_seed(0)
+    w = torch.randn(16, 128)
+    w[:, ::37] *= 8  # outliers stretch plain min/max grids
+    plain = dequantize(*quantize_rtn(w, 32), 32)
+    clipped = dequantize(*quantize_rtn(w, 32, clip=True), 32)
+    assert (clipped - w).pow(2).reshape(16, 4, 32).sum(-1).le((plain - w).pow(2).reshape(16, 4, 32).sum(-1) + 1e-9).all()
+    assert sqnr_db(w, clipped) > sqnr_db(w, plain)
+
+
+class TokenModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.proj = nn.Embedding(50, 64), nn.Linear(64, 32)
+
+    def forward(self, ids):
+        return self.proj(self.emb(ids))
+
+
+def test_int4_embedding_matches_reference_and_lowers_to_gather_block_quantized(tmp_path):
+    torch.manual_seed(0)
+    model = TokenModel().eval()
+    ids = torch.randint(0, 50, (4, 7))
+    cm = fxcompress.optimize(model, ids, recipe="int4:block=32,kinds=linear+embedding")
+    rec = {r.layer: r for r in cm.records}
+    assert rec["emb"].action == "int4-rtn" and rec["emb"].bytes_after < rec["emb"].bytes_before / 6
+    codes, scale, zp = quantize_rtn(model.emb.weight.detach(), 32)
+    expected = dequantize(codes, scale, zp, 32)[ids]
+    node = cm.module.graph.find_nodes(op="call_function", target=torch.ops.fxcompress.embedding_nbits.default)[0]
+    packed, scales, zps = (cm.module.get_buffer(str(a.target)) for a in node.args[1:4])
+    torch.testing.assert_close(torch.ops.fxcompress.embedding_nbits(ids, packed, scales, zps, 4, 32), expected)
+    path = cm.export(tmp_path / "m.onnx")
+    assert "GatherBlockQuantized" in op_types(path) and "Gather" not in op_types(path)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})[0])
+    assert cosine(out, cm(ids)) > 0.995
+
+
+def test_sequential_and_one_shot_gptq_both_beat_rtn():
+    torch.manual_seed(0)
+    model = Model().eval()
+    calib = [(torch.randn(32, 64) @ torch.randn(64, 64),) for _ in range(4)]
+    x = calib[0][0]
+    ref = model(x)
+    errs = {}
+    for recipe in ("int4:block=32", "int4:block=32,algo=gptq", "int4:block=32,algo=gptq,sequential=false"):
+        errs[recipe] = sqnr_db(ref, fxcompress.optimize(model, x, recipe=recipe, calibration=calib)(x))
+    assert min(errs["int4:block=32,algo=gptq"], errs["int4:block=32,algo=gptq,sequential=false"]) > errs["int4:block=32"]
+
+
+def test_bad_int4_kinds():
+    with pytest.raises(RecipeError, match="kinds must be a non-empty subset"):
+        fxcompress.optimize(nn.Linear(32, 4), torch.randn(1, 32), recipe="int4:kinds=conv2d")
