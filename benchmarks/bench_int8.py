@@ -32,14 +32,19 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def environment() -> str:
+    """One line naming the date, CPU, thread count and library versions a result was measured with."""
+    return (f"Measured {datetime.date.today()} on {cpu_name()} ({torch.get_num_threads()} threads), "
+            f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}, provider CPUExecutionProvider")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="big_mlp,minilm")
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--tag", default="int8_cpu")
     args = ap.parse_args()
-    header = (f"Measured {datetime.date.today()} on {cpu_name()} ({torch.get_num_threads()} threads), "
-              f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}, provider CPUExecutionProvider")
+    header = environment()
     sections, data = [f"# int8 on ONNX Runtime CPU\n\n{header}\n\nCommand: `python benchmarks/bench_int8.py`\n"], {"env": header}
     for name in args.models.split(","):
         print(f"benchmarking {name} ...", file=sys.stderr)

@@ -1,11 +1,13 @@
-"""Side-by-side benchmark: fp32 ONNX vs fxcompress recipes/lowerings vs ONNX Runtime's own quantize_dynamic.
+"""Side-by-side benchmark: fp32 ONNX vs fxcompress recipes/lowerings vs ONNX Runtime's own quantizers
+(``quantize_dynamic`` and ``MatMulNBitsQuantizer`` with RTN or GPTQ on the same calibration data).
 
 Every variant is measured the same way, in one run: file size, initializer bytes, session RSS (fresh process),
-p50 latency per batch size, and cosine similarity to the fp32 torch model.
+p50 latency per batch size, cosine similarity to the fp32 torch model and, for classifiers, accuracy.
 """
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +34,7 @@ class BenchRow:
     latency_ms: dict[int, Optional[float]] = field(default_factory=dict)
     cosine: Optional[float] = None
     provider: str = ""
+    accuracy: Optional[float] = None
 
 
 def _tile(inputs: tuple, batch: int) -> tuple[np.ndarray, ...]:
@@ -44,17 +47,69 @@ def _tile(inputs: tuple, batch: int) -> tuple[np.ndarray, ...]:
 
 
 def _measure(name: str, path: Path, batches: Sequence[int], inputs: tuple, eval_batches: list[tuple], reference: list,
-             provider: str, repeat: int) -> BenchRow:
+             provider: str, repeat: int, labels: Optional[np.ndarray] = None) -> BenchRow:
     proto = onnx.load(str(path))
     first = probe(path, [tuple(t.numpy() for t in b) for b in eval_batches], provider=provider, repeat=repeat)
     if first.load_error:
         raise RuntimeError(f"{name}: {first.load_error}")
     cos = compare([r for b in reference for r in b[:1]], [o for b in first.outputs for o in b[:1]])["cosine"]
+    acc = None
+    if labels is not None:
+        acc = 100.0 * float((np.concatenate([b[0] for b in first.outputs]).argmax(-1) == labels).mean())
     lat = {}
     for b in batches:
         lat[b] = probe(path, [_tile(inputs, b)], provider=provider, repeat=repeat).latency_ms_p50
     return BenchRow(name, path.stat().st_size, sum(initializer_bytes(proto).values()), first.rss_load_mb, first.rss_run_mb, first.rss_peak_mb,
-                    lat, cos, first.provider)
+                    lat, cos, first.provider, acc)
+
+
+def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Rewrite ``Gemm(A, B^T const, C)`` as ``MatMul(A, B) + C`` (same numbers): ORT's MatMulNBitsQuantizer only
+    quantizes MatMul, and torch's exporter writes 2-D Linear layers as Gemm."""
+    from onnx import helper, numpy_helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        simple = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+        if node.op_type != "Gemm" or not simple or node.input[1] not in inits:
+            nodes.append(node)
+            continue
+        b = numpy_helper.to_array(inits[node.input[1]])
+        inits[node.input[1]].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(b.T if attrs.get("transB", 0) else b), node.input[1]))
+        has_bias = len(node.input) > 2 and node.input[2]
+        product = node.output[0] + "_matmul" if has_bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], node.input[1]], [product], name=node.name + "_matmul"))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=node.name + "_bias"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+def _ort_nbits(fp32: Path, out: Path, algo: str, block: int, calibration: Optional[Sequence[tuple]]) -> Path:
+    """ORT's own blockwise int4 (MatMulNBitsQuantizer, asymmetric, accuracy_level 4) by RTN or GPTQ."""
+    from onnxruntime.quantization import CalibrationDataReader
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        GPTQWeightOnlyQuantConfig, MatMulNBitsQuantizer, RTNWeightOnlyQuantConfig)
+
+    model = gemm_to_matmul(onnx.load(str(fp32)))
+    names = [i.name for i in model.graph.input]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([dict(zip(names, (t.numpy() for t in b))) for b in calibration or []])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    cfg = RTNWeightOnlyQuantConfig() if algo == "rtn" else GPTQWeightOnlyQuantConfig(Reader(), block_size=block)
+    quantizer = MatMulNBitsQuantizer(model, block_size=block, is_symmetric=False, accuracy_level=4, algo_config=cfg)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+    return out
 
 
 def run_benchmark(
@@ -64,11 +119,17 @@ def run_benchmark(
     targets: Sequence[str] = ("cpu", "cpu-nbits", "cuda"),
     batches: Sequence[int] = (1, 32),
     ort_quantize_dynamic: bool = True,
+    ort_nbits: Sequence[str] = (),
+    nbits_block: int = 32,
+    calibration: Optional[Sequence[tuple]] = None,
     provider: str = "auto",
     repeat: int = 20,
     workdir: Optional[str] = None,
 ) -> list[BenchRow]:
-    """Benchmark fp32 vs each recipe x target vs ORT quantize_dynamic on the model ``factory()`` returns.
+    """Benchmark fp32 vs each recipe x target vs ORT's quantizers on the model ``factory()`` returns.
+
+    ``ort_nbits`` names the ORT MatMulNBitsQuantizer algorithms to add ("rtn", "gptq"), at ``nbits_block``;
+    ``calibration`` feeds both fxcompress recipes and ORT's GPTQ.
 
     Example:
         >>> rows = run_benchmark(zoo.mlp, batches=(1,))
@@ -77,24 +138,30 @@ def run_benchmark(
     made = factory()
     model, inputs = made[0], normalize_inputs(made[1])
     eval_batches = [normalize_inputs(b) for b in made[2].inputs] if len(made) > 2 else [inputs]
+    labels = made[2].labels.numpy() if len(made) > 2 and made[2].labels is not None else None
+    calib = [normalize_inputs(c) for c in calibration] if calibration is not None else None
     reference = [outputs_to_numpy(run_reference(model, b)) for b in eval_batches]
+    measure = functools.partial(_measure, batches=batches, inputs=inputs, eval_batches=eval_batches, reference=reference,
+                                provider=provider, repeat=repeat, labels=labels)
     rows: list[BenchRow] = []
     with tempfile.TemporaryDirectory(prefix="fxc-bench-", dir=workdir) as tmp:
         fp32 = export_onnx(capture(model, inputs).graph_module, inputs, Path(tmp, "fp32.onnx"))
-        rows.append(_measure("fp32", fp32, batches, inputs, eval_batches, reference, provider, repeat))
-        for recipe in recipes:
-            cm = optimize(model, inputs, recipe=recipe)
+        rows.append(measure("fp32", fp32))
+        for i, recipe in enumerate(recipes):
+            cm = optimize(model, inputs, recipe=recipe, calibration=calib)
             for target in targets:
-                path = cm.export(Path(tmp, f"{recipe}-{target}.onnx".replace(":", "_").replace(",", "_")), target=target)
-                rows.append(_measure(f"fxcompress {recipe} [{target}]", path, batches, inputs, eval_batches, reference, provider, repeat))
+                path = cm.export(Path(tmp, f"recipe{i}-{target}.onnx"), target=target)
+                rows.append(measure(f"fxcompress {recipe} [{target}]", path))
         if ort_quantize_dynamic:
             import_ort()  # a clear message before onnxruntime.quantization's bare ImportError
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
             out = Path(tmp, "ort_dynamic.onnx")
             quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True)
-            rows.append(_measure("ORT quantize_dynamic (QInt8, per-channel)", out, batches, inputs, eval_batches, reference,
-                                 provider, repeat))
+            rows.append(measure("ORT quantize_dynamic (QInt8, per-channel)", out))
+        for algo in ort_nbits:
+            out = _ort_nbits(fp32, Path(tmp, f"ort_nbits_{algo}.onnx"), algo, nbits_block, calib)
+            rows.append(measure(f"ORT MatMulNBitsQuantizer {algo.upper()} int4 b{nbits_block}", out))
     return rows
 
 
@@ -102,7 +169,9 @@ def format_rows(rows: Sequence[BenchRow]) -> str:
     """Markdown table of benchmark rows, with ratios to the fp32 row."""
     base = rows[0]
     batches = list(base.latency_ms)
-    header = ["variant", "file", "weights (x fp32)", "RSS load (x fp32)", "RSS after runs", "RSS peak"] + [f"p50 b{b} ms (x fp32)" for b in batches] + ["cosine"]
+    with_acc = any(r.accuracy is not None for r in rows)
+    header = (["variant", "file", "weights (x fp32)", "RSS load (x fp32)", "RSS after runs", "RSS peak"]
+              + [f"p50 b{b} ms (x fp32)" for b in batches] + ["cosine"] + (["accuracy %"] if with_acc else []))
     out = []
     for r in rows:
         cells = [r.variant, fmt_bytes(r.file_bytes), f"{fmt_bytes(r.weight_bytes)} ({r.weight_bytes / base.weight_bytes:.3f})",
@@ -111,6 +180,8 @@ def format_rows(rows: Sequence[BenchRow]) -> str:
             v, ref = r.latency_ms.get(b), base.latency_ms.get(b)
             cells.append(f"{v:.2f} ({v / ref:.2f})" if v and ref else "n/a")
         cells.append(f"{r.cosine:.5f}" if r.cosine is not None else "")
+        if with_acc:
+            cells.append(f"{r.accuracy:.2f}" if r.accuracy is not None else "")
         out.append(cells)
     return "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header)] + out)
 

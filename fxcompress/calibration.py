@@ -1,8 +1,8 @@
-"""Activation statistics from calibration batches, gathered by running the captured graph once per batch."""
+"""Activation statistics from calibration batches, gathered by running the captured graph node by node."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import fx
@@ -14,25 +14,51 @@ class _AllSeen(Exception):
     """Raised to stop a calibration run once every watched node has been computed."""
 
 
-class _HessianRecorder(fx.Interpreter):
-    """Runs the graph and adds X^T X of every watched node's output to its accumulator, stopping early once the
-    last watched node has run (layer-sequential GPTQ only needs the graph up to the layers it quantizes next)."""
+class _Recorder(fx.Interpreter):
+    """Runs the graph, hands every watched node's output to ``on_value`` and stops once the last one has run
+    (layer-sequential methods only need the graph up to the layers they quantize next)."""
 
-    def __init__(self, gm: fx.GraphModule, watch: dict[fx.Node, list[str]], sums: dict[str, torch.Tensor], rows: dict[str, int]):
+    def __init__(self, gm: fx.GraphModule, watch: dict[fx.Node, list[str]], on_value: Callable[[str, torch.Tensor], None]):
         super().__init__(gm)
-        self.watch, self.sums, self.rows = watch, sums, rows
+        self.watch, self.on_value = watch, on_value
         self.pending = set(watch)
 
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
         for name in self.watch.get(n, ()):
-            x = out.detach().reshape(-1, out.shape[-1]).to(torch.float64)
-            self.sums[name] = self.sums[name] + x.t() @ x if name in self.sums else x.t() @ x
-            self.rows[name] = self.rows.get(name, 0) + x.shape[0]
+            self.on_value(name, out.detach())
         self.pending.discard(n)
         if not self.pending:
             raise _AllSeen
         return out
+
+
+def observe(gm: fx.GraphModule, nodes: dict[str, fx.Node], batches: Sequence[tuple],
+            on_value: Callable[[str, torch.Tensor], None]) -> None:
+    """Run ``gm`` on every calibration batch and call ``on_value(name, tensor)`` with each named node's output.
+
+    Raises:
+        InputError: no batches, or a batch the model cannot run on (its index and shapes are named).
+
+    Example:
+        >>> seen = {}
+        >>> observe(gm, {"fc_in": site.input}, calibration, lambda name, t: seen.setdefault(name, []).append(t))
+    """
+    if not batches:
+        raise InputError("calibration data is empty; pass calibration=[input_tuple, ...] with at least one batch")
+    watch: dict[fx.Node, list[str]] = {}
+    for name, node in nodes.items():
+        watch.setdefault(node, []).append(name)
+    with torch.no_grad():
+        for i, batch in enumerate(batches):
+            try:
+                _Recorder(gm, watch, on_value).run(*batch)
+            except _AllSeen:
+                pass
+            except Exception as exc:
+                shapes = [tuple(t.shape) for t in batch if isinstance(t, torch.Tensor)]
+                raise InputError(f"calibration batch {i} (shapes {shapes}) does not fit the model: "
+                                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
 
 def input_hessians(gm: fx.GraphModule, inputs_of: dict[str, fx.Node], batches: Sequence[tuple]) -> dict[str, torch.Tensor]:
@@ -43,27 +69,16 @@ def input_hessians(gm: fx.GraphModule, inputs_of: dict[str, fx.Node], batches: S
         inputs_of: layer name -> the node whose output is that layer's input (last dim = in_features).
         batches: calibration input tuples.
 
-    Raises:
-        InputError: no batches, or a batch the model cannot run on (its index is named).
-
     Example:
         >>> hs = input_hessians(gm, {site.name: site.input for site in sites}, calibration)
     """
-    if not batches:
-        raise InputError("calibration data is empty; pass calibration=[input_tuple, ...] with at least one batch")
-    watch: dict[fx.Node, list[str]] = {}
-    for name, node in inputs_of.items():
-        watch.setdefault(node, []).append(name)
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
-    with torch.no_grad():
-        for i, batch in enumerate(batches):
-            try:
-                _HessianRecorder(gm, watch, sums, rows).run(*batch)
-            except _AllSeen:
-                pass
-            except Exception as exc:
-                shapes = [tuple(t.shape) for t in batch if isinstance(t, torch.Tensor)]
-                raise InputError(f"calibration batch {i} (shapes {shapes}) does not fit the model: "
-                                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+
+    def accumulate(name: str, out: torch.Tensor) -> None:
+        x = out.reshape(-1, out.shape[-1]).to(torch.float64)
+        sums[name] = sums[name] + x.t() @ x if name in sums else x.t() @ x
+        rows[name] = rows.get(name, 0) + x.shape[0]
+
+    observe(gm, inputs_of, batches, accumulate)
     return {name: 2 * sums[name] / rows[name] for name in sums}

@@ -7,6 +7,8 @@ rewrites a *copy* of the graph:
 * ``cpu-nbits``: Linear becomes ``linear_nbits`` (MatMulNBits, 8 bits, the per-channel scale repeated per block
   of K: an exact re-encoding); layers with K not a multiple of 16 fall back to the ``cpu`` form.
 * ``cuda``: unchanged (``DequantizeLinear + MatMul``).
+* static int8 (``conv_qdq`` / ``linear_qdq``) on both CPU targets: weights become uint8 with zero point 128 too,
+  so ORT's QLinearConv / QLinearMatMul run U8U8 (U8S8 saturates on AVX2 without VNNI).
 
 Run-time activation quantization (both CPU lowerings) adds error beyond the weights', which is why each
 target carries its own parity floor, combined with the recipe's.
@@ -33,6 +35,7 @@ TARGET_TOLERANCE = {
     "cuda": None,
 }
 NBITS_BLOCK_SIZES = (128, 64, 32, 16)
+_STATIC_OPS = {torch.ops.fxcompress.conv_qdq.default: 0, torch.ops.fxcompress.linear_qdq.default: 1}  # op -> channel axis
 
 
 def tolerance_for(recipe_tolerance: Tolerance, target: str, quantized: bool) -> Tolerance:
@@ -63,6 +66,10 @@ def lower_for_target(gm: fx.GraphModule, target: str) -> fx.GraphModule:
         return gm
     uint8_cache: dict[str, fx.Node] = {}
     for node in list(gm.graph.nodes):
+        if node.target in _STATIC_OPS and node.args[5] is None:
+            qnode = node.args[3]
+            _to_uint8(gm, node, qnode, getattr(gm, str(qnode.target)), uint8_cache, zero_point_at=5, axis=_STATIC_OPS[node.target])
+            continue
         if node.target is not torch.ops.fxcompress.linear_q8.default or node.args[3] is not None:
             continue
         qnode, snode = node.args[1], node.args[2]
@@ -78,15 +85,17 @@ def lower_for_target(gm: fx.GraphModule, target: str) -> fx.GraphModule:
     return gm
 
 
-def _to_uint8(gm: fx.GraphModule, node: fx.Node, qnode: fx.Node, q: torch.Tensor, cache: dict[str, fx.Node]) -> None:
+def _to_uint8(gm: fx.GraphModule, node: fx.Node, qnode: fx.Node, q: torch.Tensor, cache: dict[str, fx.Node],
+              zero_point_at: int = 3, axis: int = 1) -> None:
+    """Re-encode the int8 weight read by ``qnode`` as uint8 and pass its zero point (128) at ``zero_point_at``."""
     name = str(qnode.target)
     if name not in cache:  # tied weights: convert the shared buffer once
         setattr(gm, name, _offset_binary(q))
-        gm.register_buffer(f"{name}_zero_point", torch.full((q.shape[1],), 128, dtype=torch.uint8))
+        gm.register_buffer(f"{name}_zero_point", torch.full((q.shape[axis],), 128, dtype=torch.uint8))
         with gm.graph.inserting_after(qnode):
             cache[name] = gm.graph.get_attr(f"{name}_zero_point")
     args = list(node.args)
-    args[3] = cache[name]
+    args[zero_point_at] = cache[name]
     node.args = tuple(args)
 
 

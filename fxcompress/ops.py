@@ -259,6 +259,16 @@ _TRANSLATIONS: dict[str, dict[object, Callable]] = {
 }
 
 
+def register_translation(torch_op: object, fn: Callable, targets: tuple[str, ...] = TARGETS) -> None:
+    """Add the onnxscript translation of ``torch_op`` for ``targets``: how an op defined outside this module exports.
+
+    Example:
+        >>> register_translation(torch.ops.fxcompress.conv_qdq.default, _conv_qdq)
+    """
+    for target in targets:
+        _TRANSLATIONS[target][torch_op] = fn
+
+
 def all_custom_ops() -> list[object]:
     """Every op overload in the ``fxcompress`` torch library namespace (a test checks each has translations)."""
     names = sorted({n.split("::")[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names() if n.startswith("fxcompress::")})
@@ -276,3 +286,7 @@ def translation_table(target: str) -> dict[object, Callable]:
     if target not in _TRANSLATIONS:
         raise ValueError(f"unknown export target {target!r}; choose one of {TARGETS}")
     return dict(_TRANSLATIONS[target])
+
+
+# Ops defined in their own modules register their translations on import.
+from fxcompress import ops_static  # noqa: E402,F401

@@ -107,6 +107,18 @@ def digits_cnn() -> tuple[nn.Module, tuple, EvalData]:
     return model.eval(), (x_test[:8],), EvalData(batches, y_test, classifier=True)
 
 
+def digits_calibration(batches: int = 4, batch: int = 64) -> list[tuple[Tensor]]:
+    """Calibration batches for the digits CNN from its training split (never the evaluation digits)."""
+    x_train = digits_data()[0]
+    return [(x_train[i * batch : (i + 1) * batch],) for i in range(batches)]
+
+
+def big_mlp_calibration(batches: int = 4, batch: int = 16) -> list[tuple[Tensor]]:
+    """Gaussian calibration batches for the random-weight 84M MLP (it has no real input distribution)."""
+    g = _seeded(1)
+    return [(torch.randn(batch, 4096, generator=g),) for _ in range(batches)]
+
+
 # --- ResNet-style CNN --------------------------------------------------------------------------------------------
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int) -> None:

@@ -188,7 +188,7 @@ def quantize_int4(gm: fx.GraphModule, cfg: Int4Config, ctx: PassContext) -> Pass
         else:
             fit.append(site)
     gptq_sites = [s for s in fit if s.kind == "linear"] if cfg.algo == "gptq" else []
-    if gptq_sites and not ctx.calibration:
+    if gptq_sites and ctx.calibration is None:
         raise InputError("int4 algo=gptq needs calibration data: optimize(..., calibration=[input_tuple, ...])")
     gptq_names = {s.name for s in gptq_sites}
     hessians: dict[str, Tensor] = {}

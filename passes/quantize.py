@@ -39,6 +39,17 @@ class Int8Config(PassConfig):
             raise ValueError(f"kinds must be a non-empty subset of {QUANTIZABLE_KINDS}, got {self.kinds}")
 
 
+@dataclass(frozen=True)
+class Int8DynamicConfig(Int8Config):
+    """``int8`` for Linear (and Embedding) with activations quantized at run time: exported for the ``cpu`` target
+    as ``DynamicQuantizeMatMul`` with uint8 weights (the numerically safe U8U8 kernel; ORT's default S8 weights
+    saturate on AVX2 CPUs without VNNI). Its floor includes the run-time activation rounding."""
+
+    name: ClassVar[str] = "int8_dynamic"
+    tolerance: ClassVar[Tolerance] = Tolerance(cosine_min=0.99, top1_agreement_min=0.97, accuracy_drop_max_pp=1.0)
+    kinds: tuple[str, ...] = ("linear", "embedding")
+
+
 def quantize_per_channel(w: Tensor, axis: int = 0, bits: int = 8) -> tuple[Tensor, Tensor]:
     """Symmetric per-channel quantization along ``axis``: returns (int8 q, fp32 scale) with w ~= q * scale.
 
@@ -67,6 +78,7 @@ def sqnr_db(reference: Tensor, approx: Tensor) -> float:
     return 10 * math.log10(max(signal, 1e-300) / noise)
 
 
+@register_pass(Int8DynamicConfig)
 @register_pass(Int8Config)
 def quantize_int8(gm: fx.GraphModule, cfg: Int8Config, ctx: PassContext) -> PassResult:
     """Rewrite every selected site into an ``fxcompress::*_q8`` op holding int8 weights.

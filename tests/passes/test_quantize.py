@@ -101,3 +101,14 @@ def test_kinds_option_limits_what_is_quantized():
     cm = fxcompress.optimize(model, torch.randn(2, 1, 8, 8), recipe="int8:kinds=linear")
     assert {r.layer: r.action for r in cm.records} == {"0": "skipped", "2": "int8"}
     assert "conv2d is not handled" in cm.records[0].reason
+
+
+def test_int8_dynamic_lowers_to_dynamic_quantize_matmul_with_uint8_weights(tmp_path):
+    from helpers import init_dtypes, op_types
+
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).eval()
+    cm = fxcompress.optimize(model, torch.randn(2, 32), recipe="int8_dynamic")
+    assert cm.tolerance.cosine_min == 0.99 and {r.pass_name for r in cm.records} == {"int8_dynamic"}
+    path = cm.export(tmp_path / "m.onnx", target="cpu")
+    assert op_types(path).count("DynamicQuantizeMatMul") == 2
+    assert "int8" not in init_dtypes(path).values() and "uint8" in init_dtypes(path).values()

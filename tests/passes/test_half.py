@@ -1,0 +1,65 @@
+import collections
+
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import fxcompress
+from fxcompress.errors import RecipeError
+
+from helpers import cosine, init_dtypes
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc1, self.norm, self.fc2 = nn.Embedding(20, 32), nn.Linear(32, 64), nn.LayerNorm(64), nn.Linear(64, 5)
+
+    def forward(self, ids):
+        h = torch.nn.functional.gelu(self.fc1(self.emb(ids)))
+        return torch.softmax(self.fc2(self.norm(h)).float(), dim=-1)
+
+
+def _casts(gm):
+    return collections.Counter(str(n.kwargs["dtype"]) for n in gm.graph.nodes if n.target is torch.ops.aten._to_copy.default)
+
+
+def test_fp16_halves_weights_keeps_sensitive_ops_fp32_and_io_fp32(tmp_path):
+    torch.manual_seed(0)
+    model = Block().eval()
+    ids = torch.randint(0, 20, (3, 6))
+    cm = fxcompress.optimize(model, ids, recipe="fp16")
+    dtypes = {n: p.dtype for n, p in cm.module.named_parameters()}
+    assert dtypes["emb.weight"] == dtypes["fc1.weight"] == dtypes["fc2.weight"] == torch.float16
+    assert dtypes["norm.weight"] == torch.float32
+    assert cm(ids).dtype == torch.float32
+    # embedding -> fc1 -> gelu run in fp16 without casts between them; casts only around LayerNorm and the output
+    assert _casts(cm.module) == {"torch.float32": 1, "torch.float16": 1}
+    assert cosine(cm(ids), model(ids)) > 0.9999
+    assert 0.49 < cm.bytes_after / cm.bytes_before < 0.52
+    path = cm.export(tmp_path / "m.onnx")
+    assert "float16" in init_dtypes(path).values()
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})[0])
+    assert out.dtype == torch.float32 and cosine(out, model(ids)) > 0.9999
+
+
+def test_excluded_layer_stays_fp32():
+    model = Block().eval()
+    cm = fxcompress.optimize(model, torch.randint(0, 20, (2, 4)), recipe="fp16:exclude=fc2")
+    assert cm.module.get_parameter("fc2.weight").dtype == torch.float32
+    assert cm.module.get_parameter("fc1.weight").dtype == torch.float16
+
+
+def test_bf16_runs_in_torch():
+    model = Block().eval()
+    ids = torch.randint(0, 20, (2, 4))
+    cm = fxcompress.optimize(model, ids, recipe="fp16:dtype=bf16")
+    assert cm.module.get_parameter("fc1.weight").dtype == torch.bfloat16
+    assert cosine(cm(ids), model(ids)) > 0.999
+
+
+def test_bad_half_dtype():
+    with pytest.raises(RecipeError, match="dtype must be one of"):
+        fxcompress.optimize(nn.Linear(4, 4), torch.randn(1, 4), recipe="fp16:dtype=fp8")
