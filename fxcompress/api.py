@@ -130,7 +130,7 @@ def optimize(
     gm = captured.graph_module
     before = state_bytes(gm)
     with progress_bar(progress, desc="fxcompress", total=len(configs)) as bar:
-        ctx = PassContext(inputs, calib, progress=bar.note)
+        ctx = PassContext(inputs, calib, progress=bar.note, teacher=model)
         records = PassManager(configs).run(gm, ctx, on_pass_done=bar.advance)
     try:  # the rewritten graph must still run on what the original ran on
         run_reference(gm, inputs)

@@ -89,6 +89,7 @@ class LayerRecord:
     bytes_after: int = 0
     error: Optional[float] = None  # pass-specific: weight SQNR in dB for quantization
     error_metric: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # pass-specific JSON data, e.g. pruned channel indices
 
     @property
     def skipped(self) -> bool:
@@ -104,11 +105,13 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What a pass may need beyond the graph: example and calibration inputs, a progress callback."""
+    """What a pass may need beyond the graph: example and calibration inputs, a progress callback, and the
+    user's original model as a read-only teacher (distillation)."""
 
     example_inputs: tuple
     calibration: Optional[Sequence[tuple]] = None
     progress: Callable[[str], None] = lambda _: None
+    teacher: Any = None
 
 
 PassFn = Callable[[fx.GraphModule, Any, PassContext], PassResult]

@@ -1,0 +1,152 @@
+"""Recovery by distillation: fine-tune a compressed module's float weights to reproduce the original's outputs.
+
+Quantized tensors (int8/int4 codes) are not trained: distill after structural compression (pruning,
+factorization) and before quantization, e.g. ``"svd:ratio=0.5,distill:steps=200,int8"``. Inside a recipe the
+``distill`` pass uses the calibration batches as data and the user's (unmodified) model as teacher.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from fxcompress.capture import normalize_inputs
+from fxcompress.errors import InputError
+from fxcompress.progress import progress_bar
+
+LOSSES = ("mse", "kl", "cosine")
+
+
+def _flat(out: Any) -> list[Tensor]:
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flat(o)]
+    return []
+
+
+def _loss(student: list[Tensor], teacher: list[Tensor], kind: str, temperature: float) -> Tensor:
+    total = student[0].new_zeros(())
+    for s, t in zip(student, teacher):
+        s, t = s.float(), t.float()
+        if kind == "kl":
+            total = total + F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
+                                     log_target=True, reduction="batchmean") * temperature**2
+        elif kind == "cosine":
+            total = total + (1 - F.cosine_similarity(s.flatten(1), t.flatten(1), dim=-1)).mean()
+        else:
+            total = total + F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-12)  # relative, so lr is scale-free
+    return total
+
+
+def _make_trainable(module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Turn floating-point buffers into parameters (factor weights are stored as buffers); return them to undo."""
+    moved = []
+    for mod in module.modules():
+        for name, buf in list(mod._buffers.items()):
+            if buf is not None and buf.is_floating_point() and "running_" not in name:
+                del mod._buffers[name]
+                mod._parameters[name] = nn.Parameter(buf.detach().clone())
+                moved.append((mod, name))
+    for p in module.parameters():
+        p.requires_grad_(p.is_floating_point())
+    return moved
+
+
+def _restore_buffers(moved: list[tuple[nn.Module, str]]) -> None:
+    for mod, name in moved:
+        p = mod._parameters.pop(name)
+        mod._buffers[name] = p.detach()
+
+
+def distill_module(
+    student: nn.Module,
+    teacher: nn.Module,
+    data: Sequence[Any],
+    *,
+    steps: int = 100,
+    lr: float = 1e-4,
+    loss: str = "mse",
+    temperature: float = 1.0,
+    amp: Optional[bool] = None,
+    device: str = "auto",
+    progress: bool = False,
+) -> list[float]:
+    """Fine-tune ``student`` in place against ``teacher`` (unchanged) for ``steps`` Adam steps over ``data``
+    (cycled); returns the loss per step. ``amp`` (default: on when CUDA runs it) uses torch.autocast in bf16.
+
+    Example:
+        >>> losses = distill_module(cm.module, model, [(x,) for x in batches], steps=50)
+    """
+    if loss not in LOSSES:
+        raise InputError(f"distill loss must be one of {LOSSES}, got {loss!r}")
+    if steps < 1 or lr <= 0:
+        raise InputError(f"distill needs steps >= 1 and lr > 0, got steps={steps}, lr={lr}")
+    batches = [normalize_inputs(b) for b in data]
+    if not batches:
+        raise InputError("distill data is empty; pass at least one input tuple")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    amp = dev.type == "cuda" if amp is None else amp
+    teacher = copy.deepcopy(teacher).to(dev).eval()
+    student.to(dev)  # left in eval mode: no dropout noise, and torch.export graphs cannot switch to train()
+    moved = _make_trainable(student)
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        _restore_buffers(moved)
+        raise InputError("distill found no floating-point weights to train (the model is fully quantized?); "
+                         "distill before quantizing: recipe 'svd,distill,int8'")
+    opt = torch.optim.Adam(params, lr=lr)
+    history: list[float] = []
+    try:
+        with progress_bar(progress, desc="distill", total=steps, unit="step") as bar:
+            for step, batch in zip(range(steps), itertools.cycle(batches)):
+                batch = tuple(t.to(dev) if isinstance(t, Tensor) else t for t in batch)
+                with torch.no_grad():
+                    target = _flat(teacher(*batch))
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                    out = _flat(student(*batch))
+                value = _loss(out, target, loss, temperature)
+                opt.zero_grad(set_to_none=True)
+                try:
+                    value.backward()
+                except RuntimeError as exc:
+                    if "autograd" in str(exc).lower() or "does not require grad" in str(exc):
+                        raise InputError(f"distill cannot backpropagate through this graph ({str(exc).splitlines()[0]}); "
+                                         "distill before quantizing: recipe 'svd,distill,int8'") from exc
+                    raise
+                opt.step()
+                history.append(value.item())
+                bar.advance(f"loss {history[-1]:.4g}")
+    finally:
+        student.cpu()
+        for p in student.parameters():
+            p.requires_grad_(False)
+        _restore_buffers(moved)
+    return history
+
+
+def distill(compressed: Any, teacher: nn.Module, data: Sequence[Any], steps: int = 100, *, lr: float = 1e-4,
+            loss: str = "mse", temperature: float = 1.0, amp: Optional[bool] = None, device: str = "auto",
+            progress: bool = False) -> Any:
+    """Fine-tune ``compressed`` (a :class:`~fxcompress.CompressedModel`) against ``teacher``; returns it, with a
+    ``distill`` record (loss first -> last) added. The teacher is never modified.
+
+    Example:
+        >>> cm = fxcompress.optimize(model, x, recipe="svd:ratio=0.5")
+        >>> cm = fxcompress.distill(cm, teacher=model, data=[(xb,) for xb in batches], steps=200)
+    """
+    from fxcompress.pipeline import LayerRecord
+
+    module: fx.GraphModule = compressed.module
+    history = distill_module(module, teacher, data, steps=steps, lr=lr, loss=loss, temperature=temperature, amp=amp,
+                             device=device, progress=progress)
+    compressed.records.append(LayerRecord("(whole model)", "model", "distill", "distilled",
+                                          f"{steps} steps, {loss} loss {history[0]:.4g} -> {history[-1]:.4g}"))
+    return compressed

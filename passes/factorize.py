@@ -1,0 +1,183 @@
+"""Low-rank factorization: Linear -> two thin Linears (SVD), Conv2d -> 1x1 -> kxk core -> 1x1 (Tucker-2).
+
+``svd`` replaces W [N, K] by B [N, r] @ A [r, K] with A = S^1/2 V^T, B = U S^1/2 from the truncated SVD, so both
+factors carry half the spectrum and quantize equally well afterwards (``"svd:ratio=0.5,int8"``). The rank comes
+from ``rank``, from ``ratio`` (factors hold at most that fraction of the layer's weight bytes) or from ``energy``
+(smallest rank keeping that fraction of sum(sigma^2)). A layer is only rewritten when the factors are smaller.
+
+``aware=true`` (activation-aware, as in ASVD / SVD-LLM) truncates W C instead of W, where C C^T = X^T X is the
+Cholesky factor of the calibration inputs' second moment: the truncation then minimises ||X W^T - X W_r^T||
+(the layer's output error) rather than ||W - W_r||, and A = S^1/2 V^T C^-1.
+
+Conv2d (groups=1) gets Tucker-2 by higher-order SVD: input and output channel bases U_in [I, r_in], U_out [O, r_out]
+and a core W x U_out^T x U_in^T [r_out, r_in, kh, kw]; ranks keep the ratio of I to O.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+from torch import Tensor, fx
+
+from fxcompress.calibration import input_hessians
+from fxcompress.errors import InputError, RecipeError
+from fxcompress.graph_edit import add_constant, replace_node
+from fxcompress.passes.quantize import sqnr_db
+from fxcompress.pipeline import LayerRecord, PassConfig, PassContext, PassResult, Tolerance, register_pass, select_sites
+from fxcompress.sites import Site, nbytes
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class SVDConfig(PassConfig):
+    """Truncated SVD of Linear layers (and Tucker-2 of Conv2d with ``kinds=linear+conv2d``)."""
+
+    name: ClassVar[str] = "svd"
+    tolerance: ClassVar[Tolerance] = Tolerance(cosine_min=0.95, top1_agreement_min=0.9, accuracy_drop_max_pp=3.0)
+    ratio: float = 0.5
+    energy: float = 0.0
+    rank: int = 0
+    aware: bool = False
+    damp: float = 0.01
+    kinds: tuple[str, ...] = ("linear",)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.ratio < 1:
+            raise ValueError(f"ratio must be in (0, 1), got {self.ratio}")
+        if not 0 <= self.energy < 1:
+            raise ValueError(f"energy must be in (0, 1) (0 = use ratio), got {self.energy}")
+        if self.rank < 0:
+            raise ValueError(f"rank must be positive (0 = use ratio or energy), got {self.rank}")
+        if not self.kinds or set(self.kinds) - {"linear", "conv2d"}:
+            raise ValueError(f"kinds must be a non-empty subset of ('linear', 'conv2d'), got {self.kinds}")
+
+
+def _choose_rank(cfg: SVDConfig, sigma: Tensor, n: int, k: int, layer: str) -> int:
+    full = min(n, k)
+    if cfg.rank:
+        if cfg.rank > full:
+            raise RecipeError(f"svd rank={cfg.rank} is larger than layer {layer!r} allows (min(out, in) = {full})")
+        return cfg.rank
+    if cfg.energy:
+        cum = torch.cumsum(sigma.double() ** 2, 0) / (sigma.double() ** 2).sum().clamp_min(1e-300)
+        return int(torch.searchsorted(cum, torch.tensor(cfg.energy, dtype=torch.float64)).item()) + 1
+    return max(1, math.floor(cfg.ratio * n * k / (n + k)))
+
+
+def whitening(hessian: Tensor, damp: float) -> Tensor:
+    """Lower-triangular C with C C^T = X^T X + damp * mean(diag) * I."""
+    h = hessian.double()
+    h = h + damp * torch.diag(h).mean().clamp_min(1e-12) * torch.eye(h.shape[0], dtype=h.dtype)
+    return torch.linalg.cholesky(h)
+
+
+def svd_factors(w: Tensor, cfg: SVDConfig, layer: str, hessian: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(A [r, K], B [N, r]) with B @ A ~= W, plain or whitened by ``hessian`` (activation-aware).
+
+    Example:
+        >>> a, b = svd_factors(torch.randn(64, 32), SVDConfig(rank=8), "fc")
+        >>> a.shape, b.shape
+        (torch.Size([8, 32]), torch.Size([64, 8]))
+    """
+    w64 = w.double()
+    c = whitening(hessian, cfg.damp) if hessian is not None else None
+    u, s, vt = torch.linalg.svd(w64 @ c if c is not None else w64, full_matrices=False)
+    r = _choose_rank(cfg, s, *w.shape, layer)
+    root = s[:r].sqrt()
+    a = root[:, None] * vt[:r]
+    if c is not None:  # A C = S^1/2 V^T  =>  A = S^1/2 V^T C^-1
+        a = torch.linalg.solve_triangular(c, a, upper=False, left=False)
+    return a.float(), (u[:, :r] * root).float()
+
+
+def tucker2(w: Tensor, cfg: SVDConfig, layer: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(U_in^T as [r_in, I, 1, 1], core [r_out, r_in, kh, kw], U_out as [O, r_out, 1, 1]) for a conv weight."""
+    o, i, kh, kw = w.shape
+    w64 = w.double()
+    u_out = torch.linalg.svd(w64.reshape(o, -1), full_matrices=False)[0]
+    u_in = torch.linalg.svd(w64.transpose(0, 1).reshape(i, -1), full_matrices=False)[0]
+    if cfg.rank:
+        if cfg.rank > min(o, i):
+            raise RecipeError(f"svd rank={cfg.rank} is larger than conv {layer!r} allows (min(out, in) = {min(o, i)})")
+        r_out = r_in = cfg.rank
+    else:  # largest ranks in proportion to (O, I) whose three factors fit in ratio * |W|
+        budget, t = cfg.ratio * o * i * kh * kw, 1.0
+        lo, hi = 0.0, 1.0
+        for _ in range(40):
+            t = (lo + hi) / 2
+            ro, ri = max(1, round(t * o)), max(1, round(t * i))
+            lo, hi = (t, hi) if ri * i + ro * ri * kh * kw + o * ro <= budget else (lo, t)
+        r_out, r_in = max(1, round(lo * o)), max(1, round(lo * i))
+    u_out, u_in = u_out[:, :r_out], u_in[:, :r_in]
+    core = torch.einsum("oikl,or,is->rskl", w64, u_out, u_in)
+    return u_in.t().reshape(r_in, i, 1, 1).float(), core.float(), u_out.reshape(o, r_out, 1, 1).float()
+
+
+def _rewrite_linear(gm: fx.GraphModule, site: Site, a: Tensor, b: Tensor) -> None:
+    a_node = add_constant(gm, f"{site.name}_svd_in", a, site.node)
+    b_node = add_constant(gm, f"{site.name}_svd_out", b, site.node)
+    bias = add_constant(gm, f"{site.name}_svd_bias", site.bias.float(), site.node) if site.bias is not None else None
+    with gm.graph.inserting_before(site.node):
+        hidden = gm.graph.call_function(aten.linear.default, (site.input, a_node))
+    replace_node(gm, site.node, aten.linear.default, (hidden, b_node, bias))
+
+
+def _rewrite_conv(gm: fx.GraphModule, site: Site, first: Tensor, core: Tensor, last: Tensor) -> None:
+    c = site.conv
+    nodes = [add_constant(gm, f"{site.name}_tucker_{part}", t, site.node) for part, t in (("in", first), ("core", core), ("out", last))]
+    bias = add_constant(gm, f"{site.name}_tucker_bias", site.bias.float(), site.node) if site.bias is not None else None
+    with gm.graph.inserting_before(site.node):
+        h = gm.graph.call_function(aten.conv2d.default, (site.input, nodes[0]))
+        h = gm.graph.call_function(aten.conv2d.default, (h, nodes[1], None, c["stride"], c["padding"], c["dilation"]))
+    replace_node(gm, site.node, aten.conv2d.default, (h, nodes[2], bias))
+
+
+@register_pass(SVDConfig)
+def factorize(gm: fx.GraphModule, cfg: SVDConfig, ctx: PassContext) -> PassResult:
+    """Replace selected Linear (and Conv2d) sites by low-rank factors when that saves bytes.
+
+    Example:
+        >>> cm = fxcompress.optimize(model, x, recipe="svd:ratio=0.5,aware=true,include=*.intermediate.dense",
+        ...                          calibration=batches)
+    """
+    sites, records = select_sites(gm, cfg, cfg.kinds)
+    hessians: dict[str, Tensor] = {}
+    linear = [s for s in sites if s.kind == "linear"]
+    if cfg.aware and linear:
+        if ctx.calibration is None:
+            raise InputError("svd aware=true needs calibration data: optimize(..., calibration=[input_tuple, ...])")
+        hessians = input_hessians(gm, {s.name: s.input for s in linear}, ctx.calibration)
+    changed = False
+    for site in sites:
+        ctx.progress(site.name)
+        w = site.weight.float()
+        if site.kind == "conv2d" and site.conv["groups"] != 1:
+            records.append(_skip(cfg, site, f"grouped conv (groups={site.conv['groups']}) is not factorized"))
+            continue
+        if site.kind == "linear":
+            a, b = svd_factors(w, cfg, site.name, hessians.get(site.name))
+            factors, approx, what = (a, b), b @ a, f"rank {a.shape[0]}" + (" (activation-aware)" if site.name in hessians else "")
+        else:
+            first, core, last = tucker2(w, cfg, site.name)
+            factors, what = (first, core, last), f"ranks {core.shape[1]}->{core.shape[0]}"
+            approx = torch.einsum("rskl,or,si->oikl", core, last[:, :, 0, 0], first[:, :, 0, 0])
+        after = nbytes(*factors, site.bias)
+        if after >= site.weight_bytes:
+            records.append(_skip(cfg, site, f"{what} would not save bytes ({after} >= {site.weight_bytes})"))
+            continue
+        if site.kind == "linear":
+            _rewrite_linear(gm, site, *factors)
+        else:
+            _rewrite_conv(gm, site, *factors)
+        changed = True
+        records.append(LayerRecord(site.name, site.kind, cfg.name, "svd" if site.kind == "linear" else "tucker2", what,
+                                   site.weight_bytes, after, sqnr_db(w, approx), "weight SQNR dB"))
+    return PassResult(gm, changed, records)
+
+
+def _skip(cfg: SVDConfig, site: Site, reason: str) -> LayerRecord:
+    return LayerRecord(site.name, site.kind, cfg.name, "skipped", reason, site.weight_bytes, site.weight_bytes)

@@ -1,0 +1,377 @@
+"""Structured channel pruning over a dependency graph: removed channels leave the weights, not just get zeroed.
+
+Each Conv/Linear output starts a *group* of channels. Walking the fx graph, the pass follows every group through
+the ops that keep channels aligned (BatchNorm, activations, pooling, dropout, depthwise conv, flatten into a Linear,
+concatenation) and merges groups that must lose the same channels (the operands of a residual ``add``/``mul``).
+A group reaching anything else (the graph output, LayerNorm, a reshape into attention heads, a grouped conv, an
+unknown op) is *refused* with that reason, and left whole: a pruned graph is always valid, never half-rewritten.
+
+Every prunable group keeps ``ceil((1 - ratio) * channels)`` channels (at least one) ranked by the summed,
+per-layer-normalised L1 or L2 norm of its producers' output rows (``importance=l1|l2``), optionally times the mean
+|activation| on calibration data (``importance=activation``). ``scope=global`` ranks all groups' channels together
+(pruning redundant layers harder) while still keeping one channel per group. Records list the removed indices.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from fxcompress.calibration import observe
+from fxcompress.errors import InputError
+from fxcompress.pipeline import LayerRecord, PassConfig, PassContext, PassResult, Tolerance, register_pass, select_sites
+from fxcompress.sites import Site, find_sites, nbytes
+
+aten = torch.ops.aten
+
+_UNARY = {
+    F.relu, F.relu6, F.gelu, F.silu, F.sigmoid, F.tanh, F.hardswish, F.leaky_relu, F.dropout, F.elu, torch.relu,
+    torch.sigmoid, torch.tanh, aten.relu.default, aten.gelu.default, aten.silu.default, aten.sigmoid.default,
+    aten.tanh.default, aten.dropout.default, aten.clone.default, aten.hardtanh.default, aten.relu_.default,
+    "relu", "sigmoid", "tanh", "contiguous", "clone",
+}
+_POOL = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, aten.max_pool2d.default,
+         aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default}
+_BINARY = {operator.add, operator.mul, operator.sub, torch.add, torch.mul, aten.add.Tensor, aten.mul.Tensor,
+           aten.sub.Tensor, "add", "mul", "sub"}
+_FLATTEN = {torch.flatten, aten.flatten.using_ints, "flatten"}
+_CAT = {torch.cat, torch.concat, aten.cat.default}
+_BN_FNS = {F.batch_norm, aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
+_PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.LeakyReLU, nn.Dropout,
+                 nn.Identity, nn.ELU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+@dataclass(frozen=True)
+class PruneConfig(PassConfig):
+    """Remove ``ratio`` of the channels of every prunable group of coupled Conv/Linear layers."""
+
+    name: ClassVar[str] = "prune"
+    tolerance: ClassVar[Tolerance] = Tolerance(cosine_min=0.9, top1_agreement_min=0.85, accuracy_drop_max_pp=5.0)
+    ratio: float = 0.5
+    importance: str = "l2"
+    scope: str = "local"
+    protect: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0 < self.ratio < 1:
+            raise ValueError(f"ratio must be in (0, 1), got {self.ratio}")
+        if self.importance not in ("l1", "l2", "activation"):
+            raise ValueError(f"importance must be 'l1', 'l2' or 'activation', got {self.importance!r}")
+        if self.scope not in ("local", "global"):
+            raise ValueError(f"scope must be 'local' or 'global', got {self.scope!r}")
+
+
+@dataclass
+class _Group:
+    size: int
+    producers: list[Site] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    parent: Optional["_Group"] = None
+
+    def root(self) -> "_Group":
+        g = self
+        while g.parent is not None:
+            g = g.parent
+        return g
+
+
+# A tracked tensor's channel axis is a concatenation of segments: (group, channels, features per channel).
+Layout = tuple[tuple[_Group, int, int], ...]
+
+
+@dataclass
+class _Use:
+    """A consumer whose weight is sliced along ``dim`` by the channels of ``layout``."""
+
+    owner: Any  # module or (module, attr) holder
+    attr: str
+    dim: int
+    layout: Layout
+    site: Optional[Site] = None
+
+
+class _Analysis:
+    def __init__(self, gm: fx.GraphModule, cfg: PruneConfig, selected: set[str]):
+        self.gm, self.cfg, self.selected = gm, cfg, selected
+        self.layouts: dict[fx.Node, tuple[Layout, int]] = {}  # node -> (layout, channel axis)
+        self.uses: list[_Use] = []
+        self.groups: list[_Group] = []
+
+    def refuse(self, layout: Layout, reason: str) -> None:
+        for g, _, _ in layout:
+            g.root().refused.append(reason)
+
+    def union(self, a: Layout, b: Layout, where: str) -> Optional[Layout]:
+        if [(n, r) for _, n, r in a] != [(n, r) for _, n, r in b]:
+            self.refuse(a + b, f"{where} joins tensors whose channel layouts differ")
+            return None
+        for (ga, _, _), (gb, _, _) in zip(a, b):
+            ra, rb = ga.root(), gb.root()
+            if ra is not rb:
+                rb.parent = ra
+                ra.producers += rb.producers
+                ra.refused += rb.refused
+        return a
+
+    def run(self) -> None:
+        sites = {s.node: s for s in find_sites(self.gm)[0]}
+        for node in self.gm.graph.nodes:
+            tracked = [a for a in node.all_input_nodes if a in self.layouts]
+            if node in sites:
+                self._site(node, sites[node])
+            elif tracked:
+                self._propagate(node, tracked)
+
+    # -- rules ------------------------------------------------------------------------------------------------
+    def _site(self, node: fx.Node, site: Site) -> None:
+        conv = site.kind.startswith("conv")
+        groups = site.conv.get("groups", 1)
+        x = site.input
+        depthwise = conv and groups > 1 and groups == site.weight.shape[0] and site.weight.shape[1] == 1
+        if x in self.layouts:
+            layout, axis = self.layouts[x]
+            want_axis = 1 if conv else -1
+            if site.kind == "embedding":
+                pass
+            elif axis != want_axis:
+                self.refuse(layout, f"{site.name} reads channels on a different axis")
+            elif depthwise:
+                self.uses.append(_Use(*self._weight(site), 0, layout, site))
+                if site.bias is not None:
+                    self.uses.append(_Use(*self._bias(site), 0, layout, site))
+                self.layouts[node] = (layout, 1)
+                return
+            elif groups > 1:
+                self.refuse(layout, f"{site.name} is a grouped conv (groups={groups})")
+            else:
+                self.uses.append(_Use(*self._weight(site), 1, layout, site))
+        if site.kind == "embedding":
+            return
+        g = _Group(site.weight.shape[0])
+        self.groups.append(g)
+        if groups > 1 and not depthwise:
+            g.refused.append(f"{site.name} is a grouped conv (groups={groups})")
+        if site.name not in self.selected:
+            g.refused.append(f"{site.name} is protected or not selected")
+        g.producers.append(site)
+        self.layouts[node] = (((g, g.size, 1),), 1 if conv else -1)
+
+    def _propagate(self, node: fx.Node, tracked: list[fx.Node]) -> None:
+        target = node.target
+        first_layout, axis = self.layouts[tracked[0]]
+        if node.op == "output":
+            for t in tracked:
+                self.refuse(self.layouts[t][0], "feeds the model's output")
+            return
+        mod = self.gm.get_submodule(str(target)) if node.op == "call_module" else None
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) or target in _BN_FNS:
+            self._batch_norm(node, mod, first_layout, axis)
+        elif isinstance(mod, _PASS_MODULES) or target in _UNARY or (target in _POOL and axis == 1):
+            if len(tracked) == 1:
+                self.layouts[node] = (first_layout, axis)
+            else:
+                self._refuse_all(tracked, f"{node.name} ({_op(node)}) mixes several channel tensors")
+        elif target in _BINARY:
+            self._binary(node, tracked)
+        elif target in _FLATTEN and axis == 1 and _flatten_start(node) == 1:
+            spatial = math.prod(tracked[0].meta["tensor_meta"].shape[2:])
+            self.layouts[node] = (tuple((g, n, r * spatial) for g, n, r in first_layout), -1)
+        elif target in _CAT and len(node.args) > 0 and _cat_dim(node, tracked[0]) == axis and \
+                all(isinstance(a, fx.Node) and a in self.layouts for a in node.args[0]):
+            self.layouts[node] = (tuple(seg for a in node.args[0] for seg in self.layouts[a][0]), axis)
+        else:
+            self._refuse_all(tracked, f"reaches {node.name} ({_op(node)}), which the dependency graph does not understand")
+
+    def _refuse_all(self, nodes: list[fx.Node], reason: str) -> None:
+        for t in nodes:
+            self.refuse(self.layouts[t][0], reason)
+
+    def _binary(self, node: fx.Node, tracked: list[fx.Node]) -> None:
+        others = [a for a in node.args if isinstance(a, fx.Node) and a not in self.layouts]
+        shapes = [getattr(o.meta.get("tensor_meta"), "shape", None) for o in others]
+        if any(s is None or math.prod(s) > 1 for s in shapes):
+            self._refuse_all(tracked, f"{node.name} ({_op(node)}) combines channels with an untracked tensor")
+            return
+        layout, axis = self.layouts[tracked[0]]
+        for t in tracked[1:]:
+            other, other_axis = self.layouts[t]
+            if other_axis != axis or self.union(layout, other, f"{node.name} ({_op(node)})") is None:
+                self._refuse_all(tracked, f"{node.name} ({_op(node)}) adds tensors with different channel axes")
+                return
+        self.layouts[node] = (layout, axis)
+
+    def _batch_norm(self, node: fx.Node, mod: Optional[nn.Module], layout: Layout, axis: int) -> None:
+        if axis != 1:
+            self.refuse(layout, f"{node.name} normalizes a non-channel axis")
+            return
+        if mod is not None:
+            for attr in ("weight", "bias", "running_mean", "running_var"):
+                if getattr(mod, attr, None) is not None:
+                    self.uses.append(_Use(mod, attr, 0, layout))
+        else:
+            for a in node.args[1:5]:
+                if isinstance(a, fx.Node) and a.op == "get_attr":
+                    self.uses.append(_Use(*_holder(self.gm, str(a.target)), 0, layout))
+        self.layouts[node] = (layout, axis)
+
+    def _weight(self, site: Site) -> tuple[Any, str]:
+        if site.node.op == "call_module":
+            return self.gm.get_submodule(str(site.node.target)), "weight"
+        return _holder(self.gm, str(site.node.args[1].target))
+
+    def _bias(self, site: Site) -> tuple[Any, str]:
+        if site.node.op == "call_module":
+            return self.gm.get_submodule(str(site.node.target)), "bias"
+        return _holder(self.gm, str(site.node.args[2].target))
+
+
+def _op(node: fx.Node) -> str:
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def _flatten_start(node: fx.Node) -> int:
+    return node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+
+
+def _cat_dim(node: fx.Node, like: fx.Node) -> int:
+    d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    rank = len(like.meta["tensor_meta"].shape)
+    return -1 if d in (-1, rank - 1) else d
+
+
+def _holder(gm: fx.GraphModule, target: str) -> tuple[nn.Module, str]:
+    owner, _, attr = target.rpartition(".")
+    return (gm.get_submodule(owner) if owner else gm), attr
+
+
+def _importance(site: Site, kind: str, act: Optional[Tensor]) -> Tensor:
+    w = site.weight.float().reshape(site.weight.shape[0], -1)
+    score = w.abs().sum(1) if kind == "l1" else w.pow(2).sum(1).sqrt()
+    score = score / score.mean().clamp_min(1e-12)
+    if act is not None:
+        score = score * act / act.mean().clamp_min(1e-12)
+    return score
+
+
+def _indices(layout: Layout, keep: dict[int, Tensor]) -> Tensor:
+    out, offset = [], 0
+    for g, n, r in layout:
+        kept = keep.get(id(g.root()), torch.arange(n))
+        out.append((offset + kept[:, None] * r + torch.arange(r)[None, :]).reshape(-1))
+        offset += n * r
+    return torch.cat(out)
+
+
+def _set(owner: nn.Module, attr: str, value: Tensor) -> None:
+    old = getattr(owner, attr)
+    if isinstance(old, nn.Parameter):
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
+    else:
+        owner._buffers[attr] = value
+
+
+def _sync_module_shapes(gm: fx.GraphModule) -> None:
+    for mod in gm.modules():
+        if isinstance(mod, nn.Linear):
+            mod.out_features, mod.in_features = mod.weight.shape
+        elif isinstance(mod, nn.modules.conv._ConvNd):
+            mod.out_channels = mod.weight.shape[0]
+            if mod.groups > 1 and mod.weight.shape[1] == 1:  # depthwise stays depthwise
+                mod.groups = mod.in_channels = mod.out_channels
+            else:
+                mod.in_channels = mod.weight.shape[1] * mod.groups
+        elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            mod.num_features = mod.running_mean.shape[0] if mod.running_mean is not None else mod.weight.shape[0]
+
+
+@register_pass(PruneConfig)
+def prune_channels(gm: fx.GraphModule, cfg: PruneConfig, ctx: PassContext) -> PassResult:
+    """Remove channels from every consistent group of Conv/Linear layers; refused groups keep all channels.
+
+    Example:
+        >>> cm = fxcompress.optimize(cnn, x, recipe="fold_bn,prune:ratio=0.5,protect=fc2")
+    """
+    ShapeProp(gm).propagate(*ctx.example_inputs)
+    chosen, records = select_sites(gm, cfg, ("linear", "conv1d", "conv2d"))
+    selected = {s.name for s in chosen if s.name not in cfg.protect}
+    analysis = _Analysis(gm, cfg, selected)
+    analysis.run()
+    roots = list({id(g.root()): g.root() for g in analysis.groups}.values())
+    prunable = [g for g in roots if not g.refused and g.size > 1]
+    acts = _activations(gm, prunable, ctx) if cfg.importance == "activation" else {}
+    keep: dict[int, Tensor] = {}
+    scores = {id(g): sum(_importance(s, "l2" if cfg.importance == "activation" else cfg.importance, acts.get(s.name))
+                         for s in g.producers) / len(g.producers) for g in prunable}
+    if cfg.scope == "global" and prunable:
+        pool = torch.cat([scores[id(g)] for g in prunable])
+        threshold = torch.kthvalue(pool, max(1, int(cfg.ratio * pool.numel()))).values
+        for g in prunable:
+            k = max(1, int((scores[id(g)] > threshold).sum()))
+            keep[id(g)] = torch.topk(scores[id(g)], k).indices.sort().values
+    else:
+        for g in prunable:
+            k = max(1, math.ceil((1 - cfg.ratio) * g.size))
+            keep[id(g)] = torch.topk(scores[id(g)], k).indices.sort().values
+    # Producers' rows, then every consumer's columns / BN entries, each tensor sliced once per (tensor, dim).
+    slices: dict[tuple[int, str, int], tuple[nn.Module, str, int, Tensor]] = {}
+    for g in prunable:
+        for s in g.producers:
+            owner, attr = analysis._weight(s)
+            slices[(id(owner), attr, 0)] = (owner, attr, 0, keep[id(g)])
+            if s.bias is not None:
+                owner, attr = analysis._bias(s)
+                slices[(id(owner), attr, 0)] = (owner, attr, 0, keep[id(g)])
+    for use in analysis.uses:
+        if any(id(g.root()) in keep for g, _, _ in use.layout):
+            slices[(id(use.owner), use.attr, use.dim)] = (use.owner, use.attr, use.dim, _indices(use.layout, keep))
+    before = {s.name: s.weight_bytes for s, _ in [(s, None) for s in chosen]}
+    for owner, attr, dim, idx in slices.values():
+        _set(owner, attr, getattr(owner, attr).detach().index_select(dim, idx).contiguous())
+    _sync_module_shapes(gm)
+    _fix_depthwise_groups(gm)
+    after = {s.name: s.weight_bytes for s in find_sites(gm)[0]}
+    for g in roots:
+        names = [s.name for s in g.producers]
+        for s in g.producers:
+            if id(g) in keep:
+                removed = sorted(set(range(g.size)) - set(keep[id(g)].tolist()))
+                note = f"{g.size} -> {len(keep[id(g)])} channels" + (f" (coupled with {', '.join(n for n in names if n != s.name)})" if len(names) > 1 else "")
+                records.append(LayerRecord(s.name, s.kind, cfg.name, "pruned", note, before.get(s.name, 0), after.get(s.name, 0),
+                                           extra={"removed_channels": removed}))
+            else:
+                reason = g.refused[0] if g.refused else "a single channel cannot be pruned"
+                records.append(LayerRecord(s.name, s.kind, cfg.name, "skipped", reason, before.get(s.name, 0), after.get(s.name, 0)))
+    return PassResult(gm, bool(keep), records)
+
+
+def _fix_depthwise_groups(gm: fx.GraphModule) -> None:
+    """Functional depthwise convs carry ``groups`` in the node: keep it equal to the (pruned) channel count."""
+    for s in find_sites(gm)[0]:
+        if s.node.op == "call_function" and s.kind.startswith("conv") and s.conv["groups"] > 1 and s.weight.shape[1] == 1:
+            args = list(s.node.args) + [1] * (7 - len(s.node.args))
+            args[6] = s.weight.shape[0]
+            s.node.args = tuple(args[:7])
+
+
+def _activations(gm: fx.GraphModule, groups: list[_Group], ctx: PassContext) -> dict[str, Tensor]:
+    if ctx.calibration is None:
+        raise InputError("prune importance=activation needs calibration data: optimize(..., calibration=[...])")
+    producers = [s for g in groups for s in g.producers]
+    sums: dict[str, Tensor] = {}
+    conv = {s.name: s.kind.startswith("conv") for s in producers}
+
+    def add(name: str, t: Tensor) -> None:
+        t = t.abs().float()
+        v = t.transpose(0, 1).reshape(t.shape[1], -1).mean(1) if conv[name] else t.reshape(-1, t.shape[-1]).mean(0)
+        sums[name] = sums.get(name, 0) + v
+
+    observe(gm, {s.name: s.node for s in producers}, ctx.calibration, add)
+    return sums
