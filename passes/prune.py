@@ -159,7 +159,7 @@ class _Analysis:
         if groups > 1 and not depthwise:
             g.refused.append(f"{site.name} is a grouped conv (groups={groups})")
         if site.name not in self.selected:
-            g.refused.append(f"{site.name} is protected or not selected")
+            g.refused.append(f"{site.name} is protected (protect/include/exclude)")
         g.producers.append(site)
         self.layouts[node] = (((g, g.size, 1),), 1 if conv else -1)
 
@@ -332,15 +332,18 @@ def prune_channels(gm: fx.GraphModule, cfg: PruneConfig, ctx: PassContext) -> Pa
     for use in analysis.uses:
         if any(id(g.root()) in keep for g, _, _ in use.layout):
             slices[(id(use.owner), use.attr, use.dim)] = (use.owner, use.attr, use.dim, _indices(use.layout, keep))
-    before = {s.name: s.weight_bytes for s, _ in [(s, None) for s in chosen]}
+    before = {s.name: s.weight_bytes for s in chosen}
     for owner, attr, dim, idx in slices.values():
         _set(owner, attr, getattr(owner, attr).detach().index_select(dim, idx).contiguous())
     _sync_module_shapes(gm)
     _fix_depthwise_groups(gm)
     after = {s.name: s.weight_bytes for s in find_sites(gm)[0]}
+    chosen_names = {s.name for s in chosen}
     for g in roots:
         names = [s.name for s in g.producers]
         for s in g.producers:
+            if s.name not in chosen_names:  # select_sites already recorded why
+                continue
             if id(g) in keep:
                 removed = sorted(set(range(g.size)) - set(keep[id(g)].tolist()))
                 note = f"{g.size} -> {len(keep[id(g)])} channels" + (f" (coupled with {', '.join(n for n in names if n != s.name)})" if len(names) > 1 else "")

@@ -61,3 +61,50 @@ def test_fold_bn_then_int8_on_digits(made, tmp_path):
     rep = fxcompress.check(model, cm.export(tmp_path / "d.onnx"), example, eval_inputs=ev.inputs, labels=ev.labels,
                            fp32_baseline=False)
     assert rep.passed and rep.metrics["accuracy_drop_pp"] <= 0.2
+
+
+def _check(model, path, example, ev):
+    return fxcompress.check(model, path, example, eval_inputs=ev.inputs, labels=ev.labels, fp32_baseline=False, provider="cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, drop", [("fold_bn,int8_static", 0.2), ("fold_bn,int8:kinds=conv2d,int4:block=32", 1.0)])
+def test_digits_static_int8_and_int4_accuracy(made, tmp_path, recipe, drop):
+    model, example, ev = made("digits_cnn")
+    cm = fxcompress.optimize(model, example, recipe=recipe, calibration=zoo.digits_calibration())
+    rep = _check(model, cm.export(tmp_path / "d.onnx", target="cpu"), example, ev)
+    assert rep.passed, rep.failures
+    assert rep.metrics["accuracy_drop_pp"] <= drop
+
+
+@pytest.mark.slow
+def test_digits_pruned_distilled_int8_is_6x_smaller_within_half_a_point(made, tmp_path):
+    model, example, ev = made("digits_cnn")
+    x_train = zoo.digits_data()[0]
+    train = [(x_train[i : i + 64],) for i in range(0, len(x_train), 64)]
+    recipe = "fold_bn,prune:ratio=0.5,importance=activation,distill:steps=300,lr=1e-3,loss=kl,int8"
+    cm = fxcompress.optimize(model, example, recipe=recipe, calibration=train)
+    rep = _check(model, cm.export(tmp_path / "d.onnx", target="cpu"), example, ev)
+    assert rep.passed, rep.failures
+    assert rep.weights["ratio"] <= 1 / 6 and rep.metrics["accuracy_drop_pp"] <= 0.5
+
+
+@pytest.mark.slow
+def test_minilm_fp16_is_half_the_bytes_at_cosine_0_9999(made, tmp_path):
+    model, example, ev = made("minilm")
+    cm = fxcompress.optimize(model, example, recipe="fp16")
+    rep = fxcompress.check(model, cm.export(tmp_path / "m.onnx"), example, eval_inputs=ev.inputs, fp32_baseline=False, provider="cpu")
+    assert rep.passed, rep.failures
+    assert rep.metrics["cosine"] >= 0.9999 and rep.weights["ratio"] <= 0.51
+
+
+@pytest.mark.slow
+def test_minilm_int4_gptq_mixed_meets_bytes_and_cosine(made, tmp_path):
+    model, example, ev = made("minilm")
+    recipe = ("int4:kinds=embedding,block=64,clip=true,int8:include=*layer.5.*,"
+              "int4:block=128,algo=gptq,act_order=true,clip=true")
+    cm = fxcompress.optimize(model, example, recipe=recipe, calibration=zoo.minilm_calibration())
+    rep = fxcompress.check(model, cm.export(tmp_path / "m.onnx", target="cpu-nbits"), example, eval_inputs=ev.inputs,
+                           fp32_baseline=False, provider="cpu")
+    assert rep.passed, rep.failures
+    assert rep.weights["ratio"] <= 0.16 and rep.metrics["cosine"] >= 0.98

@@ -1,0 +1,117 @@
+import random
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import fxcompress
+from fxcompress.errors import InputError, RecipeError
+from fxcompress.models import zoo
+
+from helpers import same_state, state_snapshot
+
+
+def _ort_matches(cm, inputs, tmp_path) -> None:
+    path = cm.export(tmp_path / "p.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs)})[0]
+    np.testing.assert_allclose(out, cm(*inputs).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def _channels(cm, layer):
+    return cm.module.get_submodule(layer).weight.shape[0]
+
+
+def test_pruning_removes_weights_and_keeps_the_kept_channels_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    cm = fxcompress.optimize(model, torch.randn(2, 8), recipe="prune:ratio=0.5")
+    rec = {r.layer: r for r in cm.records}
+    removed = rec["0"].extra["removed_channels"]
+    assert len(removed) == 8 and rec["2"].action == "skipped" and "output" in rec["2"].reason
+    kept = sorted(set(range(16)) - set(removed))
+    # the pruned model equals the original with exactly those hidden units deleted
+    ref = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    ref[0].weight.data, ref[0].bias.data = model[0].weight[kept], model[0].bias[kept]
+    ref[2].weight.data, ref[2].bias.data = model[2].weight[:, kept], model[2].bias
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(cm(x), ref(x))
+    # L2 importance: the removed rows are the smallest
+    norms = model[0].weight.norm(dim=1)
+    assert norms[removed].max() <= norms[kept].min()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_resnet_residual_groups_stay_consistent_under_random_ratios(tmp_path, seed):
+    model, example = zoo.resnet_mini()
+    snap = state_snapshot(model)
+    ratio = random.Random(seed).uniform(0.1, 0.9)
+    scope = ("local", "global")[seed % 2]
+    cm = fxcompress.optimize(model, example, recipe=f"fold_bn,prune:ratio={ratio:.3f},scope={scope}")
+    assert same_state(model, snap)
+    # residual coupling: every conv feeding the same add keeps the same channel count
+    assert _channels(cm, "stem") == _channels(cm, "layer1.0.conv2") == _channels(cm, "layer1.1.conv2")
+    assert _channels(cm, "layer2.0.conv2") == _channels(cm, "layer2.0.shortcut.0") == _channels(cm, "layer2.1.conv2")
+    assert cm.module.get_submodule("fc").weight.shape[0] == 10
+    assert cm.bytes_after < cm.bytes_before
+    _ort_matches(cm, example, tmp_path)
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.6])
+def test_transformer_prunes_mlp_and_refuses_heads_and_residual_stream(tmp_path, ratio):
+    model, example = zoo.tiny_transformer()
+    cm = fxcompress.optimize(model, example, recipe=f"prune:ratio={ratio}")
+    rec = {r.layer: r for r in cm.records if r.pass_name == "prune"}
+    assert rec["blocks.0.fc1"].action == "pruned"
+    assert rec["blocks.0.attn.q"].action == "skipped" and "reshape" in rec["blocks.0.attn.q"].reason
+    assert rec["blocks.0.fc2"].action == "skipped" and "untracked" in rec["blocks.0.fc2"].reason
+    _ort_matches(cm, example, tmp_path)
+
+
+class Odd(nn.Module):
+    """Concat, depthwise conv, grouped conv, and a channel sum the dependency graph must refuse."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.mix = nn.Conv2d(16, 8, 1)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.side = nn.Conv2d(3, 4, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        h = self.mix(torch.relu(self.dw(torch.cat([self.a(x), self.b(x)], dim=1))))
+        s = self.side(x).sum(dim=1, keepdim=True)  # a reduction over channels: not understood -> refused
+        return self.head(self.grouped(h)) + s
+
+
+def test_concat_depthwise_grouped_and_unknown_ops(tmp_path):
+    torch.manual_seed(0)
+    model = Odd().eval()
+    x = torch.randn(2, 3, 8, 8)
+    cm = fxcompress.optimize(model, x, recipe="prune:ratio=0.5")
+    rec = {r.layer: r for r in cm.records}
+    assert rec["a"].action == rec["b"].action == "pruned"
+    assert cm.module.dw.weight.shape[0] == cm.module.dw.groups == 8  # depthwise follows the concat
+    assert "grouped conv" in rec["mix"].reason and "grouped conv" in rec["grouped"].reason
+    assert rec["side"].action == "skipped" and "does not understand" in rec["side"].reason
+    _ort_matches(cm, (x,), tmp_path)
+
+
+def test_protect_and_exclude_keep_layers_whole():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    cm = fxcompress.optimize(model, torch.randn(2, 8), recipe="prune:ratio=0.5,protect=0,exclude=2")
+    assert cm.module.get_submodule("0").weight.shape[0] == 16 and cm.module.get_submodule("2").weight.shape[0] == 16
+
+
+def test_activation_importance_needs_calibration_and_bad_options():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with pytest.raises(InputError, match="importance=activation needs calibration"):
+        fxcompress.optimize(model, torch.randn(2, 8), recipe="prune:importance=activation")
+    for recipe, msg in [("prune:ratio=1", r"ratio must be in \(0, 1\)"), ("prune:ratio=0", r"ratio must be in \(0, 1\)"),
+                        ("prune:importance=taylor", "importance must be"), ("prune:scope=layer", "scope must be")]:
+        with pytest.raises(RecipeError, match=msg):
+            fxcompress.optimize(model, torch.randn(2, 8), recipe=recipe)

@@ -1,0 +1,51 @@
+import pytest
+import torch
+from torch import nn
+
+import fxcompress
+from fxcompress.errors import InputError
+
+from helpers import same_state, state_snapshot
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    data = [(torch.randn(32, 16),) for _ in range(8)]
+    return model, data
+
+
+def _err(cm, model, data):
+    with torch.no_grad():
+        return sum((cm.module(*b) - model(*b)).pow(2).mean().item() for b in data)
+
+
+def test_distill_reduces_the_error_of_a_factorized_model_and_leaves_the_teacher_alone():
+    model, data = _setup()
+    snap = state_snapshot(model)
+    cm = fxcompress.optimize(model, data[0], recipe="svd:rank=4")
+    before = _err(cm, model, data)
+    fxcompress.distill(cm, teacher=model, data=data, steps=150, lr=3e-3)
+    assert _err(cm, model, data) < 0.5 * before
+    assert same_state(model, snap)
+    assert cm.records[-1].pass_name == "distill"
+    assert all(not p.requires_grad for p in cm.module.parameters())
+
+
+def test_distill_as_a_recipe_step_before_int8():
+    model, data = _setup()
+    plain = fxcompress.optimize(model, data[0], recipe="svd:rank=4,int8", calibration=data)
+    tuned = fxcompress.optimize(model, data[0], recipe="svd:rank=4,distill:steps=150,lr=3e-3,int8", calibration=data)
+    assert _err(tuned, model, data) < _err(plain, model, data)
+    assert tuned.bytes_after == plain.bytes_after
+
+
+def test_distill_errors():
+    model, data = _setup()
+    cm = fxcompress.optimize(model, data[0], recipe="int8")
+    with pytest.raises(InputError, match="distill before quantizing"):
+        fxcompress.distill(cm, model, data, steps=1)
+    with pytest.raises(InputError, match="distill data is empty"):
+        fxcompress.distill(fxcompress.optimize(model, data[0], recipe="svd:rank=4"), model, [], steps=1)
+    with pytest.raises(InputError, match="distill needs calibration data"):
+        fxcompress.optimize(model, data[0], recipe="svd:rank=4,distill")
