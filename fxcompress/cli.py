@@ -41,6 +41,24 @@ def load_factory(spec: str) -> Callable[[], tuple]:
     return factory
 
 
+def load_calibration(spec: Optional[str], model_spec: str) -> Optional[list]:
+    """Calibration batches from ``--calibration MODULE:FUNC``; for a bundled model, its ``zoo.CALIBRATION`` entry.
+
+    Example:
+        >>> batches = load_calibration(None, "digits_cnn")   # zoo.digits_calibration()
+    """
+    if spec is None:
+        from fxcompress.models.zoo import CALIBRATION
+
+        return CALIBRATION[model_spec]() if model_spec in CALIBRATION else None
+    batches = load_factory(spec)()
+    import torch
+
+    if not isinstance(batches, (list, tuple)) or not all(isinstance(b, (list, tuple, torch.Tensor)) for b in batches):
+        raise InputError(f"--calibration {spec} must return a list of input tuples, got {type(batches).__name__}")
+    return list(batches)
+
+
 def _call_factory(spec: str):
     made = load_factory(spec)()
     if not isinstance(made, tuple) or len(made) not in (2, 3):
@@ -68,7 +86,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from fxcompress.api import optimize
 
     model, example_inputs, eval_data = _call_factory(args.model)
-    cm = optimize(model, example_inputs, recipe=args.recipe, progress=not args.no_progress)
+    cm = optimize(model, example_inputs, recipe=args.recipe, progress=not args.no_progress,
+                  calibration=load_calibration(args.calibration, args.model))
     print(cm.summary())
     path = cm.export(args.output, target=args.target)
     print(f"\nwrote {path} (target {args.target})")
@@ -92,7 +111,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     rows = run_benchmark(load_factory(args.model), recipes=args.recipe, targets=args.targets.split(","),
                          batches=[int(b) for b in args.batches.split(",")], ort_quantize_dynamic=not args.no_ort,
-                         provider=args.provider, repeat=args.repeat)
+                         provider=args.provider, repeat=args.repeat, calibration=load_calibration(args.calibration, args.model))
     print(format_rows(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows_to_json(rows), indent=2))
@@ -124,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--target", default="cpu", choices=("cpu", "cpu-nbits", "cuda"), help="ONNX lowering of compressed layers")
     o.add_argument("--check", action="store_true", help="run the parity checker on the result (exit 1 if it fails)")
     o.add_argument("--no-progress", action="store_true")
+    o.add_argument("--calibration", help="MODULE:FUNC returning a list of input tuples (bundled models have "
+                                         "default calibration batches)")
     common(o)
     o.set_defaults(func=cmd_optimize)
 
@@ -141,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeat", type=int, default=20)
     b.add_argument("--no-ort", action="store_true", help="leave out ORT's quantize_dynamic")
     b.add_argument("--provider", default="auto")
+    b.add_argument("--calibration", help="MODULE:FUNC returning a list of input tuples")
     b.add_argument("--json")
     b.set_defaults(func=cmd_bench)
 

@@ -274,3 +274,5 @@ def minilm(max_length: int = 32) -> tuple[nn.Module, tuple, EvalData]:
 
 
 FACTORIES = {f.__name__: f for f in (mlp, big_mlp, digits_cnn, resnet_mini, tiny_transformer, minilm)}
+# Calibration batches per bundled model (disjoint from its evaluation data), used by the CLI and benchmarks.
+CALIBRATION = {"digits_cnn": digits_calibration, "big_mlp": big_mlp_calibration, "minilm": minilm_calibration}

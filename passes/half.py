@@ -48,7 +48,7 @@ class HalfConfig(PassConfig):
             raise ValueError(f"dtype must be one of {sorted(HALF_DTYPES)}, got {self.dtype!r}")
 
 
-def _op_name(gm: fx.GraphModule, node: fx.Node) -> str:
+def _op_name(node: fx.Node) -> str:
     if node.op == "call_method":
         return str(node.target)
     if node.op == "call_function":
@@ -79,7 +79,7 @@ def _wants(gm: fx.GraphModule, node: fx.Node, fp32_sites: set[fx.Node], half: to
         if isinstance(mod, HALF_MODULES) or not any(True for _ in mod.parameters()) and not any(True for _ in mod.buffers()):
             return half
         return torch.float32  # an unknown module with state: its internals may not support half
-    name = _op_name(gm, node)
+    name = _op_name(node)
     if name in CONVERSIONS:
         return None
     if name in FP32_OPS:

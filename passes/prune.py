@@ -27,7 +27,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from fxcompress.calibration import observe
 from fxcompress.errors import InputError
 from fxcompress.pipeline import LayerRecord, PassConfig, PassContext, PassResult, Tolerance, register_pass, select_sites
-from fxcompress.sites import Site, find_sites, nbytes
+from fxcompress.sites import Site, find_sites
 
 aten = torch.ops.aten
 
@@ -88,18 +88,19 @@ Layout = tuple[tuple[_Group, int, int], ...]
 
 @dataclass
 class _Use:
-    """A consumer whose weight is sliced along ``dim`` by the channels of ``layout``."""
+    """A consumer tensor (``owner.attr``) sliced along ``dim`` by the channels of ``layout``."""
 
-    owner: Any  # module or (module, attr) holder
+    owner: nn.Module
     attr: str
     dim: int
     layout: Layout
-    site: Optional[Site] = None
 
 
 class _Analysis:
-    def __init__(self, gm: fx.GraphModule, cfg: PruneConfig, selected: set[str]):
-        self.gm, self.cfg, self.selected = gm, cfg, selected
+    """One walk over the graph: groups of coupled channels, what refuses them, and every tensor to slice."""
+
+    def __init__(self, gm: fx.GraphModule, selected: set[str]):
+        self.gm, self.selected = gm, selected
         self.layouts: dict[fx.Node, tuple[Layout, int]] = {}  # node -> (layout, channel axis)
         self.uses: list[_Use] = []
         self.groups: list[_Group] = []
@@ -143,15 +144,15 @@ class _Analysis:
             elif axis != want_axis:
                 self.refuse(layout, f"{site.name} reads channels on a different axis")
             elif depthwise:
-                self.uses.append(_Use(*self._weight(site), 0, layout, site))
+                self.uses.append(_Use(*self.weight_of(site), 0, layout))
                 if site.bias is not None:
-                    self.uses.append(_Use(*self._bias(site), 0, layout, site))
+                    self.uses.append(_Use(*self.bias_of(site), 0, layout))
                 self.layouts[node] = (layout, 1)
                 return
             elif groups > 1:
                 self.refuse(layout, f"{site.name} is a grouped conv (groups={groups})")
             else:
-                self.uses.append(_Use(*self._weight(site), 1, layout, site))
+                self.uses.append(_Use(*self.weight_of(site), 1, layout))
         if site.kind == "embedding":
             return
         g = _Group(site.weight.shape[0])
@@ -221,12 +222,12 @@ class _Analysis:
                     self.uses.append(_Use(*_holder(self.gm, str(a.target)), 0, layout))
         self.layouts[node] = (layout, axis)
 
-    def _weight(self, site: Site) -> tuple[Any, str]:
+    def weight_of(self, site: Site) -> tuple[nn.Module, str]:
         if site.node.op == "call_module":
             return self.gm.get_submodule(str(site.node.target)), "weight"
         return _holder(self.gm, str(site.node.args[1].target))
 
-    def _bias(self, site: Site) -> tuple[Any, str]:
+    def bias_of(self, site: Site) -> tuple[nn.Module, str]:
         if site.node.op == "call_module":
             return self.gm.get_submodule(str(site.node.target)), "bias"
         return _holder(self.gm, str(site.node.args[2].target))
@@ -302,32 +303,20 @@ def prune_channels(gm: fx.GraphModule, cfg: PruneConfig, ctx: PassContext) -> Pa
     ShapeProp(gm).propagate(*ctx.example_inputs)
     chosen, records = select_sites(gm, cfg, ("linear", "conv1d", "conv2d"))
     selected = {s.name for s in chosen if s.name not in cfg.protect}
-    analysis = _Analysis(gm, cfg, selected)
+    analysis = _Analysis(gm, selected)
     analysis.run()
     roots = list({id(g.root()): g.root() for g in analysis.groups}.values())
     prunable = [g for g in roots if not g.refused and g.size > 1]
     acts = _activations(gm, prunable, ctx) if cfg.importance == "activation" else {}
-    keep: dict[int, Tensor] = {}
-    scores = {id(g): sum(_importance(s, "l2" if cfg.importance == "activation" else cfg.importance, acts.get(s.name))
-                         for s in g.producers) / len(g.producers) for g in prunable}
-    if cfg.scope == "global" and prunable:
-        pool = torch.cat([scores[id(g)] for g in prunable])
-        threshold = torch.kthvalue(pool, max(1, int(cfg.ratio * pool.numel()))).values
-        for g in prunable:
-            k = max(1, int((scores[id(g)] > threshold).sum()))
-            keep[id(g)] = torch.topk(scores[id(g)], k).indices.sort().values
-    else:
-        for g in prunable:
-            k = max(1, math.ceil((1 - cfg.ratio) * g.size))
-            keep[id(g)] = torch.topk(scores[id(g)], k).indices.sort().values
+    keep = _keep(prunable, cfg, acts)
     # Producers' rows, then every consumer's columns / BN entries, each tensor sliced once per (tensor, dim).
     slices: dict[tuple[int, str, int], tuple[nn.Module, str, int, Tensor]] = {}
     for g in prunable:
         for s in g.producers:
-            owner, attr = analysis._weight(s)
+            owner, attr = analysis.weight_of(s)
             slices[(id(owner), attr, 0)] = (owner, attr, 0, keep[id(g)])
             if s.bias is not None:
-                owner, attr = analysis._bias(s)
+                owner, attr = analysis.bias_of(s)
                 slices[(id(owner), attr, 0)] = (owner, attr, 0, keep[id(g)])
     for use in analysis.uses:
         if any(id(g.root()) in keep for g, _, _ in use.layout):
@@ -353,6 +342,18 @@ def prune_channels(gm: fx.GraphModule, cfg: PruneConfig, ctx: PassContext) -> Pa
                 reason = g.refused[0] if g.refused else "a single channel cannot be pruned"
                 records.append(LayerRecord(s.name, s.kind, cfg.name, "skipped", reason, before.get(s.name, 0), after.get(s.name, 0)))
     return PassResult(gm, bool(keep), records)
+
+
+def _keep(prunable: list[_Group], cfg: PruneConfig, acts: dict[str, Tensor]) -> dict[int, Tensor]:
+    """Sorted indices of the channels each group keeps (by id of the group's root)."""
+    kind = "l2" if cfg.importance == "activation" else cfg.importance
+    scores = {id(g): sum(_importance(s, kind, acts.get(s.name)) for s in g.producers) / len(g.producers) for g in prunable}
+    counts = {id(g): max(1, math.ceil((1 - cfg.ratio) * g.size)) for g in prunable}
+    if cfg.scope == "global" and prunable:
+        pool = torch.cat([scores[id(g)] for g in prunable])
+        threshold = torch.kthvalue(pool, max(1, int(cfg.ratio * pool.numel()))).values
+        counts = {id(g): max(1, int((scores[id(g)] > threshold).sum())) for g in prunable}
+    return {id(g): torch.topk(scores[id(g)], counts[id(g)]).indices.sort().values for g in prunable}
 
 
 def _fix_depthwise_groups(gm: fx.GraphModule) -> None:

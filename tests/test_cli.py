@@ -18,6 +18,12 @@ def test_optimize_check_writes_artifact_and_json(tmp_path, capsys):
     assert data["passed"] is True and {r["layer"] for r in data["layers"]} == {"0", "2", "4"}
 
 
+def test_bundled_model_gets_its_calibration_batches(tmp_path, capsys):
+    out = tmp_path / "d.onnx"
+    code = main(["optimize", "digits_cnn", "--recipe", "fold_bn,int8_static", "-o", str(out), "--no-progress"])
+    assert code == 0 and out.is_file() and "int8-static" in capsys.readouterr().out
+
+
 def test_check_on_broken_artifact_exits_1(tmp_path, capsys):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not an onnx model")
@@ -33,6 +39,9 @@ def test_check_on_broken_artifact_exits_1(tmp_path, capsys):
         (["optimize", "fxcompress.models.zoo:nope", "-o", "{d}/m.onnx"], "has no callable 'nope'"),
         (["optimize", "mlp", "-o", "{d}/missing/m.onnx"], "does not exist"),
         (["check", "mlp", "{d}/absent.onnx"], "no such file"),
+        (["optimize", "mlp", "--recipe", "int8_static", "-o", "{d}/m.onnx"], "int8_static needs calibration data"),
+        (["optimize", "mlp", "--recipe", "int8_static", "--calibration", "fxcompress.models.zoo:mlp", "-o", "{d}/m.onnx"],
+         "must return a list of input tuples"),
     ],
 )
 def test_bad_input_exits_2_with_message_and_writes_nothing(tmp_path, capsys, argv, message):
