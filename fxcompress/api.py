@@ -80,9 +80,20 @@ class CompressedModel:
             "tolerance": tolerance_for(self.tolerance, target, quantized).__dict__,
             "bytes_before": self.bytes_before,
             "capture": self.capture_method,
+            "notes": self.notes,
         }
         self.onnx_path = export_onnx(self.module, self.example_inputs, path, target=target, metadata=meta, dynamic_batch=dynamic_batch)
         return self.onnx_path
+
+    @property
+    def notes(self) -> list[str]:
+        """Caveats a reader of the artifact must know, e.g. sparsity that ONNX stores dense (no bytes saved)."""
+        dense = sorted({r.layer for r in self.records if r.extra.get("dense_storage")})
+        if not dense:
+            return []
+        return [f"{len(dense)} layer(s) are sparse but stored dense ({', '.join(dense[:5])}{', ...' if len(dense) > 5 else ''}): "
+                "ONNX and ONNX Runtime gain no bytes, memory or speed from the zeros; use a GPU with 2:4 sparse kernels "
+                "or structured pruning (`prune`) to shrink the model"]
 
     def summary(self) -> str:
         """A per-layer table (kind, action, bytes before/after, error) with totals."""

@@ -44,6 +44,7 @@ class ParityReport:
     weights: dict[str, Any] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
     latency: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # caveats the recipe stored in the artifact (e.g. dense sparsity)
 
     def to_json(self, indent: int = 2) -> str:
         """The report as JSON (what ``fxcompress check --json`` writes)."""
@@ -74,6 +75,8 @@ class ParityReport:
                 lines.append(_pair_line("GPU memory", mem, "gpu_mem_mb", "MiB"))
         if lat:
             lines.append(_pair_line(f"latency p50 (batch {lat.get('batch')})", lat, "p50_ms", "ms"))
+        if self.notes:
+            lines += ["", "notes:"] + [f"  - {n}" for n in self.notes]
         if self.failures:
             lines += ["", "failures:"] + [f"  - {f}" for f in self.failures]
         return "\n".join(lines)
@@ -164,7 +167,7 @@ def check(
         return ParityReport(False, [f"{path} is not a readable ONNX model: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"],
                             str(path), None, None, (tolerance or Tolerance()).__dict__)
     tol = tolerance or (Tolerance(**meta["tolerance"]) if "tolerance" in meta else Tolerance())
-    report = ParityReport(True, failures, str(path), None, meta.get("target"), tol.__dict__)
+    report = ParityReport(True, failures, str(path), None, meta.get("target"), tol.__dict__, notes=list(meta.get("notes", [])))
 
     reference = [outputs_to_numpy(run_reference(reference_model, b)) for b in batches]
     np_batches = [tuple(t.detach().cpu().numpy() for t in b) for b in batches]

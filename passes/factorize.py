@@ -10,7 +10,9 @@ Cholesky factor of the calibration inputs' second moment: the truncation then mi
 (the layer's output error) rather than ||W - W_r||, and A = S^1/2 V^T C^-1.
 
 Conv2d (groups=1) gets Tucker-2 by higher-order SVD: input and output channel bases U_in [I, r_in], U_out [O, r_out]
-and a core W x U_out^T x U_in^T [r_out, r_in, kh, kw]; ranks keep the ratio of I to O.
+and a core W x U_out^T x U_in^T [r_out, r_in, kh, kw]; ranks keep the ratio of I to O. ``conv=spatial`` instead
+splits a kh x kw conv into kh x 1 (r channels) then 1 x kw, from the SVD of W arranged as [(I, kh), (O, kw)]
+(Jaderberg et al., 2014).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class SVDConfig(PassConfig):
     aware: bool = False
     damp: float = 0.01
     kinds: tuple[str, ...] = ("linear",)
+    conv: str = "tucker"
 
     def __post_init__(self) -> None:
         if not 0 < self.ratio < 1:
@@ -52,6 +55,8 @@ class SVDConfig(PassConfig):
             raise ValueError(f"energy must be in (0, 1) (0 = use ratio), got {self.energy}")
         if self.rank < 0:
             raise ValueError(f"rank must be positive (0 = use ratio or energy), got {self.rank}")
+        if self.conv not in ("tucker", "spatial"):
+            raise ValueError(f"conv must be 'tucker' or 'spatial', got {self.conv!r}")
         if not self.kinds or set(self.kinds) - {"linear", "conv2d"}:
             raise ValueError(f"kinds must be a non-empty subset of ('linear', 'conv2d'), got {self.kinds}")
 
@@ -117,6 +122,29 @@ def tucker2(w: Tensor, cfg: SVDConfig, layer: str) -> tuple[Tensor, Tensor, Tens
     return u_in.t().reshape(r_in, i, 1, 1).float(), core.float(), u_out.reshape(o, r_out, 1, 1).float()
 
 
+def spatial_svd(w: Tensor, cfg: SVDConfig, layer: str) -> tuple[Tensor, Tensor]:
+    """(vertical [r, I, kh, 1], horizontal [O, r, 1, kw]) whose composition approximates the conv weight ``w``."""
+    o, i, kh, kw = w.shape
+    m = w.double().permute(1, 2, 0, 3).reshape(i * kh, o * kw)
+    u, s, vt = torch.linalg.svd(m, full_matrices=False)
+    r = _choose_rank(cfg, s, i * kh, o * kw, layer)
+    root = s[:r].sqrt()
+    vertical = (u[:, :r] * root).reshape(i, kh, r).permute(2, 0, 1).unsqueeze(-1)
+    horizontal = (root[:, None] * vt[:r]).reshape(r, o, kw).permute(1, 0, 2).unsqueeze(2)
+    return vertical.float().contiguous(), horizontal.float().contiguous()
+
+
+def _rewrite_spatial(gm: fx.GraphModule, site: Site, vertical: Tensor, horizontal: Tensor) -> None:
+    c = site.conv
+    (sh, sw), (ph, pw), (dh, dw) = c["stride"], c["padding"], c["dilation"]
+    v = add_constant(gm, f"{site.name}_spatial_v", vertical, site.node)
+    h = add_constant(gm, f"{site.name}_spatial_h", horizontal, site.node)
+    bias = add_constant(gm, f"{site.name}_spatial_bias", site.bias.float(), site.node) if site.bias is not None else None
+    with gm.graph.inserting_before(site.node):
+        mid = gm.graph.call_function(aten.conv2d.default, (site.input, v, None, [sh, 1], [ph, 0], [dh, 1]))
+    replace_node(gm, site.node, aten.conv2d.default, (mid, h, bias, [1, sw], [0, pw], [1, dw]))
+
+
 def _rewrite_linear(gm: fx.GraphModule, site: Site, a: Tensor, b: Tensor) -> None:
     a_node = add_constant(gm, f"{site.name}_svd_in", a, site.node)
     b_node = add_constant(gm, f"{site.name}_svd_out", b, site.node)
@@ -161,6 +189,10 @@ def factorize(gm: fx.GraphModule, cfg: SVDConfig, ctx: PassContext) -> PassResul
         if site.kind == "linear":
             a, b = svd_factors(w, cfg, site.name, hessians.get(site.name))
             factors, approx, what = (a, b), b @ a, f"rank {a.shape[0]}" + (" (activation-aware)" if site.name in hessians else "")
+        elif cfg.conv == "spatial":
+            vertical, horizontal = spatial_svd(w, cfg, site.name)
+            factors, what = (vertical, horizontal), f"spatial rank {vertical.shape[0]}"
+            approx = torch.einsum("rikz,orzl->oikl", vertical, horizontal)
         else:
             first, core, last = tucker2(w, cfg, site.name)
             factors, what = (first, core, last), f"ranks {core.shape[1]}->{core.shape[0]}"
@@ -171,10 +203,13 @@ def factorize(gm: fx.GraphModule, cfg: SVDConfig, ctx: PassContext) -> PassResul
             continue
         if site.kind == "linear":
             _rewrite_linear(gm, site, *factors)
+        elif cfg.conv == "spatial":
+            _rewrite_spatial(gm, site, *factors)
         else:
             _rewrite_conv(gm, site, *factors)
         changed = True
-        records.append(LayerRecord(site.name, site.kind, cfg.name, "svd" if site.kind == "linear" else "tucker2", what,
+        action = "svd" if site.kind == "linear" else ("spatial-svd" if cfg.conv == "spatial" else "tucker2")
+        records.append(LayerRecord(site.name, site.kind, cfg.name, action, what,
                                    site.weight_bytes, after, sqnr_db(w, approx), "weight SQNR dB"))
     return PassResult(gm, changed, records)
 

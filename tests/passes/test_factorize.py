@@ -86,3 +86,21 @@ def test_bad_svd_inputs():
         fxcompress.optimize(model, x, recipe="svd:rank=64")
     with pytest.raises(InputError, match="aware=true needs calibration"):
         fxcompress.optimize(model, x, recipe="svd:aware=true")
+
+
+def test_spatial_svd_full_rank_is_exact_and_runs_on_ort(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, stride=(2, 1), padding=(1, 2), dilation=(1, 2))).eval()
+    x = torch.randn(2, 8, 9, 9)
+    cm = fxcompress.optimize(model, x, recipe="svd:rank=24,kinds=conv2d,conv=spatial")  # full rank: min(8*3, 16*3)
+    assert cm.records[0].skipped  # full rank saves nothing
+    from fxcompress.passes.factorize import spatial_svd
+
+    v, h = spatial_svd(model[0].weight.detach(), SVDConfig(rank=24), "0")
+    torch.testing.assert_close(torch.einsum("rikz,orzl->oikl", v, h), model[0].weight.detach(), atol=1e-4, rtol=1e-4)
+    cm = fxcompress.optimize(model, x, recipe="svd:ratio=0.5,kinds=conv2d,conv=spatial")
+    assert cm.records[0].action == "spatial-svd" and cm.bytes_after < 0.55 * cm.bytes_before
+    sess = ort.InferenceSession(str(cm.export(tmp_path / "s.onnx")), providers=["CPUExecutionProvider"])
+    out = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    torch.testing.assert_close(out, cm(x), atol=1e-4, rtol=1e-4)
+    assert out.shape == model(x).shape
