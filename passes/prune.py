@@ -9,13 +9,17 @@ unknown op) is *refused* with that reason, and left whole: a pruned graph is alw
 Every prunable group keeps ``ceil((1 - ratio) * channels)`` channels (at least one) ranked by the summed,
 per-layer-normalised L1 or L2 norm of its producers' output rows (``importance=l1|l2``), optionally times the mean
 |activation| on calibration data (``importance=activation``). ``scope=global`` ranks all groups' channels together
-(pruning redundant layers harder) while still keeping one channel per group. Records list the removed indices.
+(pruning redundant layers harder) while still keeping one channel per group. Records list the removed and kept
+indices; ``plan=FILE`` replays a JSON ``{layer: [kept channel indices]}`` (e.g. written from those records with
+:func:`pruning_plan`) instead of ranking, so one pruning decision can be applied to another copy of the model.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import operator
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
@@ -58,6 +62,7 @@ class PruneConfig(PassConfig):
     importance: str = "l2"
     scope: str = "local"
     protect: tuple[str, ...] = ()
+    plan: str = ""
 
     def __post_init__(self) -> None:
         if not 0 < self.ratio < 1:
@@ -307,8 +312,11 @@ def prune_channels(gm: fx.GraphModule, cfg: PruneConfig, ctx: PassContext) -> Pa
     analysis.run()
     roots = list({id(g.root()): g.root() for g in analysis.groups}.values())
     prunable = [g for g in roots if not g.refused and g.size > 1]
-    acts = _activations(gm, prunable, ctx) if cfg.importance == "activation" else {}
-    keep = _keep(prunable, cfg, acts)
+    if cfg.plan:
+        keep = _replay(prunable, cfg.plan)
+    else:
+        acts = _activations(gm, prunable, ctx) if cfg.importance == "activation" else {}
+        keep = _keep(prunable, cfg, acts)
     # Producers' rows, then every consumer's columns / BN entries, each tensor sliced once per (tensor, dim).
     slices: dict[tuple[int, str, int], tuple[nn.Module, str, int, Tensor]] = {}
     for g in prunable:
@@ -337,7 +345,7 @@ def prune_channels(gm: fx.GraphModule, cfg: PruneConfig, ctx: PassContext) -> Pa
                 removed = sorted(set(range(g.size)) - set(keep[id(g)].tolist()))
                 note = f"{g.size} -> {len(keep[id(g)])} channels" + (f" (coupled with {', '.join(n for n in names if n != s.name)})" if len(names) > 1 else "")
                 records.append(LayerRecord(s.name, s.kind, cfg.name, "pruned", note, before.get(s.name, 0), after.get(s.name, 0),
-                                           extra={"removed_channels": removed}))
+                                           extra={"removed_channels": removed, "kept_channels": keep[id(g)].tolist()}))
             else:
                 reason = g.refused[0] if g.refused else "a single channel cannot be pruned"
                 records.append(LayerRecord(s.name, s.kind, cfg.name, "skipped", reason, before.get(s.name, 0), after.get(s.name, 0)))
@@ -354,6 +362,34 @@ def _keep(prunable: list[_Group], cfg: PruneConfig, acts: dict[str, Tensor]) -> 
         threshold = torch.kthvalue(pool, max(1, int(cfg.ratio * pool.numel()))).values
         counts = {id(g): max(1, int((scores[id(g)] > threshold).sum())) for g in prunable}
     return {id(g): torch.topk(scores[id(g)], counts[id(g)]).indices.sort().values for g in prunable}
+
+
+def pruning_plan(records: list[LayerRecord]) -> dict[str, list[int]]:
+    """``{layer: kept channel indices}`` from a pruning run's records: save it as JSON and pass ``plan=FILE``.
+
+    Example:
+        >>> json.dump(pruning_plan(cm.records), open("plan.json", "w"))
+        >>> again = fxcompress.optimize(model, x, recipe="prune:plan=plan.json")
+    """
+    return {r.layer: r.extra["kept_channels"] for r in records if r.pass_name == "prune" and "kept_channels" in r.extra}
+
+
+def _replay(prunable: list[_Group], path: str) -> dict[int, Tensor]:
+    try:
+        plan = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"prune plan={path!r} is not a readable JSON file: {exc}") from exc
+    keep = {}
+    for g in prunable:
+        entries = {s.name: plan[s.name] for s in g.producers if s.name in plan}
+        if not entries:
+            continue
+        kept = next(iter(entries.values()))
+        if any(v != kept for v in entries.values()) or not kept or max(kept) >= g.size or min(kept) < 0:
+            raise InputError(f"prune plan {path!r} disagrees with the model for {sorted(entries)}: "
+                             f"coupled layers need the same kept channels, each in [0, {g.size})")
+        keep[id(g)] = torch.tensor(sorted(set(kept)))
+    return keep
 
 
 def _fix_depthwise_groups(gm: fx.GraphModule) -> None:

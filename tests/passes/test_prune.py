@@ -115,3 +115,21 @@ def test_activation_importance_needs_calibration_and_bad_options():
                         ("prune:importance=taylor", "importance must be"), ("prune:scope=layer", "scope must be")]:
         with pytest.raises(RecipeError, match=msg):
             fxcompress.optimize(model, torch.randn(2, 8), recipe=recipe)
+
+
+def test_pruning_plan_replays_the_same_channels(tmp_path):
+    import json
+
+    from fxcompress.passes.prune import pruning_plan
+
+    model, example = zoo.resnet_mini()
+    first = fxcompress.optimize(model, example, recipe="fold_bn,prune:ratio=0.4")
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(pruning_plan(first.records)))
+    again = fxcompress.optimize(model, example, recipe=f"fold_bn,prune:plan={plan}")
+    torch.testing.assert_close(again(*example), first(*example))
+    bad = json.loads(plan.read_text())
+    bad["stem"] = [0]  # disagrees with the layers coupled to it by residual adds
+    plan.write_text(json.dumps(bad))
+    with pytest.raises(InputError, match="coupled layers need the same kept channels"):
+        fxcompress.optimize(model, example, recipe=f"fold_bn,prune:plan={plan}")
