@@ -3,8 +3,10 @@
 Each Conv/Linear output starts a *group* of channels. Walking the fx graph, the pass follows every group through
 the ops that keep channels aligned (BatchNorm, activations, pooling, dropout, depthwise conv, flatten into a Linear,
 concatenation) and merges groups that must lose the same channels (the operands of a residual ``add``/``mul``).
-A group reaching anything else (the graph output, LayerNorm, a reshape into attention heads, a grouped conv, an
-unknown op) is *refused* with that reason, and left whole: a pruned graph is always valid, never half-rewritten.
+Attention is followed too: a reshape that splits channels into (heads, head_dim), transposes, ``q @ k^T`` and
+``att @ v`` couple q, k and v, whose group then loses whole heads, and the reshapes' literal head counts are
+rewritten. A group reaching anything else (the graph output, LayerNorm, an untracked residual stream, a grouped
+conv, an unknown op) is *refused* with that reason and left whole: a pruned graph is always valid.
 
 Every prunable group keeps ``ceil((1 - ratio) * channels)`` channels (at least one) ranked by the summed,
 per-layer-normalised L1 or L2 norm of its producers' output rows (``importance=l1|l2``), optionally times the mean
@@ -21,7 +23,7 @@ import math
 import operator
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +45,14 @@ _UNARY = {
 }
 _POOL = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, aten.max_pool2d.default,
          aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default}
-_BINARY = {operator.add, operator.mul, operator.sub, torch.add, torch.mul, aten.add.Tensor, aten.mul.Tensor,
-           aten.sub.Tensor, "add", "mul", "sub"}
+_BINARY = {operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul, torch.div, aten.add.Tensor,
+           aten.mul.Tensor, aten.sub.Tensor, aten.div.Tensor, "add", "mul", "sub", "div"}
 _FLATTEN = {torch.flatten, aten.flatten.using_ints, "flatten"}
 _CAT = {torch.cat, torch.concat, aten.cat.default}
+_RESHAPE = {aten.reshape.default, aten.view.default, aten._unsafe_view.default, torch.reshape, "reshape", "view"}
+_TRANSPOSE = {aten.transpose.int, torch.transpose, "transpose"}
+_MATMUL = {aten.matmul.default, torch.matmul, operator.matmul, aten.bmm.default}
+_SOFTMAX = {aten.softmax.int, aten._softmax.default, torch.softmax, F.softmax, "softmax"}
 _BN_FNS = {F.batch_norm, aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
 _PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.LeakyReLU, nn.Dropout,
                  nn.Identity, nn.ELU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
@@ -76,6 +82,7 @@ class PruneConfig(PassConfig):
 @dataclass
 class _Group:
     size: int
+    unit: int = 1  # channels removed together: the head size once the group is split into attention heads
     producers: list[Site] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
     parent: Optional["_Group"] = None
@@ -89,6 +96,9 @@ class _Group:
 
 # A tracked tensor's channel axis is a concatenation of segments: (group, channels, features per channel).
 Layout = tuple[tuple[_Group, int, int], ...]
+# Where a tensor's channels are: an int axis, or, once reshaped into attention heads, ("heads", head axis, head-dim
+# axis or None after q.k^T contracted it, head size).
+Heads = tuple[str, int, Optional[int], int]
 
 
 @dataclass
@@ -109,6 +119,7 @@ class _Analysis:
         self.layouts: dict[fx.Node, tuple[Layout, int]] = {}  # node -> (layout, channel axis)
         self.uses: list[_Use] = []
         self.groups: list[_Group] = []
+        self.shape_patches: list[tuple[fx.Node, int, int, _Group, bool]] = []  # node, shape index, head size, group, split?
 
     def refuse(self, layout: Layout, reason: str) -> None:
         for g, _, _ in layout:
@@ -189,11 +200,75 @@ class _Analysis:
         elif target in _FLATTEN and axis == 1 and _flatten_start(node) == 1:
             spatial = math.prod(tracked[0].meta["tensor_meta"].shape[2:])
             self.layouts[node] = (tuple((g, n, r * spatial) for g, n, r in first_layout), -1)
+        elif target in _RESHAPE and len(tracked) == 1:
+            self._reshape(node, tracked[0])
+        elif target in _TRANSPOSE and isinstance(axis, tuple):
+            self._transpose(node, tracked[0])
+        elif target in _MATMUL:
+            self._matmul(node, tracked)
+        elif target in _SOFTMAX and isinstance(axis, tuple) and _dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"), _rank(node)) != axis[1]:
+            self.layouts[node] = (first_layout, axis)
         elif target in _CAT and len(node.args) > 0 and _cat_dim(node, tracked[0]) == axis and \
                 all(isinstance(a, fx.Node) and a in self.layouts for a in node.args[0]):
             self.layouts[node] = (tuple(seg for a in node.args[0] for seg in self.layouts[a][0]), axis)
         else:
             self._refuse_all(tracked, f"reaches {node.name} ({_op(node)}), which the dependency graph does not understand")
+
+    # -- attention heads: reshape (split / merge), transpose, q @ k^T, att @ v ---------------------------------------
+    def _reshape(self, node: fx.Node, src: fx.Node) -> None:
+        layout, axis = self.layouts[src]
+        shape = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else None
+        ins, outs = tuple(src.meta["tensor_meta"].shape), tuple(node.meta["tensor_meta"].shape)
+        why = f"reaches {node.name} ({_op(node)}), a reshape the dependency graph does not understand"
+        if shape is None:
+            return self.refuse(layout, why)
+        if isinstance(axis, int) and len(layout) == 1 and layout[0][2] == 1:  # split channels into (heads, head_dim)
+            ax = axis % len(ins)
+            if len(outs) == len(ins) + 1 and outs[:ax] == ins[:ax] and outs[ax + 2:] == ins[ax + 1:] and \
+                    outs[ax] * outs[ax + 1] == ins[ax] and isinstance(shape[ax], int) and shape[ax] > 0:
+                root = layout[0][0].root()
+                if root.unit not in (1, outs[ax + 1]):
+                    return self.refuse(layout, f"{node.name} splits channels into heads of another size")
+                root.unit = outs[ax + 1]
+                self.shape_patches.append((node, ax, outs[ax + 1], layout[0][0], True))
+                self.layouts[node] = (layout, ("heads", ax, ax + 1, outs[ax + 1]))
+                return None
+        if isinstance(axis, tuple) and axis[2] == axis[1] + 1:  # merge (heads, head_dim) back into channels
+            ax = axis[1]
+            if len(outs) == len(ins) - 1 and outs[:ax] == ins[:ax] and outs[ax + 1:] == ins[ax + 2:] and \
+                    isinstance(shape[ax], int) and shape[ax] in (-1, outs[ax]):
+                if shape[ax] > 0:
+                    self.shape_patches.append((node, ax, axis[3], layout[0][0], False))
+                self.layouts[node] = (layout, -1 if ax == len(outs) - 1 else ax)
+                return None
+        return self.refuse(layout, why)
+
+    def _transpose(self, node: fx.Node, src: fx.Node) -> None:
+        layout, (_, head, dim, size) = self.layouts[src]
+        rank = _rank(src)
+        a, b = _dim(node.args[1], rank), _dim(node.args[2], rank)
+        swap = {a: b, b: a}
+        self.layouts[node] = (layout, ("heads", swap.get(head, head), None if dim is None else swap.get(dim, dim), size))
+
+    def _matmul(self, node: fx.Node, tracked: list[fx.Node]) -> None:
+        a, b = node.args[0], node.args[1]
+        why = f"{node.name} ({_op(node)}) multiplies channels in a way the dependency graph does not understand"
+        if len(tracked) != 2 or a not in self.layouts or b not in self.layouts:
+            return self._refuse_all(tracked, why)
+        (la, xa), (lb, xb) = self.layouts[a], self.layouts[b]
+        rank = _rank(node)
+        if not (isinstance(xa, tuple) and isinstance(xb, tuple)) or xa[1] != xb[1] or xa[1] >= rank - 2 or _rank(a) != _rank(b):
+            return self._refuse_all(tracked, why)
+        if xa[2] == rank - 1 and xb[2] == rank - 2:  # q @ k^T: the head dims are contracted, heads stay
+            out = ("heads", xa[1], None, xa[3])
+        elif xa[2] is None and xb[2] == rank - 1:  # att @ v
+            out = ("heads", xa[1], rank - 1, xb[3])
+        else:
+            return self._refuse_all(tracked, why)
+        if self.union(la, lb, f"{node.name} ({_op(node)})") is None:
+            return None
+        self.layouts[node] = (la, out)
+        return None
 
     def _refuse_all(self, nodes: list[fx.Node], reason: str) -> None:
         for t in nodes:
@@ -241,6 +316,14 @@ class _Analysis:
 def _op(node: fx.Node) -> str:
     t = node.target
     return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def _rank(node: fx.Node) -> int:
+    return len(node.meta["tensor_meta"].shape)
+
+
+def _dim(d: Any, rank: int) -> Any:
+    return d % rank if isinstance(d, int) else d
 
 
 def _flatten_start(node: fx.Node) -> int:
@@ -319,7 +402,7 @@ def prune_channels(gm: fx.GraphModule, cfg: PruneConfig, ctx: PassContext) -> Pa
         keep = _keep(prunable, cfg, acts)
     # Producers' rows, then every consumer's columns / BN entries, each tensor sliced once per (tensor, dim).
     slices: dict[tuple[int, str, int], tuple[nn.Module, str, int, Tensor]] = {}
-    for g in prunable:
+    for g in (g for g in prunable if id(g) in keep):
         for s in g.producers:
             owner, attr = analysis.weight_of(s)
             slices[(id(owner), attr, 0)] = (owner, attr, 0, keep[id(g)])
@@ -334,6 +417,7 @@ def prune_channels(gm: fx.GraphModule, cfg: PruneConfig, ctx: PassContext) -> Pa
         _set(owner, attr, getattr(owner, attr).detach().index_select(dim, idx).contiguous())
     _sync_module_shapes(gm)
     _fix_depthwise_groups(gm)
+    _patch_shapes(analysis.shape_patches, keep)
     after = {s.name: s.weight_bytes for s in find_sites(gm)[0]}
     chosen_names = {s.name for s in chosen}
     for g in roots:
@@ -347,7 +431,8 @@ def prune_channels(gm: fx.GraphModule, cfg: PruneConfig, ctx: PassContext) -> Pa
                 records.append(LayerRecord(s.name, s.kind, cfg.name, "pruned", note, before.get(s.name, 0), after.get(s.name, 0),
                                            extra={"removed_channels": removed, "kept_channels": keep[id(g)].tolist()}))
             else:
-                reason = g.refused[0] if g.refused else "a single channel cannot be pruned"
+                reason = g.refused[0] if g.refused else ("a single channel cannot be pruned" if g.size == 1 else
+                                                         "kept whole: every channel ranked above the global threshold")
                 records.append(LayerRecord(s.name, s.kind, cfg.name, "skipped", reason, before.get(s.name, 0), after.get(s.name, 0)))
     return PassResult(gm, bool(keep), records)
 
@@ -355,13 +440,20 @@ def prune_channels(gm: fx.GraphModule, cfg: PruneConfig, ctx: PassContext) -> Pa
 def _keep(prunable: list[_Group], cfg: PruneConfig, acts: dict[str, Tensor]) -> dict[int, Tensor]:
     """Sorted indices of the channels each group keeps (by id of the group's root)."""
     kind = "l2" if cfg.importance == "activation" else cfg.importance
-    scores = {id(g): sum(_importance(s, kind, acts.get(s.name)) for s in g.producers) / len(g.producers) for g in prunable}
-    counts = {id(g): max(1, math.ceil((1 - cfg.ratio) * g.size)) for g in prunable}
+    # one score per removable unit: a channel, or a whole attention head (its channels summed)
+    scores = {id(g): (sum(_importance(s, kind, acts.get(s.name)) for s in g.producers) / len(g.producers)).reshape(-1, g.unit).mean(1)
+              for g in prunable}
+    counts = {id(g): max(1, math.ceil((1 - cfg.ratio) * (g.size // g.unit))) for g in prunable}
     if cfg.scope == "global" and prunable:
         pool = torch.cat([scores[id(g)] for g in prunable])
         threshold = torch.kthvalue(pool, max(1, int(cfg.ratio * pool.numel()))).values
         counts = {id(g): max(1, int((scores[id(g)] > threshold).sum())) for g in prunable}
-    return {id(g): torch.topk(scores[id(g)], counts[id(g)]).indices.sort().values for g in prunable}
+    keep = {}
+    for g in prunable:
+        if counts[id(g)] * g.unit < g.size:  # a global ranking may leave a group whole
+            units = torch.topk(scores[id(g)], counts[id(g)]).indices.sort().values
+            keep[id(g)] = (units[:, None] * g.unit + torch.arange(g.unit)).reshape(-1)
+    return keep
 
 
 def pruning_plan(records: list[LayerRecord]) -> dict[str, list[int]]:
@@ -390,6 +482,17 @@ def _replay(prunable: list[_Group], path: str) -> dict[int, Tensor]:
                              f"coupled layers need the same kept channels, each in [0, {g.size})")
         keep[id(g)] = torch.tensor(sorted(set(kept)))
     return keep
+
+
+def _patch_shapes(patches: list, keep: dict[int, Tensor]) -> None:
+    """Rewrite the literal head count / width in the reshapes that split and merge pruned attention heads."""
+    for node, index, head_size, group, split in patches:
+        kept = keep.get(id(group.root()))
+        if kept is None:
+            continue
+        shape = list(node.args[1])
+        shape[index] = len(kept) // head_size if split else len(kept)
+        node.args = (node.args[0], shape, *node.args[2:])
 
 
 def _fix_depthwise_groups(gm: fx.GraphModule) -> None:

@@ -59,14 +59,21 @@ def test_resnet_residual_groups_stay_consistent_under_random_ratios(tmp_path, se
     _ort_matches(cm, example, tmp_path)
 
 
-@pytest.mark.parametrize("ratio", [0.2, 0.6])
-def test_transformer_prunes_mlp_and_refuses_heads_and_residual_stream(tmp_path, ratio):
-    model, example = zoo.tiny_transformer()
+@pytest.mark.parametrize("ratio, heads", [(0.2, 4), (0.3, 3), (0.6, 2), (0.9, 1)])
+def test_transformer_prunes_whole_heads_and_mlp_and_refuses_the_residual_stream(tmp_path, ratio, heads):
+    model, example = zoo.tiny_transformer()  # 4 heads of 16, captured through torch.export
     cm = fxcompress.optimize(model, example, recipe=f"prune:ratio={ratio}")
     rec = {r.layer: r for r in cm.records if r.pass_name == "prune"}
     assert rec["blocks.0.fc1"].action == "pruned"
-    assert rec["blocks.0.attn.q"].action == "skipped" and "reshape" in rec["blocks.0.attn.q"].reason
+    q, k, v = (rec[f"blocks.1.attn.{n}"] for n in "qkv")
+    if heads < 4:
+        assert q.action == k.action == v.action == "pruned"
+        assert q.extra["kept_channels"] == k.extra["kept_channels"] == v.extra["kept_channels"]
+        kept = q.extra["kept_channels"]
+        assert len(kept) == 16 * heads and all(kept[i] // 16 == kept[i + 15] // 16 for i in range(0, len(kept), 16))
     assert rec["blocks.0.fc2"].action == "skipped" and "untracked" in rec["blocks.0.fc2"].reason
+    proj = dict(cm.module.named_parameters())["blocks.1.attn.proj.weight"]
+    assert proj.shape == (64, 16 * heads)  # proj reads only the kept heads; its output (residual) stays 64
     _ort_matches(cm, example, tmp_path)
 
 
