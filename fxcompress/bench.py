@@ -65,7 +65,11 @@ def _measure(name: str, path: Path, batches: Sequence[int], inputs: tuple, eval_
 
 def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     """Rewrite ``Gemm(A, B^T const, C)`` as ``MatMul(A, B) + C`` (same numbers): ORT's MatMulNBitsQuantizer only
-    quantizes MatMul, and torch's exporter writes 2-D Linear layers as Gemm."""
+    quantizes MatMul, and torch's exporter writes 2-D Linear layers as Gemm.
+
+    Example:
+        >>> onnx.save(gemm_to_matmul(onnx.load("fp32.onnx")), "fp32_matmul.onnx")
+    """
     from onnx import helper, numpy_helper
 
     model = onnx.ModelProto.FromString(model.SerializeToString())

@@ -25,7 +25,12 @@ QMIN, QMAX = 0, 255  # uint8 activations
 
 
 def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
-    """QuantizeLinear then DequantizeLinear to uint8 (round half to even, as ONNX does)."""
+    """QuantizeLinear then DequantizeLinear to uint8 (round half to even, as ONNX does).
+
+    Example:
+        >>> fake_quant(torch.tensor([0.25, 0.75]), torch.tensor(0.5), torch.tensor(0, dtype=torch.uint8)).tolist()
+        [0.0, 1.0]
+    """
     zp = zero_point.to(torch.float32)
     return (torch.clamp(torch.round(x / scale) + zp, QMIN, QMAX) - zp) * scale
 

@@ -74,7 +74,11 @@ def _choose_rank(cfg: SVDConfig, sigma: Tensor, n: int, k: int, layer: str) -> i
 
 
 def whitening(hessian: Tensor, damp: float) -> Tensor:
-    """Lower-triangular C with C C^T = X^T X + damp * mean(diag) * I."""
+    """Lower-triangular C with C C^T = X^T X + damp * mean(diag) * I.
+
+    Example:
+        >>> c = whitening(2 * x.t() @ x / len(x), damp=0.01)
+    """
     h = hessian.double()
     h = h + damp * torch.diag(h).mean().clamp_min(1e-12) * torch.eye(h.shape[0], dtype=h.dtype)
     return torch.linalg.cholesky(h)
@@ -100,7 +104,11 @@ def svd_factors(w: Tensor, cfg: SVDConfig, layer: str, hessian: Optional[Tensor]
 
 
 def tucker2(w: Tensor, cfg: SVDConfig, layer: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(U_in^T as [r_in, I, 1, 1], core [r_out, r_in, kh, kw], U_out as [O, r_out, 1, 1]) for a conv weight."""
+    """(U_in^T as [r_in, I, 1, 1], core [r_out, r_in, kh, kw], U_out as [O, r_out, 1, 1]) for a conv weight.
+
+    Example:
+        >>> first, core, last = tucker2(torch.randn(32, 16, 3, 3), SVDConfig(ratio=0.5), "conv")
+    """
     o, i, kh, kw = w.shape
     w64 = w.double()
     u_out = torch.linalg.svd(w64.reshape(o, -1), full_matrices=False)[0]
@@ -123,7 +131,13 @@ def tucker2(w: Tensor, cfg: SVDConfig, layer: str) -> tuple[Tensor, Tensor, Tens
 
 
 def spatial_svd(w: Tensor, cfg: SVDConfig, layer: str) -> tuple[Tensor, Tensor]:
-    """(vertical [r, I, kh, 1], horizontal [O, r, 1, kw]) whose composition approximates the conv weight ``w``."""
+    """(vertical [r, I, kh, 1], horizontal [O, r, 1, kw]) whose composition approximates the conv weight ``w``.
+
+    Example:
+        >>> v, h = spatial_svd(torch.randn(32, 16, 3, 3), SVDConfig(rank=8), "conv")
+        >>> v.shape, h.shape
+        (torch.Size([8, 16, 3, 1]), torch.Size([32, 8, 1, 3]))
+    """
     o, i, kh, kw = w.shape
     m = w.double().permute(1, 2, 0, 3).reshape(i * kh, o * kw)
     u, s, vt = torch.linalg.svd(m, full_matrices=False)

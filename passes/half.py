@@ -76,7 +76,8 @@ def _wants(gm: fx.GraphModule, node: fx.Node, fp32_sites: set[fx.Node], half: to
         mod = gm.get_submodule(str(node.target))
         if isinstance(mod, FP32_MODULES):
             return torch.float32
-        if isinstance(mod, HALF_MODULES) or not any(True for _ in mod.parameters()) and not any(True for _ in mod.buffers()):
+        stateless = not any(True for _ in mod.parameters()) and not any(True for _ in mod.buffers())
+        if isinstance(mod, HALF_MODULES) or stateless:
             return half
         return torch.float32  # an unknown module with state: its internals may not support half
     name = _op_name(node)

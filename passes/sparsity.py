@@ -59,7 +59,12 @@ def mask_2_4(w: Tensor) -> Tensor:
 
 
 def mask_magnitude(w: Tensor, ratio: float) -> Tensor:
-    """Boolean mask keeping the ``1 - ratio`` largest |w| of the tensor."""
+    """Boolean mask keeping the ``1 - ratio`` largest |w| of the tensor.
+
+    Example:
+        >>> mask_magnitude(torch.tensor([0.1, -3.0, 2.0, 0.5]), 0.5).tolist()
+        [False, True, True, False]
+    """
     k = int(ratio * w.numel())
     if k == 0:
         return torch.ones_like(w, dtype=torch.bool)
