@@ -35,6 +35,7 @@ class BenchRow:
     cosine: Optional[float] = None
     provider: str = ""
     accuracy: Optional[float] = None
+    gpu_mem_mb: Optional[float] = None
 
 
 def _tile(inputs: tuple, batch: int) -> tuple[np.ndarray, ...]:
@@ -60,7 +61,7 @@ def _measure(name: str, path: Path, batches: Sequence[int], inputs: tuple, eval_
     for b in batches:
         lat[b] = probe(path, [_tile(inputs, b)], provider=provider, repeat=repeat).latency_ms_p50
     return BenchRow(name, path.stat().st_size, sum(initializer_bytes(proto).values()), first.rss_load_mb, first.rss_run_mb, first.rss_peak_mb,
-                    lat, cos, first.provider, acc)
+                    lat, cos, first.provider, acc, first.gpu_mem_mb)
 
 
 def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -174,12 +175,17 @@ def format_rows(rows: Sequence[BenchRow]) -> str:
     base = rows[0]
     batches = list(base.latency_ms)
     with_acc = any(r.accuracy is not None for r in rows)
-    header = (["variant", "file", "weights (x fp32)", "RSS load (x fp32)", "RSS after runs", "RSS peak"]
-              + [f"p50 b{b} ms (x fp32)" for b in batches] + ["cosine"] + (["accuracy %"] if with_acc else []))
+    with_gpu = any(r.gpu_mem_mb is not None for r in rows)
+    header = (["variant", "provider", "file", "weights (x fp32)", "RSS load (x fp32)", "RSS after runs", "RSS peak"]
+              + (["GPU memory"] if with_gpu else []) + [f"p50 b{b} ms (x fp32)" for b in batches] + ["cosine"]
+              + (["accuracy %"] if with_acc else []))
     out = []
     for r in rows:
-        cells = [r.variant, fmt_bytes(r.file_bytes), f"{fmt_bytes(r.weight_bytes)} ({r.weight_bytes / base.weight_bytes:.3f})",
+        cells = [r.variant, r.provider.replace("ExecutionProvider", ""), fmt_bytes(r.file_bytes),
+                 f"{fmt_bytes(r.weight_bytes)} ({r.weight_bytes / base.weight_bytes:.3f})",
                  f"{r.rss_load_mb:.1f} MiB ({r.rss_load_mb / max(base.rss_load_mb, 1e-9):.2f})", f"{r.rss_run_mb:.1f} MiB", f"{r.rss_peak_mb:.1f} MiB"]
+        if with_gpu:
+            cells.append(f"{r.gpu_mem_mb:.0f} MiB" if r.gpu_mem_mb is not None else "n/a")
         for b in batches:
             v, ref = r.latency_ms.get(b), base.latency_ms.get(b)
             cells.append(f"{v:.2f} ({v / ref:.2f})" if v and ref else "n/a")
