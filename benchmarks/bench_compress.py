@@ -26,10 +26,7 @@ import fxcompress
 from fxcompress.distill import distill_module
 from fxcompress.models import zoo
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_int8 import environment  # noqa: E402
-
-OUT = Path(__file__).parent / "results"
+from common import OUT, environment
 RECOVERY = dict(steps=300, lr=1e-3, loss="kl")
 
 

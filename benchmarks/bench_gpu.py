@@ -9,20 +9,17 @@ GatherBlockQuantized for int4, which ORT's CUDA EP implements).
 
 from __future__ import annotations
 
-import datetime
-import json
 import subprocess
 import sys
-from pathlib import Path
 
 import onnxruntime
-import torch
+from common import environment, write_tables
 
-from fxcompress.bench import format_rows, rows_to_json, run_benchmark
+from fxcompress.bench import run_benchmark
 from fxcompress.models import zoo
 
-OUT = Path(__file__).parent / "results"
 RECIPES = ("fp16", "int8", "int4:block=32,algo=gptq,kinds=linear+embedding")
+BATCHES = {"minilm": (1, 16), "big_mlp": (1, 32)}
 
 
 def gpu_name() -> str:
@@ -37,20 +34,9 @@ def main() -> None:
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         sys.exit(f"CUDAExecutionProvider is not available (providers: {onnxruntime.get_available_providers()}); "
                  "install onnxruntime-gpu on a machine with an NVIDIA GPU. Nothing was written.")
-    env = (f"Measured {datetime.date.today()} on {gpu_name()}, onnxruntime {onnxruntime.__version__}, "
-           f"torch {torch.__version__}, provider CUDAExecutionProvider")
-    sections, data = [f"# fxcompress on ONNX Runtime CUDA EP\n\n{env}\n\nCommand: `python benchmarks/bench_gpu.py`\n"], {"env": env}
-    for name, batches in (("minilm", (1, 16)), ("big_mlp", (1, 32))):
-        print(f"benchmarking {name} ...", file=sys.stderr)
-        rows = run_benchmark(zoo.FACTORIES[name], recipes=RECIPES, targets=("cuda",), batches=batches, provider="cuda",
-                             ort_quantize_dynamic=False, calibration=zoo.CALIBRATION[name]())
-        table = format_rows(rows)
-        print(f"\n## {name}\n\n{table}\n")
-        sections.append(f"## {name}\n\n{table}\n")
-        data[name] = rows_to_json(rows)
-    OUT.mkdir(exist_ok=True)
-    (OUT / "gpu.md").write_text("\n".join(sections))
-    (OUT / "gpu.json").write_text(json.dumps(data, indent=2))
+    write_tables("gpu", "fxcompress on ONNX Runtime CUDA EP", environment(gpu_name(), "CUDAExecutionProvider"), list(BATCHES),
+                 lambda name: run_benchmark(zoo.FACTORIES[name], recipes=RECIPES, targets=("cuda",), batches=BATCHES[name],
+                                            provider="cuda", ort_quantize_dynamic=False, calibration=zoo.CALIBRATION[name]()))
 
 
 if __name__ == "__main__":

@@ -8,19 +8,15 @@ layers in the mixed recipe run as 8-bit MatMulNBits (int4 layers are MatMulNBits
 
 from __future__ import annotations
 
-import datetime
 import json
 import sys
 import tempfile
 from pathlib import Path
 
-import onnxruntime
-import torch
+from common import OUT, environment
 
 import fxcompress
 from fxcompress.models import zoo
-
-OUT = Path(__file__).parent / "results"
 INT4_EMB = "int4:kinds=embedding,block=64,clip=true"
 RECIPES = [
     ("int8 (reference)", "int8"),
@@ -47,7 +43,7 @@ def main() -> None:
             rows.append(dict(variant=label, recipe=recipe, cosine=rep.metrics.get("cosine"), cosine_min=rep.metrics.get("cosine_min"),
                              bytes_ratio=rep.weights["ratio"], onnx_bytes=rep.weights["onnx_bytes"], passed=rep.passed,
                              p50_ms_batch16=rep.latency["p50_ms"]))
-    env = f"Measured {datetime.date.today()}, onnxruntime {onnxruntime.__version__} CPU EP, torch {torch.__version__}"
+    env = environment()
     lines = [f"# int4 on MiniLM: RTN vs GPTQ\n\n{env}\n\nCommand: `python benchmarks/bench_int4_minilm.py`\n",
              "| variant | whole-model bytes (x fp32) | sentence cosine mean | worst | p50 ms (16 x 32 tokens) |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r['variant']} | {r['bytes_ratio']:.3f} | {r['cosine']:.5f} | {r['cosine_min']:.5f} | {r['p50_ms_batch16']:.1f} |" for r in rows]

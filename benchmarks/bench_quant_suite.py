@@ -11,24 +11,17 @@ Run:  python benchmarks/bench_quant_suite.py        (writes benchmarks/results/q
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from pathlib import Path
 
-from fxcompress.bench import format_rows, rows_to_json, run_benchmark
+from common import environment, write_tables
+
+from fxcompress.bench import run_benchmark
 from fxcompress.models import zoo
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_int8 import environment  # noqa: E402
-
-OUT = Path(__file__).parent / "results"
-
 SUITES = {
-    "big_mlp": dict(factory=zoo.big_mlp, recipes=("int8_dynamic", "int4:block=32", "int4:block=32,algo=gptq"),
-                    calibration=zoo.big_mlp_calibration, ort_nbits=("rtn", "gptq"), batches=(1, 32)),
-    "digits_cnn": dict(factory=zoo.digits_cnn, recipes=("fold_bn,int8", "fold_bn,int8_static", "fold_bn,int8:kinds=conv2d,int4:block=32"),
-                       calibration=zoo.digits_calibration, ort_nbits=(), batches=(1, 128)),
-    "minilm": dict(factory=zoo.minilm, recipes=("fp16", "int8_dynamic"), calibration=None, ort_nbits=(), batches=(1, 16)),
+    "big_mlp": dict(recipes=("int8_dynamic", "int4:block=32", "int4:block=32,algo=gptq"), ort_nbits=("rtn", "gptq"), batches=(1, 32)),
+    "digits_cnn": dict(recipes=("fold_bn,int8", "fold_bn,int8_static", "fold_bn,int8:kinds=conv2d,int4:block=32"), ort_nbits=(),
+                       batches=(1, 128)),
+    "minilm": dict(recipes=("fp16", "int8_dynamic"), ort_nbits=(), batches=(1, 16)),
 }
 
 
@@ -37,21 +30,13 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(SUITES))
     ap.add_argument("--repeat", type=int, default=20)
     args = ap.parse_args()
-    header = environment()
-    sections, data = [f"# Quantization suite on ONNX Runtime CPU\n\n{header}\n\nCommand: `python benchmarks/bench_quant_suite.py`\n"], {"env": header}
-    for name in args.models.split(","):
+
+    def measure(name: str):
         s = SUITES[name]
-        print(f"benchmarking {name} ...", file=sys.stderr)
-        rows = run_benchmark(s["factory"], recipes=s["recipes"], targets=("cpu",), batches=s["batches"], repeat=args.repeat,
-                             provider="cpu", ort_nbits=s["ort_nbits"], nbits_block=32,
-                             calibration=s["calibration"]() if s["calibration"] else None)
-        table = format_rows(rows)
-        print(f"\n## {name}\n\n{table}\n")
-        sections.append(f"## {name}\n\n{table}\n")
-        data[name] = rows_to_json(rows)
-    OUT.mkdir(exist_ok=True)
-    (OUT / "quant_suite.md").write_text("\n".join(sections))
-    (OUT / "quant_suite.json").write_text(json.dumps(data, indent=2))
+        return run_benchmark(zoo.FACTORIES[name], recipes=s["recipes"], targets=("cpu",), batches=s["batches"], repeat=args.repeat,
+                             provider="cpu", ort_nbits=s["ort_nbits"], nbits_block=32, calibration=zoo.CALIBRATION[name]())
+
+    write_tables("quant_suite", "Quantization suite on ONNX Runtime CPU", environment(), args.models.split(","), measure)
 
 
 if __name__ == "__main__":

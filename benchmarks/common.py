@@ -1,0 +1,50 @@
+"""What every benchmark script shares: the environment line and writing one table per model to results/."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import onnxruntime
+import torch
+
+from fxcompress.bench import BenchRow, format_rows, rows_to_json
+
+OUT = Path(__file__).parent / "results"
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def environment(device: str = "", provider: str = "CPUExecutionProvider") -> str:
+    """One line naming the date, device, thread count and library versions a result was measured with."""
+    device = device or f"{cpu_name()} ({torch.get_num_threads()} threads)"
+    return (f"Measured {datetime.date.today()} on {device}, onnxruntime {onnxruntime.__version__}, "
+            f"torch {torch.__version__}, provider {provider}")
+
+
+def write_tables(tag: str, title: str, env: str, models: Sequence[str], measure: Callable[[str], list[BenchRow]]) -> None:
+    """Run ``measure(model)`` for each model and write results/<tag>.md (a table per model) and .json."""
+    script = Path(sys.argv[0]).name
+    sections, data = [f"# {title}\n\n{env}\n\nCommand: `python benchmarks/{script}`\n"], {"env": env}
+    for name in models:
+        print(f"benchmarking {name} ...", file=sys.stderr)
+        rows = measure(name)
+        table = format_rows(rows)
+        print(f"\n## {name}\n\n{table}\n")
+        sections.append(f"## {name}\n\n{table}\n")
+        data[name] = rows_to_json(rows)
+    OUT.mkdir(exist_ok=True)
+    (OUT / f"{tag}.md").write_text("\n".join(sections))
+    (OUT / f"{tag}.json").write_text(json.dumps(data, indent=2))
