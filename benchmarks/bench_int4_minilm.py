@@ -26,7 +26,9 @@ RECIPES = [
     ("int4 GPTQ b32 + int8 embeddings", "int8:kinds=embedding,int4:block=32,algo=gptq"),
     ("int4 RTN b128 clip + int4 embeddings", f"{INT4_EMB},int4:block=128,clip=true"),
     ("int4 GPTQ b128 act-order clip + int4 embeddings", f"{INT4_EMB},int4:block=128,algo=gptq,act_order=true,clip=true"),
-    ("same, last encoder layer int8 (mixed)", f"{INT4_EMB},int8:include=*layer.5.*,int4:block=128,algo=gptq,act_order=true,clip=true"),
+    ("same, last encoder layer int8 (mixed by hand)", f"{INT4_EMB},int8:include=*layer.5.*,int4:block=128,algo=gptq,act_order=true,clip=true"),
+    ("same, int8 where sensitive, budget=0.15", f"{INT4_EMB},int4:block=128,algo=gptq,act_order=true,clip=true,budget=0.15"),
+    ("same, int8 where sensitive, budget=0.17", f"{INT4_EMB},int4:block=128,algo=gptq,act_order=true,clip=true,budget=0.17"),
 ]
 
 

@@ -56,6 +56,27 @@ def replace_site(gm: fx.GraphModule, site: Site, target: Any, tensors: dict[str,
     return replace_node(gm, site.node, target, tuple(args) + tuple(extra))
 
 
+def set_site_weight(gm: fx.GraphModule, site: Site, value: Tensor) -> Tensor:
+    """Store ``value`` as ``site``'s weight (module parameter or graph attribute) in place; return the old tensor.
+
+    Example:
+        >>> old = set_site_weight(gm, site, torch.zeros_like(site.weight))
+        >>> set_site_weight(gm, site, old)   # undo
+    """
+    if site.node.op == "call_module":
+        owner, attr = gm.get_submodule(str(site.node.target)), "weight"
+    else:
+        target = str(site.node.args[0 if site.kind == "embedding" else 1].target)
+        path, _, attr = target.rpartition(".")
+        owner = gm.get_submodule(path) if path else gm
+    old = getattr(owner, attr)
+    if isinstance(old, torch.nn.Parameter):
+        owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+    else:
+        owner._buffers[attr] = value
+    return old
+
+
 def _drop_unused_attributes(gm: fx.GraphModule) -> None:
     """Delete parameters/buffers nothing reads any more, so exports and byte counts stop carrying them."""
     read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}

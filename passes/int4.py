@@ -16,6 +16,10 @@ quantized, so later layers correct for the error upstream (one partial calibrati
 ``clip=true`` searches, per block, a shrink factor of the [min, max] range that minimises the block's squared
 error (large outliers otherwise stretch the grid for the other values of the block). Embedding tables are quantized
 by RTN (with the clip search if asked): a lookup has no input activations for GPTQ to weigh.
+
+``budget=b`` (e.g. 0.18) lets the selected Linear layers take up to b of their fp32 bytes: each layer's
+sensitivity is measured on the calibration data (model output error with only that layer int4-RTN), and the most
+sensitive layers per extra byte are kept int8 (per-channel, like the ``int8`` pass) while the budget allows.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from torch import Tensor, fx
 
 from fxcompress.calibration import input_hessians
 from fxcompress.errors import InputError
-from fxcompress.graph_edit import replace_site
+from fxcompress.graph_edit import replace_site, set_site_weight
+from fxcompress.passes.quantize import quantize_per_channel
 from fxcompress.ops import pack_nbits
 from fxcompress.passes.quantize import sqnr_db
 from fxcompress.pipeline import LayerRecord, PassConfig, PassContext, PassResult, Tolerance, register_pass, select_sites
@@ -50,6 +55,7 @@ class Int4Config(PassConfig):
     damp: float = 0.01
     clip: bool = False
     sequential: bool = True
+    budget: float = 0.0
     kinds: tuple[str, ...] = ("linear",)
 
     def __post_init__(self) -> None:
@@ -59,6 +65,8 @@ class Int4Config(PassConfig):
             raise ValueError(f"algo must be 'rtn' or 'gptq', got {self.algo!r}")
         if not 0 < self.damp < 1:
             raise ValueError(f"damp must be in (0, 1), got {self.damp}")
+        if self.budget and not 0.1 < self.budget < 1:
+            raise ValueError(f"budget must be in (0.1, 1) (bytes of the Linear layers vs fp32; 0 = all int4), got {self.budget}")
         if not self.kinds or set(self.kinds) - {"linear", "embedding"}:
             raise ValueError(f"kinds must be a non-empty subset of ('linear', 'embedding'), got {self.kinds}")
 
@@ -158,6 +166,16 @@ def dequantize(codes: Tensor, scale: Tensor, zp: Tensor, block: int) -> Tensor:
     return ((codes.reshape(n, -1, block) - zp.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(n, k)
 
 
+def _as_int8(gm: fx.GraphModule, site, cfg: "Int4Config", sensitivity: float) -> LayerRecord:
+    q, scale = quantize_per_channel(site.weight, axis=0)
+    bias = site.bias.to(torch.float32) if site.bias is not None else None
+    tensors = {"qweight": q.t().contiguous(), "scale": scale, "zero_point": None, "bias": bias}
+    replace_site(gm, site, torch.ops.fxcompress.linear_q8.default, tensors)
+    dq = q.float() * scale[:, None]
+    return LayerRecord(site.name, site.kind, cfg.name, "int8", f"kept int8 by budget={cfg.budget} (int4 output error {sensitivity:.2e})",
+                       site.weight_bytes, nbytes(*tensors.values()), sqnr_db(site.weight, dq), "weight SQNR dB")
+
+
 def _pack_linear(codes: Tensor, scale: Tensor, zp: Tensor, block: int) -> dict[str, Tensor]:
     n, k = codes.shape
     blocks = k // block
@@ -167,6 +185,50 @@ def _pack_linear(codes: Tensor, scale: Tensor, zp: Tensor, block: int) -> dict[s
 
 def _pack_embedding(codes: Tensor, scale: Tensor, zp: Tensor) -> dict[str, Tensor]:
     return {"packed": pack_nbits(codes, BITS), "scales": scale.contiguous(), "zero_points": pack_nbits(zp, BITS)}
+
+
+def _int4_bytes(n: int, k: int, block: int) -> int:
+    return n * k // 2 + n * (k // block) * 4 + n * -(-(k // block) // 2)
+
+
+def _flat_outputs(out) -> list[Tensor]:
+    flat, _ = torch.utils._pytree.tree_flatten(out)
+    return [t.float() for t in flat if isinstance(t, Tensor) and t.is_floating_point()]
+
+
+def layer_sensitivity(gm: fx.GraphModule, sites: list, block: int, batches) -> dict[str, float]:
+    """Relative squared error of the model's outputs on ``batches`` when only that layer is int4 (RTN).
+
+    Example:
+        >>> sens = layer_sensitivity(gm, linear_sites, 128, calibration)
+    """
+    with torch.no_grad():
+        reference = [_flat_outputs(gm(*b)) for b in batches]
+        power = sum(float(t.pow(2).sum()) for ref in reference for t in ref)
+        result = {}
+        for site in sites:
+            old = set_site_weight(gm, site, dequantize(*quantize_rtn(site.weight, block), block).to(site.weight.dtype))
+            try:
+                err = sum(float((o - r).pow(2).sum()) for b, ref in zip(batches, reference) for o, r in zip(_flat_outputs(gm(*b)), ref))
+            finally:
+                set_site_weight(gm, site, old)
+            result[site.name] = err / max(power, 1e-30)
+    return result
+
+
+def _keep_int8(gm: fx.GraphModule, sites: list, cfg: "Int4Config", batches) -> dict[str, float]:
+    """Names (-> sensitivity) of the Linear layers the byte budget keeps int8, most sensitive per extra byte first."""
+    if batches is None:
+        raise InputError("int4 budget= needs calibration data to measure layer sensitivity: optimize(..., calibration=[...])")
+    sens = layer_sensitivity(gm, sites, cfg.block, batches)
+    allowed = cfg.budget * sum(s.weight_bytes for s in sites) - sum(_int4_bytes(*s.weight.shape, cfg.block) + nbytes(s.bias) for s in sites)
+    extra = {s.name: s.weight.numel() + 4 * s.weight.shape[0] - _int4_bytes(*s.weight.shape, cfg.block) for s in sites}
+    keep = {}
+    for name in sorted(sens, key=lambda n: sens[n] / extra[n], reverse=True):
+        if extra[name] <= allowed:
+            allowed -= extra[name]
+            keep[name] = sens[name]
+    return keep
 
 
 @register_pass(Int4Config)
@@ -195,9 +257,13 @@ def quantize_int4(gm: fx.GraphModule, cfg: Int4Config, ctx: PassContext) -> Pass
     if gptq_sites and not cfg.sequential:
         hessians = input_hessians(gm, {s.name: s.input for s in gptq_sites}, ctx.calibration)
     ops = torch.ops.fxcompress
+    keep8 = _keep_int8(gm, [s for s in fit if s.kind == "linear"], cfg, ctx.calibration) if cfg.budget else {}
     for site in fit:
         ctx.progress(site.name)
         w = site.weight.to(torch.float32)
+        if site.name in keep8:
+            records.append(_as_int8(gm, site, cfg, keep8[site.name]))
+            continue
         algo = "gptq" if site.name in gptq_names else "rtn"
         if algo == "gptq" and site.name not in hessians:  # sequential: this layer and its input's other readers
             group = {s.name: s.input for s in gptq_sites if s.input is site.input and s.name not in hessians}

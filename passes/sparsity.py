@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch import Tensor, fx, nn
+from torch import Tensor, fx
 
+from fxcompress.graph_edit import set_site_weight
 from fxcompress.passes.quantize import sqnr_db
 from fxcompress.pipeline import LayerRecord, PassConfig, PassContext, PassResult, Tolerance, register_pass, select_sites
-from fxcompress.sites import Site
 
 DENSE_NOTE = "weights zeroed, tensor stays dense: no bytes or speed saved in ONNX / ORT"
 
@@ -72,20 +72,6 @@ def mask_magnitude(w: Tensor, ratio: float) -> Tensor:
     return w.abs() > threshold
 
 
-def _write_weight(gm: fx.GraphModule, site: Site, value: Tensor) -> None:
-    if site.node.op == "call_module":
-        owner, attr = gm.get_submodule(str(site.node.target)), "weight"
-    else:
-        target = str(site.node.args[0 if site.kind == "embedding" else 1].target)
-        path, _, attr = target.rpartition(".")
-        owner = gm.get_submodule(path) if path else gm
-    old = getattr(owner, attr)
-    if isinstance(old, nn.Parameter):
-        owner._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
-    else:
-        owner._buffers[attr] = value
-
-
 def _sparsify(gm: fx.GraphModule, cfg: PassConfig, ctx: PassContext, make_mask) -> PassResult:
     sites, records = select_sites(gm, cfg, ("linear", "conv1d", "conv2d"))
     changed = False
@@ -96,7 +82,7 @@ def _sparsify(gm: fx.GraphModule, cfg: PassConfig, ctx: PassContext, make_mask) 
             records.append(LayerRecord(site.name, site.kind, cfg.name, "skipped", why, site.weight_bytes, site.weight_bytes))
             continue
         sparse = w * why
-        _write_weight(gm, site, sparse.contiguous())
+        set_site_weight(gm, site, sparse.contiguous())
         changed = True
         zeros = 1 - why.float().mean().item()
         records.append(LayerRecord(site.name, site.kind, cfg.name, "sparse", f"{zeros:.0%} zeros; {DENSE_NOTE}",

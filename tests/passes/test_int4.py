@@ -142,3 +142,33 @@ def test_sequential_and_one_shot_gptq_both_beat_rtn():
 def test_bad_int4_kinds():
     with pytest.raises(RecipeError, match="kinds must be a non-empty subset"):
         fxcompress.optimize(nn.Linear(32, 4), torch.randn(1, 32), recipe="int4:kinds=conv2d")
+
+
+def test_budget_keeps_the_most_sensitive_layers_int8_within_the_bytes():
+    from fxcompress.passes.int4 import layer_sensitivity
+    from fxcompress.sites import find_sites
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
+    with torch.no_grad():
+        model[2].weight[:, :4] *= 20  # outlier columns: int4 blocks around them lose the rest of the row
+    calib = [(torch.randn(32, 64),) for _ in range(2)]
+    gm = torch.fx.symbolic_trace(model)
+    sens = layer_sensitivity(gm, find_sites(gm)[0], 32, calib)
+    assert max(sens, key=sens.get) == "2"
+    cm = fxcompress.optimize(model, calib[0], recipe="int4:block=32,budget=0.22", calibration=calib)
+    actions = {r.layer: r.action for r in cm.records}
+    assert actions["2"] == "int8" and list(actions.values()).count("int8") == 1
+    fp32 = sum(r.bytes_before for r in cm.records)
+    assert sum(r.bytes_after for r in cm.records) <= 0.22 * fp32
+    all_int4 = fxcompress.optimize(model, calib[0], recipe="int4:block=32", calibration=calib)
+    x = torch.randn(16, 64)
+    assert sqnr_db(model(x), cm(x)) > sqnr_db(model(x), all_int4(x))
+
+
+def test_budget_needs_calibration_and_a_sane_value():
+    model = nn.Sequential(nn.Linear(64, 32)).eval()
+    with pytest.raises(InputError, match="budget= needs calibration data"):
+        fxcompress.optimize(model, torch.randn(2, 64), recipe="int4:block=32,budget=0.3")
+    with pytest.raises(RecipeError, match=r"budget must be in \(0.1, 1\)"):
+        fxcompress.optimize(model, torch.randn(2, 64), recipe="int4:block=32,budget=2")
