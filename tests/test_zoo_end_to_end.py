@@ -99,10 +99,9 @@ def test_minilm_fp16_is_half_the_bytes_at_cosine_0_9999(made, tmp_path):
 
 
 @pytest.mark.slow
-def test_minilm_int4_gptq_mixed_meets_bytes_and_cosine(made, tmp_path):
+def test_minilm_int4_gptq_with_sensitivity_budget_meets_bytes_and_cosine(made, tmp_path):
     model, example, ev = made("minilm")
-    recipe = ("int4:kinds=embedding,block=64,clip=true,int8:include=*layer.5.*,"
-              "int4:block=128,algo=gptq,act_order=true,clip=true")
+    recipe = "int4:kinds=embedding,block=64,clip=true,int4:block=128,algo=gptq,act_order=true,clip=true,budget=0.15"
     cm = fxcompress.optimize(model, example, recipe=recipe, calibration=zoo.minilm_calibration())
     rep = fxcompress.check(model, cm.export(tmp_path / "m.onnx", target="cpu-nbits"), example, eval_inputs=ev.inputs,
                            fp32_baseline=False, provider="cpu")
