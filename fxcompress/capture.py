@@ -56,6 +56,16 @@ def run_reference(model: nn.Module, inputs: Sequence[Any]) -> Any:
         ) from exc
 
 
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors in a model's (possibly nested: tuple, list, dict, ModelOutput) outputs, in flattening order.
+
+    Example:
+        >>> [t.shape for t in output_tensors({"logits": torch.zeros(2, 3), "n": 1})]
+        [torch.Size([2, 3])]
+    """
+    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

@@ -15,21 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from fxcompress.capture import normalize_inputs
+from fxcompress.capture import normalize_inputs, output_tensors
 from fxcompress.errors import InputError
 from fxcompress.progress import progress_bar
 
 LOSSES = ("mse", "kl", "cosine")
-
-
-def _flat(out: Any) -> list[Tensor]:
-    if isinstance(out, Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flat(o)]
-    return []
 
 
 def _loss(student: list[Tensor], teacher: list[Tensor], kind: str, temperature: float) -> Tensor:
@@ -109,9 +99,9 @@ def distill_module(
             for step, batch in zip(range(steps), itertools.cycle(batches)):
                 batch = tuple(t.to(dev) if isinstance(t, Tensor) else t for t in batch)
                 with torch.no_grad():
-                    target = _flat(teacher(*batch))
+                    target = output_tensors(teacher(*batch))
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                    out = _flat(student(*batch))
+                    out = output_tensors(student(*batch))
                 value = _loss(out, target, loss, temperature)
                 opt.zero_grad(set_to_none=True)
                 try:

@@ -56,6 +56,31 @@ def replace_site(gm: fx.GraphModule, site: Site, target: Any, tensors: dict[str,
     return replace_node(gm, site.node, target, tuple(args) + tuple(extra))
 
 
+def attr_owner(gm: fx.GraphModule, fqn: str) -> tuple[torch.nn.Module, str]:
+    """The module holding the attribute ``fqn`` and its local name: ``"a.b.weight"`` -> ``(gm.a.b, "weight")``."""
+    path, _, attr = fqn.rpartition(".")
+    return (gm.get_submodule(path) if path else gm), attr
+
+
+def site_tensor(gm: fx.GraphModule, site: Site, which: str = "weight") -> tuple[torch.nn.Module, str]:
+    """Where ``site``'s ``"weight"`` or ``"bias"`` is stored: (owning module, attribute name), whether the site is a
+    module call or a function reading get_attr nodes."""
+    if site.node.op == "call_module":
+        return gm.get_submodule(str(site.node.target)), which
+    index = (0 if site.kind == "embedding" else 1) if which == "weight" else 2
+    return attr_owner(gm, str(site.node.args[index].target))
+
+
+def replace_tensor(owner: torch.nn.Module, attr: str, value: Tensor) -> Tensor:
+    """Swap the parameter or buffer ``owner.attr`` for ``value``, keeping its kind and requires_grad; return the old one."""
+    old = getattr(owner, attr)
+    if isinstance(old, torch.nn.Parameter):
+        owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+    else:
+        owner._buffers[attr] = value
+    return old
+
+
 def set_site_weight(gm: fx.GraphModule, site: Site, value: Tensor) -> Tensor:
     """Store ``value`` as ``site``'s weight (module parameter or graph attribute) in place; return the old tensor.
 
@@ -63,18 +88,7 @@ def set_site_weight(gm: fx.GraphModule, site: Site, value: Tensor) -> Tensor:
         >>> old = set_site_weight(gm, site, torch.zeros_like(site.weight))
         >>> set_site_weight(gm, site, old)   # undo
     """
-    if site.node.op == "call_module":
-        owner, attr = gm.get_submodule(str(site.node.target)), "weight"
-    else:
-        target = str(site.node.args[0 if site.kind == "embedding" else 1].target)
-        path, _, attr = target.rpartition(".")
-        owner = gm.get_submodule(path) if path else gm
-    old = getattr(owner, attr)
-    if isinstance(old, torch.nn.Parameter):
-        owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=old.requires_grad)
-    else:
-        owner._buffers[attr] = value
-    return old
+    return replace_tensor(*site_tensor(gm, site), value)
 
 
 def _drop_unused_attributes(gm: fx.GraphModule) -> None:
@@ -90,8 +104,7 @@ def _drop_unused_attributes(gm: fx.GraphModule) -> None:
 
     for fqn in [n for n, _ in gm.named_parameters(remove_duplicate=False)] + [n for n, _ in gm.named_buffers(remove_duplicate=False)]:
         if not live(fqn):
-            owner_name, _, attr = fqn.rpartition(".")
-            owner = gm.get_submodule(owner_name) if owner_name else gm
+            owner, attr = attr_owner(gm, fqn)
             if attr in owner._parameters:
                 del owner._parameters[attr]
             elif attr in owner._buffers:

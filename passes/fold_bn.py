@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from fxcompress.graph_edit import attr_owner
 from fxcompress.pipeline import EXACT, LayerRecord, PassConfig, PassContext, PassResult, Tolerance, register_pass, select_sites
 from fxcompress.sites import Site, find_sites, nbytes, stored_tensor
 
@@ -77,14 +78,13 @@ def _write_back(gm: fx.GraphModule, site: Site, weight: Tensor, bias: Tensor) ->
         mod.weight = nn.Parameter(weight, requires_grad=False)
         mod.bias = nn.Parameter(bias, requires_grad=False)
         return
-    w_node = node.args[1]
-    owner_name, _, attr = str(w_node.target).rpartition(".")
-    owner = gm.get_submodule(owner_name) if owner_name else gm
+    w_target = str(node.args[1].target)
+    owner_name = w_target.rpartition(".")[0]  # for the get_attr of a new bias beside the weight
+    owner, attr = attr_owner(gm, w_target)
     setattr(owner, attr, nn.Parameter(weight, requires_grad=False))
     b_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     if isinstance(b_node, fx.Node):
-        b_owner_name, _, b_attr = str(b_node.target).rpartition(".")
-        setattr(gm.get_submodule(b_owner_name) if b_owner_name else gm, b_attr, nn.Parameter(bias, requires_grad=False))
+        setattr(*attr_owner(gm, str(b_node.target)), nn.Parameter(bias, requires_grad=False))
         return
     b_attr = attr.replace("weight", "bias") if "weight" in attr and not hasattr(owner, attr.replace("weight", "bias")) else f"{attr}_folded_bias"
     owner.register_parameter(b_attr, nn.Parameter(bias, requires_grad=False))

@@ -18,6 +18,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from fxcompress.graph_edit import attr_owner, replace_tensor
 from fxcompress.pipeline import LayerRecord, PassConfig, PassContext, PassResult, Tolerance, register_pass, select_sites
 from fxcompress.sites import find_sites
 
@@ -142,7 +143,7 @@ def _passthrough(node: fx.Node, srcs: list[fx.Node], actual: dict) -> Optional[t
     declared = _out_dtype(node)
     if declared is None or not srcs:
         return declared
-    name = str(node.target) if node.op == "call_method" else getattr(node.target, "_opname", getattr(node.target, "__name__", ""))
+    name = _op_name(node)
     explicit = _METHOD_DTYPES.get(name) if node.op == "call_method" else None
     explicit = explicit or node.kwargs.get("dtype") or next((a for a in node.args if isinstance(a, torch.dtype)), None)
     if explicit is not None or name == "type_as":
@@ -154,11 +155,6 @@ def _store_half_if_only_half_reads(gm: fx.GraphModule, node: fx.Node, wants: dic
     readers = [wants.get(u) for u in node.users]
     if not readers or any(r != half for r in readers):
         return _out_dtype(node)
-    owner_name, _, attr = str(node.target).rpartition(".")
-    owner = gm.get_submodule(owner_name) if owner_name else gm
-    tensor = getattr(owner, attr)
-    if isinstance(tensor, nn.Parameter):
-        owner._parameters[attr] = nn.Parameter(tensor.detach().to(half), requires_grad=False)
-    else:
-        owner._buffers[attr] = tensor.detach().to(half)
+    owner, attr = attr_owner(gm, str(node.target))
+    replace_tensor(owner, attr, getattr(owner, attr).detach().to(half))
     return half

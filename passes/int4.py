@@ -31,11 +31,11 @@ import torch
 from torch import Tensor, fx
 
 from fxcompress.calibration import input_hessians
+from fxcompress.capture import output_tensors
 from fxcompress.errors import InputError
 from fxcompress.graph_edit import replace_site, set_site_weight
-from fxcompress.passes.quantize import quantize_per_channel
 from fxcompress.ops import pack_nbits
-from fxcompress.passes.quantize import sqnr_db
+from fxcompress.passes.quantize import rewrite_int8, sqnr_db
 from fxcompress.pipeline import LayerRecord, PassConfig, PassContext, PassResult, Tolerance, register_pass, select_sites
 from fxcompress.sites import nbytes
 
@@ -167,11 +167,7 @@ def dequantize(codes: Tensor, scale: Tensor, zp: Tensor, block: int) -> Tensor:
 
 
 def _as_int8(gm: fx.GraphModule, site, cfg: "Int4Config", sensitivity: float) -> LayerRecord:
-    q, scale = quantize_per_channel(site.weight, axis=0)
-    bias = site.bias.to(torch.float32) if site.bias is not None else None
-    tensors = {"qweight": q.t().contiguous(), "scale": scale, "zero_point": None, "bias": bias}
-    replace_site(gm, site, torch.ops.fxcompress.linear_q8.default, tensors)
-    dq = q.float() * scale[:, None]
+    _, tensors, dq = rewrite_int8(gm, site)
     return LayerRecord(site.name, site.kind, cfg.name, "int8", f"kept int8 by budget={cfg.budget} (int4 output error {sensitivity:.2e})",
                        site.weight_bytes, nbytes(*tensors.values()), sqnr_db(site.weight, dq), "weight SQNR dB")
 
@@ -192,8 +188,7 @@ def _int4_bytes(n: int, k: int, block: int) -> int:
 
 
 def _flat_outputs(out) -> list[Tensor]:
-    flat, _ = torch.utils._pytree.tree_flatten(out)
-    return [t.float() for t in flat if isinstance(t, Tensor) and t.is_floating_point()]
+    return [t.float() for t in output_tensors(out) if t.is_floating_point()]
 
 
 def layer_sensitivity(gm: fx.GraphModule, sites: list, block: int, batches) -> dict[str, float]:

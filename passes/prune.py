@@ -32,6 +32,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fxcompress.calibration import observe
 from fxcompress.errors import InputError
+from fxcompress.graph_edit import attr_owner, replace_tensor, site_tensor
 from fxcompress.pipeline import LayerRecord, PassConfig, PassContext, PassResult, Tolerance, register_pass, select_sites
 from fxcompress.sites import Site, find_sites
 
@@ -160,15 +161,15 @@ class _Analysis:
             elif axis != want_axis:
                 self.refuse(layout, f"{site.name} reads channels on a different axis")
             elif depthwise:
-                self.uses.append(_Use(*self.weight_of(site), 0, layout))
+                self.uses.append(_Use(*site_tensor(self.gm, site), 0, layout))
                 if site.bias is not None:
-                    self.uses.append(_Use(*self.bias_of(site), 0, layout))
+                    self.uses.append(_Use(*site_tensor(self.gm, site, "bias"), 0, layout))
                 self.layouts[node] = (layout, 1)
                 return
             elif groups > 1:
                 self.refuse(layout, f"{site.name} is a grouped conv (groups={groups})")
             else:
-                self.uses.append(_Use(*self.weight_of(site), 1, layout))
+                self.uses.append(_Use(*site_tensor(self.gm, site), 1, layout))
         if site.kind == "embedding":
             return
         g = _Group(site.weight.shape[0])
@@ -299,18 +300,8 @@ class _Analysis:
         else:
             for a in node.args[1:5]:
                 if isinstance(a, fx.Node) and a.op == "get_attr":
-                    self.uses.append(_Use(*_holder(self.gm, str(a.target)), 0, layout))
+                    self.uses.append(_Use(*attr_owner(self.gm, str(a.target)), 0, layout))
         self.layouts[node] = (layout, axis)
-
-    def weight_of(self, site: Site) -> tuple[nn.Module, str]:
-        if site.node.op == "call_module":
-            return self.gm.get_submodule(str(site.node.target)), "weight"
-        return _holder(self.gm, str(site.node.args[1].target))
-
-    def bias_of(self, site: Site) -> tuple[nn.Module, str]:
-        if site.node.op == "call_module":
-            return self.gm.get_submodule(str(site.node.target)), "bias"
-        return _holder(self.gm, str(site.node.args[2].target))
 
 
 def _op(node: fx.Node) -> str:
@@ -336,11 +327,6 @@ def _cat_dim(node: fx.Node, like: fx.Node) -> int:
     return -1 if d in (-1, rank - 1) else d
 
 
-def _holder(gm: fx.GraphModule, target: str) -> tuple[nn.Module, str]:
-    owner, _, attr = target.rpartition(".")
-    return (gm.get_submodule(owner) if owner else gm), attr
-
-
 def _importance(site: Site, kind: str, act: Optional[Tensor]) -> Tensor:
     w = site.weight.float().reshape(site.weight.shape[0], -1)
     score = w.abs().sum(1) if kind == "l1" else w.pow(2).sum(1).sqrt()
@@ -357,14 +343,6 @@ def _indices(layout: Layout, keep: dict[int, Tensor]) -> Tensor:
         out.append((offset + kept[:, None] * r + torch.arange(r)[None, :]).reshape(-1))
         offset += n * r
     return torch.cat(out)
-
-
-def _set(owner: nn.Module, attr: str, value: Tensor) -> None:
-    old = getattr(owner, attr)
-    if isinstance(old, nn.Parameter):
-        owner._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
-    else:
-        owner._buffers[attr] = value
 
 
 def _sync_module_shapes(gm: fx.GraphModule) -> None:
@@ -404,17 +382,17 @@ def prune_channels(gm: fx.GraphModule, cfg: PruneConfig, ctx: PassContext) -> Pa
     slices: dict[tuple[int, str, int], tuple[nn.Module, str, int, Tensor]] = {}
     for g in (g for g in prunable if id(g) in keep):
         for s in g.producers:
-            owner, attr = analysis.weight_of(s)
+            owner, attr = site_tensor(gm, s)
             slices[(id(owner), attr, 0)] = (owner, attr, 0, keep[id(g)])
             if s.bias is not None:
-                owner, attr = analysis.bias_of(s)
+                owner, attr = site_tensor(gm, s, "bias")
                 slices[(id(owner), attr, 0)] = (owner, attr, 0, keep[id(g)])
     for use in analysis.uses:
         if any(id(g.root()) in keep for g, _, _ in use.layout):
             slices[(id(use.owner), use.attr, use.dim)] = (use.owner, use.attr, use.dim, _indices(use.layout, keep))
     before = {s.name: s.weight_bytes for s in chosen}
     for owner, attr, dim, idx in slices.values():
-        _set(owner, attr, getattr(owner, attr).detach().index_select(dim, idx).contiguous())
+        replace_tensor(owner, attr, getattr(owner, attr).detach().index_select(dim, idx).contiguous())
     _sync_module_shapes(gm)
     _fix_depthwise_groups(gm)
     _patch_shapes(analysis.shape_patches, keep)

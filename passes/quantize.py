@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor, fx
 
 from fxcompress.graph_edit import replace_site
 from fxcompress.pipeline import LayerRecord, PassConfig, PassContext, PassResult, Tolerance, register_pass, select_sites
-from fxcompress.sites import nbytes
+from fxcompress.sites import Site, nbytes
 
 QUANTIZABLE_KINDS = ("linear", "conv1d", "conv2d", "embedding")
 
@@ -78,6 +78,32 @@ def sqnr_db(reference: Tensor, approx: Tensor) -> float:
     return 10 * math.log10(max(signal, 1e-300) / noise)
 
 
+def rewrite_int8(gm: fx.GraphModule, site: Site, shared: Optional[dict[str, fx.Node]] = None
+                 ) -> tuple[fx.Node, dict[str, Optional[Tensor]], Tensor]:
+    """Replace ``site`` by its ``fxcompress::*_q8`` op with per-output-channel int8 weights.
+
+    ``shared`` passes the get_attr nodes of a tied weight already quantized. Returns the new node, the tensors it
+    stores and the dequantized weight (for the error).
+
+    Example:
+        >>> node, tensors, dq = rewrite_int8(gm, site)
+    """
+    q, scale = quantize_per_channel(site.weight, axis=0)
+    bias = site.bias.to(torch.float32) if site.bias is not None else None
+    ops = torch.ops.fxcompress
+    extra: tuple = ()
+    if site.kind == "linear":
+        target, tensors = ops.linear_q8.default, {"qweight": q.t().contiguous(), "scale": scale, "zero_point": None, "bias": bias}
+    elif site.kind == "embedding":
+        target, tensors = ops.embedding_q8.default, {"qweight": q, "scale": scale}
+    else:
+        c = site.conv
+        target, tensors = ops.conv_q8.default, {"qweight": q, "scale": scale, "zero_point": None, "bias": bias}
+        extra = (c["stride"], c["padding"], c["dilation"], c["groups"])
+    new = replace_site(gm, site, target, tensors, extra, shared=shared)
+    return new, tensors, q.to(torch.float32) * scale.reshape(-1, *([1] * (q.dim() - 1)))
+
+
 @register_pass(Int8DynamicConfig)
 @register_pass(Int8Config)
 def quantize_int8(gm: fx.GraphModule, cfg: Int8Config, ctx: PassContext) -> PassResult:
@@ -89,30 +115,16 @@ def quantize_int8(gm: fx.GraphModule, cfg: Int8Config, ctx: PassContext) -> Pass
         'int8'
     """
     sites, records = select_sites(gm, cfg, cfg.kinds)
-    ops = torch.ops.fxcompress
     done: dict[tuple, tuple[str, dict[str, fx.Node]]] = {}  # (weight storage, layout) -> first site, its nodes
     for site in sites:
         ctx.progress(site.name)
         layout = "conv" if site.kind.startswith("conv") else site.kind
         tie = done.get((site.weight_key, layout))
-        q, scale = quantize_per_channel(site.weight, axis=0)
-        bias = site.bias.to(torch.float32) if site.bias is not None else None
-        if site.kind == "linear":
-            tensors = {"qweight": q.t().contiguous(), "scale": scale, "zero_point": None, "bias": bias}
-            new = replace_site(gm, site, ops.linear_q8.default, tensors, shared=tie[1] if tie else None)
-        elif site.kind == "embedding":
-            tensors = {"qweight": q, "scale": scale}
-            new = replace_site(gm, site, ops.embedding_q8.default, tensors, shared=tie[1] if tie else None)
-        else:
-            c = site.conv
-            tensors = {"qweight": q, "scale": scale, "zero_point": None, "bias": bias}
-            extra = (c["stride"], c["padding"], c["dilation"], c["groups"])
-            new = replace_site(gm, site, ops.conv_q8.default, tensors, extra, shared=tie[1] if tie else None)
+        new, tensors, dq = rewrite_int8(gm, site, shared=tie[1] if tie else None)
         if tie is None:
             done[(site.weight_key, layout)] = (site.name, {"qweight": new.args[1], "scale": new.args[2]})
-            before, after, note = site.weight_bytes, nbytes(q, scale, bias), ""
+            before, after, note = site.weight_bytes, nbytes(*tensors.values()), ""
         else:
-            before, after, note = nbytes(site.bias), nbytes(bias), f"shares the int8 weight of {tie[0]}"
-        dq = q.to(torch.float32) * scale.reshape(-1, *([1] * (q.dim() - 1)))
+            before, after, note = nbytes(site.bias), nbytes(tensors.get("bias")), f"shares the int8 weight of {tie[0]}"
         records.append(LayerRecord(site.name, site.kind, cfg.name, "int8", note, before, after, sqnr_db(site.weight, dq), "weight SQNR dB"))
     return PassResult(gm, bool(sites), records)

@@ -18,7 +18,7 @@ from torch import Tensor, fx
 from fxcompress.calibration import observe
 from fxcompress.errors import InputError
 from fxcompress.graph_edit import replace_site
-from fxcompress.ops_static import QMAX, fake_quant
+from fxcompress.ops_static import QMAX, QMIN
 from fxcompress.passes.quantize import quantize_per_channel, sqnr_db
 from fxcompress.pipeline import LayerRecord, PassConfig, PassContext, PassResult, Tolerance, register_pass, select_sites
 from fxcompress.sites import Site, nbytes
@@ -127,8 +127,8 @@ def quantize_int8_static(gm: fx.GraphModule, cfg: Int8StaticConfig, ctx: PassCon
 
 
 def _lo(scale: Tensor, zp: Tensor) -> float:
-    return float(fake_quant(torch.tensor(-1e30), scale, zp))
+    return float((QMIN - zp.float()) * scale)
 
 
 def _hi(scale: Tensor, zp: Tensor) -> float:
-    return float(fake_quant(torch.tensor(1e30), scale, zp))
+    return float((QMAX - zp.float()) * scale)
