@@ -9,6 +9,7 @@ Example:
 """
 
 from fxcompress.api import CompressedModel, optimize
+from fxcompress.calibration import Calibration
 from fxcompress.distill import distill
 from fxcompress.errors import (
     CaptureError,
@@ -24,7 +25,7 @@ from fxcompress.pipeline import LayerRecord, PassConfig, PassResult, Tolerance, 
 
 __version__ = "0.1.0"
 __all__ = [
-    "optimize", "check", "distill", "CompressedModel", "ParityReport", "Tolerance", "LayerRecord", "PassConfig", "PassResult",
+    "optimize", "check", "distill", "Calibration", "CompressedModel", "ParityReport", "Tolerance", "LayerRecord", "PassConfig", "PassResult",
     "register_pass", "parse_recipe", "available_passes", "FxCompressError", "CaptureError", "InputError",
     "RecipeError", "PassError", "ExportError", "RuntimeMissingError",
 ]

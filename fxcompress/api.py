@@ -12,6 +12,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import fx, nn
 
+from fxcompress.calibration import Calibration
 from fxcompress.capture import capture, normalize_inputs, run_reference
 from fxcompress.errors import InputError, PassError
 from fxcompress.export import export_onnx
@@ -118,7 +119,8 @@ def optimize(
         model: any ``nn.Module``; captured with torch.fx, or torch.export when symbolic tracing fails.
         example_inputs: a tensor or tuple of positional tensors the model accepts.
         recipe: pass names with options (``"fold_bn,int8"``), a config, or a list of either.
-        calibration: input tuples for passes that look at activations.
+        calibration: input tuples for passes that look at activations; a :class:`Calibration` can also mark
+            padding so that statistics skip it.
         progress: show a progress bar over the layers being rewritten.
 
     Returns:
@@ -136,7 +138,9 @@ def optimize(
     """
     configs = parse_recipe(recipe)
     inputs = normalize_inputs(example_inputs)
-    calib = [normalize_inputs(c) for c in calibration] if calibration is not None else None
+    calib = None
+    if calibration is not None:  # keeps a Calibration's token mask
+        calib = Calibration((normalize_inputs(c) for c in calibration), getattr(calibration, "token_mask", None))
     captured = capture(model, inputs)
     gm = captured.graph_module
     before = state_bytes(gm)

@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import fx
 
 from fxcompress.errors import InputError
+
+
+class Calibration(list):
+    """Calibration batches (a list of input tuples) that can say which positions are padding.
+
+    ``token_mask`` is the index of the input holding a [batch, seq] mask (1 = real token, 0 = padding, e.g. a
+    tokenizer's attention_mask). Statistics then skip padded positions: with short sentences padded to a fixed
+    length most rows are padding, and their activations would otherwise dominate the Hessians and ranges that
+    GPTQ, activation-aware SVD, static int8 and activation pruning are fitted to.
+
+    Example:
+        >>> calib = Calibration([(ids, mask) for ids, mask in batches], token_mask=1)
+        >>> cm = fxcompress.optimize(model, example, recipe="int4:algo=gptq", calibration=calib)
+    """
+
+    def __init__(self, batches: Iterable[tuple] = (), token_mask: Optional[int] = None) -> None:
+        super().__init__(batches)
+        self.token_mask = token_mask
+
+
+def _real_rows(value: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``value`` without its padded positions, as [tokens, *rest], when its leading dims are the mask's."""
+    if mask is None or value.dim() <= mask.dim() or tuple(value.shape[: mask.dim()]) != tuple(mask.shape):
+        return value
+    return value[mask.bool()]
 
 
 class _AllSeen(Exception):
@@ -35,7 +60,8 @@ class _Recorder(fx.Interpreter):
 
 def observe(gm: fx.GraphModule, nodes: dict[str, fx.Node], batches: Sequence[tuple],
             on_value: Callable[[str, torch.Tensor], None]) -> None:
-    """Run ``gm`` on every calibration batch and call ``on_value(name, tensor)`` with each named node's output.
+    """Run ``gm`` on every calibration batch and call ``on_value(name, tensor)`` with each named node's output
+    (only the real tokens', as [tokens, features], when ``batches`` is a :class:`Calibration` with a token mask).
 
     Raises:
         InputError: no batches, or a batch the model cannot run on (its index and shapes are named).
@@ -49,10 +75,16 @@ def observe(gm: fx.GraphModule, nodes: dict[str, fx.Node], batches: Sequence[tup
     watch: dict[fx.Node, list[str]] = {}
     for name, node in nodes.items():
         watch.setdefault(node, []).append(name)
+    token_mask = getattr(batches, "token_mask", None)
     with torch.no_grad():
         for i, batch in enumerate(batches):
+            if token_mask is not None and not (token_mask < len(batch) and isinstance(batch[token_mask], torch.Tensor)
+                                               and batch[token_mask].dim() == 2):
+                raise InputError(f"calibration token_mask={token_mask} must name a [batch, seq] tensor input; "
+                                 f"batch {i} has {len(batch)} inputs")
+            mask = batch[token_mask] if token_mask is not None else None
             try:
-                _Recorder(gm, watch, on_value).run(*batch)
+                _Recorder(gm, watch, lambda name, t: on_value(name, _real_rows(t, mask))).run(*batch)
             except _AllSeen:
                 pass
             except Exception as exc:

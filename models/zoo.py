@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fxcompress.calibration import Calibration
+
 
 @dataclass
 class EvalData:
@@ -253,11 +255,12 @@ def tokenize(sentences: list[str], max_length: int = 32) -> tuple[Tensor, Tensor
     return b["input_ids"], b["attention_mask"]
 
 
-def minilm_calibration(max_length: int = 32, batch: int = 8) -> list[tuple[Tensor, Tensor]]:
-    """Calibration batches for MiniLM from sentences disjoint from the evaluation set."""
+def minilm_calibration(max_length: int = 32, batch: int = 8) -> Calibration:
+    """Calibration batches for MiniLM from sentences disjoint from the evaluation set; statistics skip padding."""
     from fxcompress.models.sentences import CALIBRATION_SENTENCES
 
-    return [tokenize(CALIBRATION_SENTENCES[i : i + batch], max_length) for i in range(0, len(CALIBRATION_SENTENCES), batch)]
+    batches = [tokenize(CALIBRATION_SENTENCES[i : i + batch], max_length) for i in range(0, len(CALIBRATION_SENTENCES), batch)]
+    return Calibration(batches, token_mask=1)
 
 
 def minilm(max_length: int = 32) -> tuple[nn.Module, tuple, EvalData]:

@@ -1,0 +1,71 @@
+"""Calibration statistics: padding marked by a token mask never reaches the Hessians, ranges or importances."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import fxcompress
+from fxcompress.calibration import Calibration, input_hessians
+from fxcompress.capture import capture
+from fxcompress.sites import find_sites
+
+
+class MaskedEncoder(nn.Module):
+    """Token features -> Linear; the mask is an input (as in HF encoders) but padding still flows through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * mask.unsqueeze(-1)
+
+
+def _batches() -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    batches, real = [], []
+    for lengths in ([5, 2, 3], [1, 4, 6]):
+        x = torch.randn(3, 6, 8, generator=g)
+        mask = (torch.arange(6)[None, :] < torch.tensor(lengths)[:, None]).long()
+        x[mask == 0] = 100.0  # padding activations far from the real ones: any leak shows in the statistics
+        batches.append((x, mask))
+        real.append(x[mask.bool()])
+    return batches, torch.cat(real).double()
+
+
+def _site_hessian(calibration) -> torch.Tensor:
+    model = MaskedEncoder()
+    gm = capture(model, calibration[0]).graph_module
+    site = find_sites(gm)[0][0]
+    return input_hessians(gm, {"fc": site.input}, calibration)["fc"]
+
+
+def test_token_mask_keeps_only_real_tokens_in_hessians():
+    batches, real = _batches()
+    masked = _site_hessian(Calibration(batches, token_mask=1))
+    torch.testing.assert_close(masked, 2 * real.t() @ real / len(real))
+    unmasked = _site_hessian(batches)
+    assert unmasked.abs().max() > 100 * masked.abs().max()  # without the mask, padding dominates
+
+
+def _input_range_max(calibration) -> float:
+    cm = fxcompress.optimize(MaskedEncoder(), calibration[0], recipe="int8_static", calibration=calibration)
+    (detail,) = [r.reason for r in cm.records if r.action == "int8-static"]
+    return float(re.match(r"x in \[(\S+), (\S+)\]", detail).group(2))
+
+
+def test_optimize_passes_the_token_mask_to_passes():
+    batches, real = _batches()
+    assert _input_range_max(batches) > 99  # the padding value
+    assert _input_range_max(Calibration(batches, token_mask=1)) == pytest.approx(real.max().item(), rel=0.02)
+
+
+@pytest.mark.parametrize("token_mask", [2, 0])
+def test_token_mask_must_name_a_2d_input(token_mask):
+    batches, _ = _batches()
+    with pytest.raises(fxcompress.InputError, match=f"token_mask={token_mask} must name a \\[batch, seq\\] tensor"):
+        _site_hessian(Calibration(batches, token_mask=token_mask))
