@@ -53,6 +53,7 @@ _CAT = {torch.cat, torch.concat, aten.cat.default}
 _RESHAPE = {aten.reshape.default, aten.view.default, aten._unsafe_view.default, torch.reshape, "reshape", "view"}
 _TRANSPOSE = {aten.transpose.int, torch.transpose, "transpose"}
 _MATMUL = {aten.matmul.default, torch.matmul, operator.matmul, aten.bmm.default}
+_SDPA = {aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention}
 _SOFTMAX = {aten.softmax.int, aten._softmax.default, torch.softmax, F.softmax, "softmax"}
 _BN_FNS = {F.batch_norm, aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
 _PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.LeakyReLU, nn.Dropout,
@@ -207,6 +208,8 @@ class _Analysis:
             self._transpose(node, tracked[0])
         elif target in _MATMUL:
             self._matmul(node, tracked)
+        elif target in _SDPA:
+            self._attention(node, tracked)
         elif target in _SOFTMAX and isinstance(axis, tuple) and _dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"), _rank(node)) != axis[1]:
             self.layouts[node] = (first_layout, axis)
         elif target in _CAT and len(node.args) > 0 and _cat_dim(node, tracked[0]) == axis and \
@@ -218,21 +221,32 @@ class _Analysis:
     # -- attention heads: reshape (split / merge), transpose, q @ k^T, att @ v ---------------------------------------
     def _reshape(self, node: fx.Node, src: fx.Node) -> None:
         layout, axis = self.layouts[src]
-        shape = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else None
+        shape = _shape_arg(node)
         ins, outs = tuple(src.meta["tensor_meta"].shape), tuple(node.meta["tensor_meta"].shape)
         why = f"reaches {node.name} ({_op(node)}), a reshape the dependency graph does not understand"
         if shape is None:
             return self.refuse(layout, why)
         if isinstance(axis, int) and len(layout) == 1 and layout[0][2] == 1:  # split channels into (heads, head_dim)
             ax = axis % len(ins)
+            # the head count is a literal (rewritten below) or -1 next to a literal head size (inferred again)
+            literal = isinstance(shape[ax], int) and shape[ax] > 0
+            inferred = shape[ax] == -1 and shape[ax + 1] == outs[ax + 1]
             if len(outs) == len(ins) + 1 and outs[:ax] == ins[:ax] and outs[ax + 2:] == ins[ax + 1:] and \
-                    outs[ax] * outs[ax + 1] == ins[ax] and isinstance(shape[ax], int) and shape[ax] > 0:
+                    outs[ax] * outs[ax + 1] == ins[ax] and (literal or inferred):
                 root = layout[0][0].root()
                 if root.unit not in (1, outs[ax + 1]):
                     return self.refuse(layout, f"{node.name} splits channels into heads of another size")
                 root.unit = outs[ax + 1]
-                self.shape_patches.append((node, ax, outs[ax + 1], layout[0][0], True))
+                if literal:
+                    self.shape_patches.append((node, ax, outs[ax + 1], layout[0][0], True))
                 self.layouts[node] = (layout, ("heads", ax, ax + 1, outs[ax + 1]))
+                return None
+        if isinstance(axis, tuple) and ins == outs:  # a reshape to the same shape (HF BERT after attention)
+            head, dim, size = axis[1], axis[2], axis[3]
+            if shape[head] in (-1, outs[head]) and (dim is None or shape[dim] in (-1, size)):
+                if shape[head] != -1:
+                    self.shape_patches.append((node, head, size, layout[0][0], True))
+                self.layouts[node] = (layout, axis)
                 return None
         if isinstance(axis, tuple) and axis[2] == axis[1] + 1:  # merge (heads, head_dim) back into channels
             ax = axis[1]
@@ -269,6 +283,23 @@ class _Analysis:
         if self.union(la, lb, f"{node.name} ({_op(node)})") is None:
             return None
         self.layouts[node] = (la, out)
+        return None
+
+    def _attention(self, node: fx.Node, tracked: list[fx.Node]) -> None:
+        """softmax(q k^T) v in one op: q, k and v lose the same heads; the output has v's head layout."""
+        qkv = list(node.args[:3])
+        why = f"{node.name} ({_op(node)}) attends over channels the dependency graph cannot split into heads"
+        if set(tracked) != set(qkv) or len(set(qkv)) != 3:
+            return self._refuse_all(tracked, why)
+        axes = [self.layouts[t][1] for t in qkv]
+        rank = _rank(node)
+        if not all(isinstance(x, tuple) and x[1] == rank - 3 and x[2] == rank - 1 for x in axes):
+            return self._refuse_all(tracked, why)
+        layout = self.layouts[qkv[0]][0]
+        for t in qkv[1:]:
+            if self.union(layout, self.layouts[t][0], f"{node.name} ({_op(node)})") is None:
+                return None
+        self.layouts[node] = (layout, axes[2])
         return None
 
     def _refuse_all(self, nodes: list[fx.Node], reason: str) -> None:
@@ -315,6 +346,17 @@ def _rank(node: fx.Node) -> int:
 
 def _dim(d: Any, rank: int) -> Any:
     return d % rank if isinstance(d, int) else d
+
+
+def _shape_arg(node: fx.Node) -> Optional[list]:
+    """The target shape of a reshape/view, whether given as one list (aten, torch.reshape) or as varargs
+    (``x.view(b, s, -1, d)`` traced by fx)."""
+    args = node.args[1:]
+    if len(args) == 1 and isinstance(args[0], (list, tuple)):
+        return list(args[0])
+    if len(args) > 1 and isinstance(node.target, str):
+        return list(args)
+    return None
 
 
 def _flatten_start(node: fx.Node) -> int:
@@ -468,9 +510,9 @@ def _patch_shapes(patches: list, keep: dict[int, Tensor]) -> None:
         kept = keep.get(id(group.root()))
         if kept is None:
             continue
-        shape = list(node.args[1])
+        shape = list(_shape_arg(node))
         shape[index] = len(kept) // head_size if split else len(kept)
-        node.args = (node.args[0], shape, *node.args[2:])
+        node.args = (node.args[0], shape)
 
 
 def _fix_depthwise_groups(gm: fx.GraphModule) -> None:

@@ -107,3 +107,20 @@ def test_minilm_int4_gptq_with_sensitivity_budget_meets_bytes_and_cosine(made, t
                            fp32_baseline=False, provider="cpu")
     assert rep.passed, rep.failures
     assert rep.weights["ratio"] <= 0.16 and rep.metrics["cosine"] >= 0.98
+
+
+@pytest.mark.slow
+def test_minilm_attention_heads_prune_whole_and_run_on_ort(made, tmp_path):
+    model, example, ev = made("minilm")
+    cm = fxcompress.optimize(model, example, recipe="prune:ratio=0.25,include=*.attention.self.*")
+    pruned = [r for r in cm.records if r.action == "pruned"]
+    assert len(pruned) == 18  # q, k, v of all six layers
+    for r in pruned:
+        removed = r.extra["removed_channels"]
+        assert len(removed) == 96 and len({c // 32 for c in removed}) == 3  # three whole heads (of 12, 32 wide)
+    # reference = the pruned torch module: the artifact must compute exactly what it computes
+    rep = fxcompress.check(cm.module, cm.export(tmp_path / "m.onnx"), example, eval_inputs=ev.inputs,
+                           fp32_baseline=False, provider="cpu")
+    assert rep.metrics["max_abs"] <= 1e-4
+    layer = cm.module.get_submodule("encoder.encoder.layer.3.attention")
+    assert layer.self.value.weight.shape == (288, 384) and layer.output.dense.weight.shape == (384, 288)

@@ -140,3 +140,38 @@ def test_pruning_plan_replays_the_same_channels(tmp_path):
     plan.write_text(json.dumps(bad))
     with pytest.raises(InputError, match="coupled layers need the same kept channels"):
         fxcompress.optimize(model, example, recipe=f"fold_bn,prune:plan={plan}")
+
+
+class BertStyleAttention(nn.Module):
+    """HF BERT's shapes: view(..., -1, head_dim) (head count inferred), fused SDPA, a same-shape reshape after it."""
+
+    def __init__(self, dim: int = 32, head_dim: int = 8):
+        super().__init__()
+        self.head_dim = head_dim
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        split = lambda t: t.view(b, s, -1, self.head_dim).transpose(1, 2)  # noqa: E731
+        att = nn.functional.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), scale=0.3)
+        att = att.reshape(b, -1, s, self.head_dim).transpose(1, 2).reshape(b, s, -1)
+        return self.norm(self.out(att) + x)
+
+
+def test_bert_style_attention_loses_whole_heads_exactly(tmp_path):
+    model = BertStyleAttention().eval()
+    x = torch.randn(2, 5, 32)
+    cm = fxcompress.optimize(model, x, recipe="prune:ratio=0.25")
+    rec = {r.layer: r for r in cm.records}
+    removed = rec["q"].extra["removed_channels"]
+    assert rec["k"].extra["removed_channels"] == rec["v"].extra["removed_channels"] == removed
+    assert len(removed) == 8 and len({c // 8 for c in removed}) == 1  # exactly one whole head of four
+    assert _channels(cm, "q") == _channels(cm, "k") == _channels(cm, "v") == 24
+    assert rec["out"].action == "skipped"  # its output joins the residual stream
+    # heads are independent: dropping one equals zeroing its columns in the output projection
+    ref = BertStyleAttention().eval()
+    ref.load_state_dict(model.state_dict())
+    ref.out.weight.data[:, removed] = 0
+    torch.testing.assert_close(cm(x), ref(x))
+    _ort_matches(cm, (x,), tmp_path)
