@@ -6,7 +6,8 @@ Run:  python benchmarks/bench_compress.py          (writes benchmarks/results/co
   300 steps of KL distillation on the training split, then int8; Torch-Pruning (MagnitudePruner, L2, same ratio,
   same recovery budget and data) on the same trained CNN, side by side.
 * ResNet-mini and the tiny transformer: structure after pruning (bytes, what was refused), ORT vs torch max |diff|.
-* MiniLM: SVD of the 12 FFN Linears at 50% of their bytes, plain vs activation-aware, then int8 (+ int4 embeddings).
+* MiniLM: SVD of the 12 FFN Linears at 50% of their bytes, plain vs activation-aware, then int8 (+ int4 embeddings);
+  attention-head and FFN-neuron pruning (no recovery).
 """
 
 from __future__ import annotations
@@ -119,6 +120,9 @@ def minilm(tmp: Path) -> list[dict]:
         ("SVD 75% FFN, plain", f"svd:ratio=0.75,{ffn}"),
         ("SVD 75% FFN, activation-aware", f"svd:ratio=0.75,aware=true,{ffn}"),
         ("SVD 75% FFN, aware + int8 + int4 embeddings", f"svd:ratio=0.75,aware=true,{ffn},{emb4},int8"),
+        ("prune 25% of the heads (3 of 12 per layer), activation importance",
+         "prune:ratio=0.25,importance=activation,include=*.attention.self.*"),
+        ("prune 25% of the heads and 25% of the FFN neurons", "prune:ratio=0.25,importance=activation"),
     ]:
         print(label, file=sys.stderr)
         cm = fxcompress.optimize(model, example, recipe=recipe, calibration=calibration)
@@ -145,7 +149,7 @@ def main() -> None:
               "| model | ratio | bytes (x fp32) | pruned layers | refused because | ORT vs torch max abs |", "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['model']} | {r['ratio']} | {r['bytes']:.3f} | {r['pruned_layers']} | {'; '.join(r['refused'])} | {r['ort_vs_torch_max_abs']:.2e} |"
               for r in data["structure"]]
-    lines += ["\n## MiniLM: SVD of the FFN Linears (64 real sentences, ORT CPU, cpu-nbits export)\n",
+    lines += ["\n## MiniLM: SVD of the FFN Linears, head pruning (64 real sentences, ORT CPU, cpu-nbits export)\n",
               "| variant | whole-model bytes (x fp32) | cosine mean | worst |", "| --- | --- | --- | --- |"]
     lines += [f"| {r['variant']} | {r['bytes']:.3f} | {r['cosine']:.4f} | {r['cosine_min']:.4f} |" for r in data["minilm"]]
     text = "\n".join(lines) + "\n"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +36,9 @@ def _loss(student: list[Tensor], teacher: list[Tensor], kind: str, temperature: 
     return total
 
 
-def _make_trainable(module: nn.Module) -> list[tuple[nn.Module, str]]:
-    """Turn floating-point buffers into parameters (factor weights are stored as buffers); return them to undo."""
+def _make_trainable(module: nn.Module, trainable: Optional[Callable[[str], bool]] = None) -> list[tuple[nn.Module, str]]:
+    """Turn floating-point buffers into parameters (factor weights are stored as buffers) and train those whose
+    qualified name ``trainable`` accepts (all by default); return the moved buffers to undo."""
     moved = []
     for mod in module.modules():
         for name, buf in list(mod._buffers.items()):
@@ -45,8 +46,8 @@ def _make_trainable(module: nn.Module) -> list[tuple[nn.Module, str]]:
                 del mod._buffers[name]
                 mod._parameters[name] = nn.Parameter(buf.detach().clone())
                 moved.append((mod, name))
-    for p in module.parameters():
-        p.requires_grad_(p.is_floating_point())
+    for name, p in module.named_parameters():
+        p.requires_grad_(p.is_floating_point() and (trainable is None or trainable(name)))
     return moved
 
 
@@ -68,12 +69,16 @@ def distill_module(
     amp: Optional[bool] = None,
     device: str = "auto",
     progress: bool = False,
+    trainable: Optional[Callable[[str], bool]] = None,
 ) -> list[float]:
     """Fine-tune ``student`` in place against ``teacher`` (unchanged) for ``steps`` Adam steps over ``data``
     (cycled); returns the loss per step. ``amp`` (default: on when CUDA runs it) uses torch.autocast in bf16.
+    ``trainable`` picks the tensors to train by qualified name (default: every floating-point weight); with little
+    data, training only the new factors overfits less than training the whole model.
 
     Example:
         >>> losses = distill_module(cm.module, model, [(x,) for x in batches], steps=50)
+        >>> losses = distill_module(cm.module, model, data, steps=50, trainable=lambda name: "_svd_" in name)
     """
     if loss not in LOSSES:
         raise InputError(f"distill loss must be one of {LOSSES}, got {loss!r}")
@@ -86,12 +91,12 @@ def distill_module(
     amp = dev.type == "cuda" if amp is None else amp
     teacher = copy.deepcopy(teacher).to(dev).eval()
     student.to(dev)  # left in eval mode: no dropout noise, and torch.export graphs cannot switch to train()
-    moved = _make_trainable(student)
+    moved = _make_trainable(student, trainable)
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         _restore_buffers(moved)
-        raise InputError("distill found no floating-point weights to train (the model is fully quantized?); "
-                         "distill before quantizing: recipe 'svd,distill,int8'")
+        raise InputError("distill found no floating-point weights to train (the model is fully quantized, or "
+                         "`trainable` accepted no name?); distill before quantizing: recipe 'svd,distill,int8'")
     opt = torch.optim.Adam(params, lr=lr)
     history: list[float] = []
     try:
@@ -124,7 +129,7 @@ def distill_module(
 
 def distill(compressed: Any, teacher: nn.Module, data: Sequence[Any], steps: int = 100, *, lr: float = 1e-4,
             loss: str = "mse", temperature: float = 1.0, amp: Optional[bool] = None, device: str = "auto",
-            progress: bool = False) -> Any:
+            progress: bool = False, trainable: Optional[Callable[[str], bool]] = None) -> Any:
     """Fine-tune ``compressed`` (a :class:`~fxcompress.CompressedModel`) against ``teacher``; returns it, with a
     ``distill`` record (loss first -> last) added. The teacher is never modified.
 
@@ -136,7 +141,7 @@ def distill(compressed: Any, teacher: nn.Module, data: Sequence[Any], steps: int
 
     module: fx.GraphModule = compressed.module
     history = distill_module(module, teacher, data, steps=steps, lr=lr, loss=loss, temperature=temperature, amp=amp,
-                             device=device, progress=progress)
+                             device=device, progress=progress, trainable=trainable)
     compressed.records.append(LayerRecord("(whole model)", "model", "distill", "distilled",
                                           f"{steps} steps, {loss} loss {history[0]:.4g} -> {history[-1]:.4g}"))
     return compressed

@@ -32,6 +32,20 @@ def test_distill_reduces_the_error_of_a_factorized_model_and_leaves_the_teacher_
     assert all(not p.requires_grad for p in cm.module.parameters())
 
 
+def test_distill_trains_only_the_tensors_named_trainable():
+    model, data = _setup()
+    cm = fxcompress.optimize(model, data[0], recipe="svd:rank=4")
+    before = {k: v.clone() for k, v in cm.module.state_dict().items()}
+    before_err = _err(cm, model, data)
+    fxcompress.distill(cm, model, data, steps=50, lr=3e-3, trainable=lambda name: "_svd_" in name)
+    changed = {k for k, v in cm.module.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all("_svd_" in k for k in changed)
+    assert any("_svd_" not in k and v.is_floating_point() for k, v in before.items())  # there were others to leave
+    assert _err(cm, model, data) < before_err
+    with pytest.raises(InputError, match="`trainable` accepted no name"):
+        fxcompress.distill(cm, model, data, steps=1, trainable=lambda name: False)
+
+
 def test_distill_as_a_recipe_step_before_int8():
     model, data = _setup()
     plain = fxcompress.optimize(model, data[0], recipe="svd:rank=4,int8", calibration=data)
