@@ -13,7 +13,6 @@ Run:  python benchmarks/bench_compress.py          (writes benchmarks/results/co
 from __future__ import annotations
 
 import copy
-import json
 import re
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import fxcompress
 from fxcompress.distill import distill_module
 from fxcompress.models import zoo
 
-from common import OUT, environment
+from common import environment, save_results
 RECOVERY = dict(steps=300, lr=1e-3, loss="kl")
 
 
@@ -154,9 +153,7 @@ def main() -> None:
     lines += [f"| {r['variant']} | {r['bytes']:.3f} | {r['cosine']:.4f} | {r['cosine_min']:.4f} |" for r in data["minilm"]]
     text = "\n".join(lines) + "\n"
     print(text)
-    OUT.mkdir(exist_ok=True)
-    (OUT / "compress.md").write_text(text)
-    (OUT / "compress.json").write_text(json.dumps(data, indent=2))
+    save_results("compress", text, data)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,11 @@ layers in the mixed recipe run as 8-bit MatMulNBits (int4 layers are MatMulNBits
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 from pathlib import Path
 
-from common import OUT, environment
+from common import environment, save_results
 
 import fxcompress
 from fxcompress.models import zoo
@@ -51,9 +50,7 @@ def main() -> None:
     lines += [f"| {r['variant']} | {r['bytes_ratio']:.3f} | {r['cosine']:.5f} | {r['cosine_min']:.5f} | {r['p50_ms_batch16']:.1f} |" for r in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    OUT.mkdir(exist_ok=True)
-    (OUT / "int4_minilm.md").write_text(text)
-    (OUT / "int4_minilm.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2))
+    save_results("int4_minilm", text, {"env": env, "rows": rows})
 
 
 if __name__ == "__main__":

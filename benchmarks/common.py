@@ -34,6 +34,13 @@ def environment(device: str = "", provider: str = "CPUExecutionProvider") -> str
             f"torch {torch.__version__}, provider {provider}")
 
 
+def save_results(tag: str, text: str, data: dict) -> None:
+    """Write results/<tag>.md (the table a README section copies) and results/<tag>.json (the same, as data)."""
+    OUT.mkdir(exist_ok=True)
+    (OUT / f"{tag}.md").write_text(text)
+    (OUT / f"{tag}.json").write_text(json.dumps(data, indent=2))
+
+
 def write_tables(tag: str, title: str, env: str, models: Sequence[str], measure: Callable[[str], list[BenchRow]]) -> None:
     """Run ``measure(model)`` for each model and write results/<tag>.md (a table per model) and .json."""
     script = Path(sys.argv[0]).name
@@ -45,6 +52,4 @@ def write_tables(tag: str, title: str, env: str, models: Sequence[str], measure:
         print(f"\n## {name}\n\n{table}\n")
         sections.append(f"## {name}\n\n{table}\n")
         data[name] = rows_to_json(rows)
-    OUT.mkdir(exist_ok=True)
-    (OUT / f"{tag}.md").write_text("\n".join(sections))
-    (OUT / f"{tag}.json").write_text(json.dumps(data, indent=2))
+    save_results(tag, "\n".join(sections), data)

@@ -13,7 +13,6 @@ embedding, Adam lr 3e-4, batches of 32); cosine on the evaluation sentences is m
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import sys
@@ -24,7 +23,7 @@ import fxcompress
 from fxcompress.distill import distill_module
 from fxcompress.models import zoo
 
-from common import OUT, environment
+from common import environment, save_results
 
 STEPS, EVERY, LR = 300, 150, 3e-4
 FFN = "include=*.intermediate.dense+*.output.dense,exclude=*.attention.*"
@@ -53,13 +52,16 @@ def main() -> None:
     data = [zoo.tokenize(corpus[i : i + 32]) for i in range(0, len(corpus), 32)] + list(calibration)
     random.Random(1).shuffle(data)
 
+    with torch.no_grad():
+        reference = torch.cat([model(*b) for b in ev.inputs])
+
     def cosine() -> tuple[float, float]:
         with torch.no_grad():
-            c = torch.nn.functional.cosine_similarity(torch.cat([model(*b) for b in ev.inputs]),
-                                                      torch.cat([cm.module(*b) for b in ev.inputs]))
+            c = torch.nn.functional.cosine_similarity(reference, torch.cat([cm.module(*b) for b in ev.inputs]))
         return c.mean().item(), c.min().item()
 
-    rows = [dict(steps=0, train_loss=None, cosine=cosine()[0], cosine_min=cosine()[1])]
+    mean, worst = cosine()
+    rows = [dict(steps=0, train_loss=None, cosine=mean, cosine_min=worst)]
     for done in range(EVERY, STEPS + 1, EVERY):
         start = (done - EVERY) % len(data)
         history = distill_module(cm.module, model, data[start:] + data[:start], steps=EVERY, lr=LR, loss="cosine",
@@ -76,9 +78,7 @@ def main() -> None:
               f"{r['cosine_min']:.4f} |" for r in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    OUT.mkdir(exist_ok=True)
-    (OUT / "svd_distill.md").write_text(text)
-    (OUT / "svd_distill.json").write_text(json.dumps({"env": env, "corpus_sentences": len(corpus), "rows": rows}, indent=2))
+    save_results("svd_distill", text, {"env": env, "corpus_sentences": len(corpus), "rows": rows})
 
 
 if __name__ == "__main__":
