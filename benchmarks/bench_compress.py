@@ -6,7 +6,8 @@ Run:  python benchmarks/bench_compress.py          (writes benchmarks/results/co
   300 steps of KL distillation on the training split, then int8; Torch-Pruning (MagnitudePruner, L2, same ratio,
   same recovery budget and data) on the same trained CNN, side by side.
 * ResNet-mini and the tiny transformer: structure after pruning (bytes, what was refused), ORT vs torch max |diff|.
-* MiniLM: SVD of the 12 FFN Linears at 50% of their bytes, plain vs activation-aware, then int8 (+ int4 embeddings);
+* MiniLM: SVD of the 12 FFN Linears at 50% of their bytes, plain vs activation-aware vs output-aware (global
+  ranks), then int8 (+ int4 embeddings);
   attention-head and FFN-neuron pruning (no recovery).
 """
 
@@ -116,6 +117,10 @@ def minilm(tmp: Path) -> list[dict]:
         ("SVD 50% FFN, activation-aware", f"svd:ratio=0.5,aware=true,{ffn}"),
         ("SVD 50% FFN, aware + int8", f"svd:ratio=0.5,aware=true,{ffn},int8"),
         ("SVD 50% FFN, aware + int8 + int4 embeddings", f"svd:ratio=0.5,aware=true,{ffn},{emb4},int8"),
+        ("SVD 50% FFN, output-aware", f"svd:ratio=0.5,aware=output,{ffn}"),
+        ("SVD 50% FFN, output-aware, global ranks", f"svd:ratio=0.5,aware=output,allocate=global,{ffn}"),
+        ("SVD 50% FFN, output-aware, global ranks + int8 + int4 embeddings",
+         f"svd:ratio=0.5,aware=output,allocate=global,{ffn},{emb4},int8"),
         ("SVD 75% FFN, plain", f"svd:ratio=0.75,{ffn}"),
         ("SVD 75% FFN, activation-aware", f"svd:ratio=0.75,aware=true,{ffn}"),
         ("SVD 75% FFN, aware + int8 + int4 embeddings", f"svd:ratio=0.75,aware=true,{ffn},{emb4},int8"),

@@ -114,3 +114,72 @@ def input_hessians(gm: fx.GraphModule, inputs_of: dict[str, fx.Node], batches: S
 
     observe(gm, inputs_of, batches, accumulate)
     return {name: 2 * sums[name] / rows[name] for name in sums}
+
+
+class _Probe(fx.Interpreter):
+    """Runs the graph adding a zero tensor that requires grad to each watched node's output, so that backward
+    leaves d(output)/d(node) in that zero tensor's ``.grad`` (the weights themselves need not require grad)."""
+
+    def __init__(self, gm: fx.GraphModule, watch: dict[fx.Node, str]):
+        super().__init__(gm)
+        self.watch = watch
+        self.taps: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if n in self.watch:
+            tap = torch.zeros_like(out, dtype=torch.float32, requires_grad=True)
+            self.taps[self.watch[n]] = tap
+            out = out + tap.to(out.dtype)
+        return out
+
+
+def output_gauss_newton(gm: fx.GraphModule, outputs_of: dict[str, fx.Node], batches: Sequence[tuple],
+                        probes: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+    """G = E[g g^T] with g = J^T z, J the Jacobian of the model's outputs w.r.t. each named node, z ~ N(0, I).
+
+    E over z of g g^T is J^T J: the Gauss-Newton matrix of the squared change in the model's outputs caused by a
+    change at that node (the output-side Kronecker factor of K-FAC). Weighting a layer's output error by G makes
+    per-layer errors comparable across layers (all are estimates of the same model-output error). ``probes`` random
+    directions per batch, from a generator seeded with ``seed`` (deterministic). Padded rows are skipped like in
+    :func:`observe`.
+
+    Example:
+        >>> gs = output_gauss_newton(gm, {site.name: site.node for site in sites}, calibration, probes=16)
+    """
+    from fxcompress.capture import output_tensors
+
+    if not batches:
+        raise InputError("calibration data is empty; pass calibration=[input_tuple, ...] with at least one batch")
+    watch = {node: name for name, node in outputs_of.items()}
+    token_mask = getattr(batches, "token_mask", None)
+    generator = torch.Generator().manual_seed(seed)
+    sums: dict[str, torch.Tensor] = {}
+    examples = 0
+    for i, batch in enumerate(batches):
+        examples += next((t.shape[0] for t in batch if isinstance(t, torch.Tensor) and t.dim() > 0), 1)
+        probe = _Probe(gm, watch)
+        with torch.enable_grad():
+            try:
+                outs = [t for t in output_tensors(probe.run(*batch)) if t.is_floating_point() and t.requires_grad]
+            except Exception as exc:
+                raise InputError(f"calibration batch {i} does not fit the model: {type(exc).__name__}: {exc}") from exc
+            if not outs:
+                raise InputError("the model's outputs do not depend on the layers being factorized; nothing to weight by")
+            mask = batch[token_mask] if token_mask is not None else None
+            for p in range(probes):
+                directions = [torch.randn(o.shape, generator=generator).to(o.dtype) for o in outs]
+                grads = torch.autograd.grad(outs, list(probe.taps.values()), grad_outputs=directions,
+                                            retain_graph=p < probes - 1, allow_unused=True)
+                for name, g in zip(probe.taps, grads):
+                    if g is None:
+                        continue
+                    g = _real_rows(g, mask)
+                    g = g.reshape(-1, g.shape[-1]).to(torch.float64)
+                    sums[name] = sums[name] + g.t() @ g if name in sums else g.t() @ g
+    missing = sorted(set(outputs_of) - set(sums))
+    if missing:
+        raise InputError(f"the model's outputs do not depend on layer(s) {missing}; exclude them from the pass")
+    # per example, summed over its rows (tokens, pixels): with the per-row input Hessian, tr(dW H dW^T G) then
+    # estimates one example's output error whatever the layer's row count, so layers compare fairly
+    return {name: sums[name] / (probes * examples) for name in sums}

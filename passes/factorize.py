@@ -9,6 +9,12 @@ from ``rank``, from ``ratio`` (factors hold at most that fraction of the layer's
 Cholesky factor of the calibration inputs' second moment: the truncation then minimises ||X W^T - X W_r^T||
 (the layer's output error) rather than ||W - W_r||, and A = S^1/2 V^T C^-1.
 
+``aware=output`` also weights that output error by G = J^T J, J the Jacobian of the model's outputs w.r.t. the
+layer's output (estimated with random probes on the calibration data; the output-side Kronecker factor of K-FAC):
+it truncates G^1/2 W C, so each layer minimises an estimate of the change in the *model's* outputs, and directions
+the rest of the network ignores (e.g. ones a LayerNorm scales away) are dropped first. Because every layer's
+spectrum is then in the same unit, ``allocate=global`` can hand the byte budget to the layers that need it.
+
 Conv2d (groups=1) gets Tucker-2 by higher-order SVD: input and output channel bases U_in [I, r_in], U_out [O, r_out]
 and a core W x U_out^T x U_in^T [r_out, r_in, kh, kw]; ranks keep the ratio of I to O. ``conv=spatial`` instead
 splits a kh x kw conv into kh x 1 (r channels) then 1 x kw, from the SVD of W arranged as [(I, kh), (O, kw)]
@@ -19,12 +25,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, Union
 
 import torch
 from torch import Tensor, fx
 
-from fxcompress.calibration import input_hessians
+from fxcompress.calibration import input_hessians, output_gauss_newton
 from fxcompress.errors import InputError, RecipeError
 from fxcompress.graph_edit import add_constant, replace_node
 from fxcompress.passes.quantize import sqnr_db
@@ -34,16 +40,28 @@ from fxcompress.sites import Site, nbytes
 aten = torch.ops.aten
 
 
+AWARE = {"false": "none", "none": "none", "0": "none", "no": "none",
+         "true": "input", "input": "input", "1": "input", "yes": "input", "output": "output"}
+
+
 @dataclass(frozen=True)
 class SVDConfig(PassConfig):
-    """Truncated SVD of Linear layers (and Tucker-2 of Conv2d with ``kinds=linear+conv2d``)."""
+    """Truncated SVD of Linear layers (and Tucker-2 of Conv2d with ``kinds=linear+conv2d``).
+
+    ``aware``: ``false`` (plain SVD of W), ``true`` / ``input`` (whiten by the calibration inputs), ``output``
+    (also weight the layer's output error by its effect on the model's outputs, so that every layer minimises an
+    estimate of the same model-output error). ``allocate=global`` (needs ``aware=output``) spends the byte budget of
+    all selected layers together instead of ``ratio`` per layer.
+    """
 
     name: ClassVar[str] = "svd"
     tolerance: ClassVar[Tolerance] = Tolerance(cosine_min=0.95, top1_agreement_min=0.9, accuracy_drop_max_pp=3.0)
     ratio: float = 0.5
     energy: float = 0.0
     rank: int = 0
-    aware: bool = False
+    aware: Union[bool, str] = False
+    allocate: str = "layer"
+    probes: int = 32
     damp: float = 0.01
     kinds: tuple[str, ...] = ("linear",)
     conv: str = "tucker"
@@ -59,6 +77,17 @@ class SVDConfig(PassConfig):
             raise ValueError(f"conv must be 'tucker' or 'spatial', got {self.conv!r}")
         if not self.kinds or set(self.kinds) - {"linear", "conv2d"}:
             raise ValueError(f"kinds must be a non-empty subset of ('linear', 'conv2d'), got {self.kinds}")
+        aware = AWARE.get(str(self.aware).lower())
+        if aware is None:
+            raise ValueError(f"aware must be false, true (= input) or output, got {self.aware!r}")
+        object.__setattr__(self, "aware", aware)
+        if self.allocate not in ("layer", "global"):
+            raise ValueError(f"allocate must be 'layer' or 'global', got {self.allocate!r}")
+        if self.allocate == "global" and (aware != "output" or self.rank or self.energy):
+            raise ValueError("allocate=global compares layers by their estimated effect on the model's output: it needs "
+                             "aware=output and a ratio (not rank= or energy=)")
+        if self.probes < 1:
+            raise ValueError(f"probes must be >= 1, got {self.probes}")
 
 
 def _choose_rank(cfg: SVDConfig, sigma: Tensor, n: int, k: int, layer: str) -> int:
@@ -84,23 +113,95 @@ def whitening(hessian: Tensor, damp: float) -> Tensor:
     return torch.linalg.cholesky(h)
 
 
-def svd_factors(w: Tensor, cfg: SVDConfig, layer: str, hessian: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """(A [r, K], B [N, r]) with B @ A ~= W, plain or whitened by ``hessian`` (activation-aware).
+def _sqrt_and_inverse(gn: Tensor, damp: float) -> tuple[Tensor, Tensor]:
+    """Symmetric G^1/2 and G^-1/2 of the damped output-side Gauss-Newton matrix."""
+    g = gn.double()
+    g = g + damp * torch.diag(g).mean().clamp_min(1e-300) * torch.eye(g.shape[0], dtype=g.dtype)
+    e, v = torch.linalg.eigh(g)
+    e = e.clamp_min(e.max() * 1e-12)
+    return (v * e.sqrt()) @ v.t(), (v * e.rsqrt()) @ v.t()
+
+
+@dataclass
+class Spectrum:
+    """SVD of L W C, where C whitens the inputs and L weights the outputs (both optional): its singular values
+    squared are the error, in that metric, of dropping each rank."""
+
+    u: Tensor
+    s: Tensor
+    vt: Tensor
+    c: Optional[Tensor] = None
+    l_inv: Optional[Tensor] = None
+
+
+def spectrum(w: Tensor, damp: float, hessian: Optional[Tensor] = None, output_gn: Optional[Tensor] = None) -> Spectrum:
+    """Weighted SVD of ``w`` [N, K]: inputs whitened by ``hessian`` [K, K], outputs by ``output_gn`` [N, N].
+
+    Example:
+        >>> sp = spectrum(torch.randn(64, 32), damp=0.01)
+        >>> sp.s.shape
+        torch.Size([32])
+    """
+    m = w.double()
+    c = whitening(hessian, damp) if hessian is not None else None
+    l_root, l_inv = _sqrt_and_inverse(output_gn, damp) if output_gn is not None else (None, None)
+    if c is not None:
+        m = m @ c
+    if l_root is not None:
+        m = l_root @ m
+    u, s, vt = torch.linalg.svd(m, full_matrices=False)
+    return Spectrum(u, s, vt, c, l_inv)
+
+
+def factors_at_rank(sp: Spectrum, r: int) -> tuple[Tensor, Tensor]:
+    """(A [r, K], B [N, r]) from the top ``r`` singular triplets, each factor carrying S^1/2, weights undone.
+
+    Example:
+        >>> a, b = factors_at_rank(spectrum(torch.randn(64, 32), damp=0.01), 8)
+    """
+    root = sp.s[:r].sqrt()
+    a, b = root[:, None] * sp.vt[:r], sp.u[:, :r] * root
+    if sp.c is not None:  # A C = S^1/2 V^T  =>  A = S^1/2 V^T C^-1
+        a = torch.linalg.solve_triangular(sp.c, a, upper=False, left=False)
+    if sp.l_inv is not None:  # L B = U S^1/2  =>  B = L^-1 U S^1/2
+        b = sp.l_inv @ b
+    return a.float(), b.float()
+
+
+def svd_factors(w: Tensor, cfg: SVDConfig, layer: str, hessian: Optional[Tensor] = None,
+                output_gn: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(A [r, K], B [N, r]) with B @ A ~= W, plain or whitened by ``hessian`` (activation-aware) and weighted by
+    ``output_gn`` (output-aware); the rank from ``cfg`` (rank, energy or ratio).
 
     Example:
         >>> a, b = svd_factors(torch.randn(64, 32), SVDConfig(rank=8), "fc")
         >>> a.shape, b.shape
         (torch.Size([8, 32]), torch.Size([64, 8]))
     """
-    w64 = w.double()
-    c = whitening(hessian, cfg.damp) if hessian is not None else None
-    u, s, vt = torch.linalg.svd(w64 @ c if c is not None else w64, full_matrices=False)
-    r = _choose_rank(cfg, s, *w.shape, layer)
-    root = s[:r].sqrt()
-    a = root[:, None] * vt[:r]
-    if c is not None:  # A C = S^1/2 V^T  =>  A = S^1/2 V^T C^-1
-        a = torch.linalg.solve_triangular(c, a, upper=False, left=False)
-    return a.float(), (u[:, :r] * root).float()
+    sp = spectrum(w, cfg.damp, hessian, output_gn)
+    return factors_at_rank(sp, _choose_rank(cfg, sp.s, *w.shape, layer))
+
+
+def global_ranks(spectra: dict[str, Spectrum], shapes: dict[str, tuple[int, int]], ratio: float) -> dict[str, int]:
+    """Ranks for all layers together: keep the singular values worth most error per stored element until the
+    factors fill ``ratio`` of the layers' elements. Comparable only when every spectrum is in the same metric
+    (``aware=output``). A layer keeps at least rank 1 and never more than its break-even rank.
+
+    Example:
+        >>> ranks = global_ranks({"a": sp_a, "b": sp_b}, {"a": (1536, 384), "b": (384, 1536)}, ratio=0.5)
+    """
+    budget = ratio * sum(n * k for n, k in shapes.values())
+    ranks = {name: 1 for name in spectra}
+    budget -= sum(sum(shapes[name]) for name in spectra)
+    cap = {name: max(1, (n * k) // (n + k) - 1) for name, (n, k) in shapes.items()}
+    order = sorted(((float(v) ** 2 / sum(shapes[name]), name) for name, sp in spectra.items() for v in sp.s[1:]),
+                   reverse=True)
+    for _, name in order:  # within a layer values are sorted, so each layer's ranks are taken in order
+        cost = sum(shapes[name])
+        if ranks[name] < cap[name] and cost <= budget:
+            ranks[name] += 1
+            budget -= cost
+    return ranks
 
 
 def tucker2(w: Tensor, cfg: SVDConfig, layer: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -187,12 +288,7 @@ def factorize(gm: fx.GraphModule, cfg: SVDConfig, ctx: PassContext) -> PassResul
         ...                          calibration=batches)
     """
     sites, records = select_sites(gm, cfg, cfg.kinds)
-    hessians: dict[str, Tensor] = {}
-    linear = [s for s in sites if s.kind == "linear"]
-    if cfg.aware and linear:
-        if ctx.calibration is None:
-            raise InputError("svd aware=true needs calibration data: optimize(..., calibration=[input_tuple, ...])")
-        hessians = input_hessians(gm, {s.name: s.input for s in linear}, ctx.calibration)
+    ranks, spectra = _linear_spectra(gm, cfg, ctx, [s for s in sites if s.kind == "linear"])
     changed = False
     for site in sites:
         ctx.progress(site.name)
@@ -201,8 +297,8 @@ def factorize(gm: fx.GraphModule, cfg: SVDConfig, ctx: PassContext) -> PassResul
             records.append(_skip(cfg, site, f"grouped conv (groups={site.conv['groups']}) is not factorized"))
             continue
         if site.kind == "linear":
-            a, b = svd_factors(w, cfg, site.name, hessians.get(site.name))
-            factors, approx, what = (a, b), b @ a, f"rank {a.shape[0]}" + (" (activation-aware)" if site.name in hessians else "")
+            a, b = factors_at_rank(spectra[site.name], ranks[site.name])
+            factors, approx, what = (a, b), b @ a, f"rank {a.shape[0]}" + _AWARE_NOTE[cfg.aware]
         elif cfg.conv == "spatial":
             vertical, horizontal = spatial_svd(w, cfg, site.name)
             factors, what = (vertical, horizontal), f"spatial rank {vertical.shape[0]}"
@@ -226,6 +322,28 @@ def factorize(gm: fx.GraphModule, cfg: SVDConfig, ctx: PassContext) -> PassResul
         records.append(LayerRecord(site.name, site.kind, cfg.name, action, what,
                                    site.weight_bytes, after, sqnr_db(w, approx), "weight SQNR dB"))
     return PassResult(gm, changed, records)
+
+
+_AWARE_NOTE = {"none": "", "input": " (activation-aware)", "output": " (activation- and output-aware)"}
+
+
+def _linear_spectra(gm: fx.GraphModule, cfg: SVDConfig, ctx: PassContext,
+                    linear: list[Site]) -> tuple[dict[str, int], dict[str, Spectrum]]:
+    """Each Linear site's weighted spectrum (with the statistics ``cfg.aware`` asks for) and its chosen rank."""
+    if not linear:
+        return {}, {}
+    hessians: dict[str, Tensor] = {}
+    output_gns: dict[str, Tensor] = {}
+    if cfg.aware != "none":
+        if ctx.calibration is None:
+            raise InputError(f"svd aware={cfg.aware} needs calibration data: optimize(..., calibration=[input_tuple, ...])")
+        hessians = input_hessians(gm, {s.name: s.input for s in linear}, ctx.calibration)
+    if cfg.aware == "output":
+        output_gns = output_gauss_newton(gm, {s.name: s.node for s in linear}, ctx.calibration, probes=cfg.probes)
+    spectra = {s.name: spectrum(s.weight.float(), cfg.damp, hessians.get(s.name), output_gns.get(s.name)) for s in linear}
+    if cfg.allocate == "global":
+        return global_ranks(spectra, {s.name: tuple(s.weight.shape) for s in linear}, cfg.ratio), spectra
+    return {s.name: _choose_rank(cfg, spectra[s.name].s, *s.weight.shape, s.name) for s in linear}, spectra
 
 
 def _skip(cfg: SVDConfig, site: Site, reason: str) -> LayerRecord:

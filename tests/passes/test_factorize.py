@@ -84,8 +84,14 @@ def test_bad_svd_inputs():
             fxcompress.optimize(model, x, recipe=recipe)
     with pytest.raises(RecipeError, match=r"rank=64 is larger than layer '0' allows \(min\(out, in\) = 16\)"):
         fxcompress.optimize(model, x, recipe="svd:rank=64")
-    with pytest.raises(InputError, match="aware=true needs calibration"):
+    with pytest.raises(InputError, match="aware=input needs calibration"):
         fxcompress.optimize(model, x, recipe="svd:aware=true")
+    with pytest.raises(RecipeError, match="aware must be false, true"):
+        fxcompress.optimize(model, x, recipe="svd:aware=both")
+    with pytest.raises(RecipeError, match="allocate=global .* needs aware=output and a ratio"):
+        fxcompress.optimize(model, x, recipe="svd:allocate=global,aware=true")
+    with pytest.raises(RecipeError, match="allocate=global .* needs aware=output and a ratio"):
+        fxcompress.optimize(model, x, recipe="svd:allocate=global,aware=output,rank=4")
 
 
 def test_spatial_svd_full_rank_is_exact_and_runs_on_ort(tmp_path):
@@ -104,3 +110,76 @@ def test_spatial_svd_full_rank_is_exact_and_runs_on_ort(tmp_path):
     out = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
     torch.testing.assert_close(out, cm(x), atol=1e-4, rtol=1e-4)
     assert out.shape == model(x).shape
+
+
+class _Masked(nn.Module):
+    """fc1 then a fixed map that keeps only the first ``keep`` of fc1's outputs (scaled up): a rank budget spent
+    on the other outputs is wasted, which only an output-aware truncation can know."""
+
+    def __init__(self, keep: int = 8) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(32, 32)
+        self.fc2 = nn.Linear(32, 16)
+        with torch.no_grad():
+            self.fc2.weight.zero_()
+            self.fc2.weight[:keep, :keep] = 10 * torch.eye(keep)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x))
+
+
+def _output_error(model, cm, x):
+    with torch.no_grad():
+        return float((model(x) - cm(x)).pow(2).mean() / model(x).pow(2).mean())
+
+
+def test_output_gauss_newton_estimates_the_jacobian_product():
+    from fxcompress.calibration import output_gauss_newton
+    from fxcompress.capture import capture
+    from fxcompress.sites import find_sites
+
+    torch.manual_seed(0)
+    model = _Masked().eval()
+    batches = [(torch.randn(4, 32),) for _ in range(2)]
+    gm = capture(model, batches[0]).graph_module
+    node = next(site.node for site in find_sites(gm)[0] if site.name == "fc1")
+    g = output_gauss_newton(gm, {"fc1": node}, batches, probes=400)["fc1"]
+    j = model.fc2.weight.detach().double()  # d out / d fc1-output
+    torch.testing.assert_close(g, j.t() @ j, atol=0.1 * 100, rtol=0.1)  # entries are 0 or ~100: 10% Monte Carlo error
+
+
+def test_output_aware_svd_spends_its_rank_where_the_model_output_looks():
+    torch.manual_seed(0)
+    model = _Masked().eval()
+    x = torch.randn(64, 32)
+    calib = [(torch.randn(32, 32),) for _ in range(4)]
+    errors = {}
+    for aware in ("true", "output"):
+        cm = fxcompress.optimize(model, x, recipe=f"svd:rank=8,aware={aware},include=fc1", calibration=calib)
+        assert [r.action for r in cm.records if r.layer == "fc1"] == ["svd"]
+        errors[aware] = _output_error(model, cm, x)
+    assert errors["output"] < 1e-3 < errors["true"]  # rank 8 suffices exactly for the 8 outputs that matter
+
+
+class _TwoBranches(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.easy, self.hard = nn.Linear(64, 64), nn.Linear(64, 64)
+        with torch.no_grad():  # nearly rank 4
+            self.easy.weight.copy_(torch.randn(64, 4) @ torch.randn(4, 64) / 8 + 1e-3 * torch.randn(64, 64))
+
+    def forward(self, x):
+        return self.easy(x) + self.hard(x)
+
+
+def test_global_allocation_gives_rank_to_the_layer_that_needs_it_within_the_same_budget():
+    torch.manual_seed(0)
+    model = _TwoBranches().eval()
+    x = torch.randn(32, 64)
+    calib = [(torch.randn(64, 64),) for _ in range(4)]
+    per_layer = fxcompress.optimize(model, x, recipe="svd:ratio=0.4,aware=output", calibration=calib)
+    joint = fxcompress.optimize(model, x, recipe="svd:ratio=0.4,aware=output,allocate=global", calibration=calib)
+    ranks = {r.layer: int(r.reason.split()[1]) for r in joint.records if r.action == "svd"}
+    assert ranks["easy"] < 8 < ranks["hard"]
+    assert sum(ranks.values()) * (64 + 64) <= 0.4 * 2 * 64 * 64  # the factors fit the same budget
+    assert _output_error(model, joint, x) < 0.7 * _output_error(model, per_layer, x)  # measured 0.018 vs 0.030
