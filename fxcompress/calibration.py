@@ -7,6 +7,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch import fx
 
+from fxcompress.capture import output_tensors
 from fxcompress.errors import InputError
 
 
@@ -33,6 +34,28 @@ def _real_rows(value: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tenso
     if mask is None or value.dim() <= mask.dim() or tuple(value.shape[: mask.dim()]) != tuple(mask.shape):
         return value
     return value[mask.bool()]
+
+
+def _require_batches(batches: Sequence[tuple]) -> None:
+    if not batches:
+        raise InputError("calibration data is empty; pass calibration=[input_tuple, ...] with at least one batch")
+
+
+def _batch_mask(batches: Sequence[tuple], i: int, batch: tuple) -> Optional[torch.Tensor]:
+    """Batch ``i``'s [batch, seq] padding mask when ``batches`` is a :class:`Calibration` with a token mask."""
+    token_mask = getattr(batches, "token_mask", None)
+    if token_mask is None:
+        return None
+    if not (token_mask < len(batch) and isinstance(batch[token_mask], torch.Tensor) and batch[token_mask].dim() == 2):
+        raise InputError(f"calibration token_mask={token_mask} must name a [batch, seq] tensor input; "
+                         f"batch {i} has {len(batch)} inputs")
+    return batch[token_mask]
+
+
+def _unfit_batch(i: int, batch: tuple, exc: Exception) -> InputError:
+    shapes = [tuple(t.shape) for t in batch if isinstance(t, torch.Tensor)]
+    return InputError(f"calibration batch {i} (shapes {shapes}) does not fit the model: "
+                      f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
 
 
 class _AllSeen(Exception):
@@ -70,27 +93,19 @@ def observe(gm: fx.GraphModule, nodes: dict[str, fx.Node], batches: Sequence[tup
         >>> seen = {}
         >>> observe(gm, {"fc_in": site.input}, calibration, lambda name, t: seen.setdefault(name, []).append(t))
     """
-    if not batches:
-        raise InputError("calibration data is empty; pass calibration=[input_tuple, ...] with at least one batch")
+    _require_batches(batches)
     watch: dict[fx.Node, list[str]] = {}
     for name, node in nodes.items():
         watch.setdefault(node, []).append(name)
-    token_mask = getattr(batches, "token_mask", None)
     with torch.no_grad():
         for i, batch in enumerate(batches):
-            if token_mask is not None and not (token_mask < len(batch) and isinstance(batch[token_mask], torch.Tensor)
-                                               and batch[token_mask].dim() == 2):
-                raise InputError(f"calibration token_mask={token_mask} must name a [batch, seq] tensor input; "
-                                 f"batch {i} has {len(batch)} inputs")
-            mask = batch[token_mask] if token_mask is not None else None
+            mask = _batch_mask(batches, i, batch)
             try:
                 _Recorder(gm, watch, lambda name, t: on_value(name, _real_rows(t, mask))).run(*batch)
             except _AllSeen:
                 pass
             except Exception as exc:
-                shapes = [tuple(t.shape) for t in batch if isinstance(t, torch.Tensor)]
-                raise InputError(f"calibration batch {i} (shapes {shapes}) does not fit the model: "
-                                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+                raise _unfit_batch(i, batch, exc) from exc
 
 
 def input_hessians(gm: fx.GraphModule, inputs_of: dict[str, fx.Node], batches: Sequence[tuple]) -> dict[str, torch.Tensor]:
@@ -147,26 +162,22 @@ def output_gauss_newton(gm: fx.GraphModule, outputs_of: dict[str, fx.Node], batc
     Example:
         >>> gs = output_gauss_newton(gm, {site.name: site.node for site in sites}, calibration, probes=16)
     """
-    from fxcompress.capture import output_tensors
-
-    if not batches:
-        raise InputError("calibration data is empty; pass calibration=[input_tuple, ...] with at least one batch")
+    _require_batches(batches)
     watch = {node: name for name, node in outputs_of.items()}
-    token_mask = getattr(batches, "token_mask", None)
     generator = torch.Generator().manual_seed(seed)
     sums: dict[str, torch.Tensor] = {}
     examples = 0
     for i, batch in enumerate(batches):
         examples += next((t.shape[0] for t in batch if isinstance(t, torch.Tensor) and t.dim() > 0), 1)
+        mask = _batch_mask(batches, i, batch)
         probe = _Probe(gm, watch)
         with torch.enable_grad():
             try:
                 outs = [t for t in output_tensors(probe.run(*batch)) if t.is_floating_point() and t.requires_grad]
             except Exception as exc:
-                raise InputError(f"calibration batch {i} does not fit the model: {type(exc).__name__}: {exc}") from exc
+                raise _unfit_batch(i, batch, exc) from exc
             if not outs:
                 raise InputError("the model's outputs do not depend on the layers being factorized; nothing to weight by")
-            mask = batch[token_mask] if token_mask is not None else None
             for p in range(probes):
                 directions = [torch.randn(o.shape, generator=generator).to(o.dtype) for o in outs]
                 grads = torch.autograd.grad(outs, list(probe.taps.values()), grad_outputs=directions,
