@@ -149,6 +149,30 @@ class _Probe(fx.Interpreter):
         return out
 
 
+_PROBE_CHUNK = 8
+
+
+def _probe_gradients(outs: list[torch.Tensor], taps: list[torch.Tensor], probes: int,
+                     generator: torch.Generator) -> Iterable[list[Optional[torch.Tensor]]]:
+    """d(z . outs)/d(tap) for ``probes`` random directions z, yielded per chunk of probes as one [chunk, *tap shape]
+    tensor per tap (None where the outputs do not depend on it). A chunk shares one vmapped backward instead of a
+    backward per probe; a graph with an op vmap cannot batch falls back to one per probe (same numbers, slower)."""
+    batched = True
+    for done in range(0, probes, _PROBE_CHUNK):
+        n = min(_PROBE_CHUNK, probes - done)
+        directions = [torch.randn((n, *o.shape), generator=generator).to(o.dtype) for o in outs]
+        if batched:
+            try:
+                yield list(torch.autograd.grad(outs, taps, grad_outputs=directions, retain_graph=True,
+                                               allow_unused=True, is_grads_batched=True))
+                continue
+            except RuntimeError:
+                batched = False
+        per_probe = [torch.autograd.grad(outs, taps, grad_outputs=[d[k] for d in directions], retain_graph=True,
+                                         allow_unused=True) for k in range(n)]
+        yield [None if per_probe[0][t] is None else torch.stack([g[t] for g in per_probe]) for t in range(len(taps))]
+
+
 def output_gauss_newton(gm: fx.GraphModule, outputs_of: dict[str, fx.Node], batches: Sequence[tuple],
                         probes: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
     """G = E[g g^T] with g = J^T z, J the Jacobian of the model's outputs w.r.t. each named node, z ~ N(0, I).
@@ -178,16 +202,15 @@ def output_gauss_newton(gm: fx.GraphModule, outputs_of: dict[str, fx.Node], batc
                 raise _unfit_batch(i, batch, exc) from exc
             if not outs:
                 raise InputError("the model's outputs do not depend on the layers being factorized; nothing to weight by")
-            for p in range(probes):
-                directions = [torch.randn(o.shape, generator=generator).to(o.dtype) for o in outs]
-                grads = torch.autograd.grad(outs, list(probe.taps.values()), grad_outputs=directions,
-                                            retain_graph=p < probes - 1, allow_unused=True)
+            for grads in _probe_gradients(outs, list(probe.taps.values()), probes, generator):
                 for name, g in zip(probe.taps, grads):
                     if g is None:
                         continue
-                    g = _real_rows(g, mask)
-                    g = g.reshape(-1, g.shape[-1]).to(torch.float64)
-                    sums[name] = sums[name] + g.t() @ g if name in sums else g.t() @ g
+                    g = torch.cat([_real_rows(one, mask).reshape(-1, g.shape[-1]) for one in g]).float()
+                    # a float32 product (this is the costly step) summed in float64: the estimate's Monte Carlo
+                    # error (~1/sqrt(probes)) dwarfs float32 rounding
+                    gg = (g.t() @ g).double()
+                    sums[name] = sums[name] + gg if name in sums else gg
     missing = sorted(set(outputs_of) - set(sums))
     if missing:
         raise InputError(f"the model's outputs do not depend on layer(s) {missing}; exclude them from the pass")

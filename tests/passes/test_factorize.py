@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import fxcompress
+from fxcompress.calibration import Calibration
 from fxcompress.errors import InputError, RecipeError
 from fxcompress.passes.factorize import SVDConfig, svd_factors, tucker2
 from fxcompress.passes.quantize import sqnr_db
@@ -146,6 +147,59 @@ def test_output_gauss_newton_estimates_the_jacobian_product():
     g = output_gauss_newton(gm, {"fc1": node}, batches, probes=400)["fc1"]
     j = model.fc2.weight.detach().double()  # d out / d fc1-output
     torch.testing.assert_close(g, j.t() @ j, atol=0.1 * 100, rtol=0.1)  # entries are 0 or ~100: 10% Monte Carlo error
+
+
+class _MaskedTokens(_Masked):
+    def forward(self, x, mask):  # the mask is only an input: padded rows still reach the output
+        return self.fc2(self.fc1(x))
+
+
+def _token_batches():
+    batches = []
+    for lengths in ([5, 2, 3], [1, 4, 5]):
+        mask = torch.zeros(3, 5, dtype=torch.long)
+        for row, n in enumerate(lengths):
+            mask[row, :n] = 1
+        batches.append((torch.randn(3, 5, 32), mask))
+    return Calibration(batches, token_mask=1)
+
+
+def test_output_gauss_newton_skips_padded_rows_in_every_probe_chunk():
+    from fxcompress.calibration import output_gauss_newton
+    from fxcompress.capture import capture
+    from fxcompress.sites import find_sites
+
+    torch.manual_seed(0)
+    model, batches = _MaskedTokens().eval(), _token_batches()
+    gm = capture(model, batches[0]).graph_module
+    node = next(site.node for site in find_sites(gm)[0] if site.name == "fc1")
+    g = output_gauss_newton(gm, {"fc1": node}, batches, probes=203)["fc1"]  # 25 full chunks and a ragged one
+    j = model.fc2.weight.detach().double()
+    real_rows_per_example = 20 / 6  # every real token contributes J^T J; 30 rows, 10 of them padding, 6 examples
+    torch.testing.assert_close(g, real_rows_per_example * j.t() @ j, atol=0.1 * 333, rtol=0.1)
+
+
+def test_output_gauss_newton_per_probe_fallback_gives_the_batched_numbers(monkeypatch):
+    from fxcompress.calibration import output_gauss_newton
+    from fxcompress.capture import capture
+    from fxcompress.sites import find_sites
+
+    torch.manual_seed(0)
+    model, batches = _MaskedTokens().eval(), _token_batches()
+    gm = capture(model, batches[0]).graph_module
+    nodes = {site.name: site.node for site in find_sites(gm)[0]}
+    batched = output_gauss_newton(gm, nodes, batches, probes=11)
+    grad = torch.autograd.grad
+
+    def no_vmap(*args, is_grads_batched=False, **kwargs):
+        if is_grads_batched:
+            raise RuntimeError("vmap: no batching rule")  # what an op without a batching rule raises
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_vmap)
+    looped = output_gauss_newton(gm, nodes, batches, probes=11)
+    for name in nodes:
+        torch.testing.assert_close(looped[name], batched[name], rtol=1e-5, atol=1e-4)
 
 
 def test_output_aware_svd_spends_its_rank_where_the_model_output_looks():
