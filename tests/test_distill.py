@@ -5,7 +5,7 @@ from torch import nn
 import fxcompress
 from fxcompress.errors import InputError
 
-from helpers import same_state, state_snapshot
+from helpers import init_dtypes, same_state, state_snapshot
 
 
 def _setup():
@@ -52,6 +52,25 @@ def test_distill_as_a_recipe_step_before_int8():
     tuned = fxcompress.optimize(model, data[0], recipe="svd:rank=4,distill:steps=150,lr=3e-3,int8", calibration=data)
     assert _err(tuned, model, data) < _err(plain, model, data)
     assert tuned.bytes_after == plain.bytes_after
+
+
+def test_a_distilled_module_can_be_quantized_by_a_second_optimize(tmp_path):
+    # the workflow when recovery needs more data than the calibration set: optimize, distill, optimize again
+    model, data = _setup()
+    cm = fxcompress.optimize(model, data[0], recipe="svd:rank=4")
+    fxcompress.distill(cm, teacher=model, data=data, steps=100, lr=3e-3)
+    snap = state_snapshot(cm.module)
+    quantized = fxcompress.optimize(cm.module, data[0], recipe="int8")
+    assert same_state(cm.module, snap)
+    assert sum(r.action == "int8" for r in quantized.records) == 5  # both factors of the two factored layers + the head
+    with torch.no_grad():
+        for b in data:
+            torch.testing.assert_close(quantized.module(*b), cm.module(*b), rtol=0.05, atol=0.05)
+    quantized.export(tmp_path / "m.onnx")
+    codes = {name: dtype for name, dtype in init_dtypes(tmp_path / "m.onnx").items() if name.endswith("_qweight")}
+    assert len(codes) == 5 and set(codes.values()) <= {"int8", "uint8"}, codes
+    rep = fxcompress.check(cm.module, tmp_path / "m.onnx", data[0], eval_inputs=data, fp32_baseline=False, provider="cpu")
+    assert rep.passed
 
 
 def test_distill_errors():
