@@ -86,7 +86,7 @@ def main() -> None:
 
     def quantized(arm: str, student: torch.nn.Module, steps: int) -> dict:
         path = Path(tempfile.mkdtemp()) / f"{arm}.onnx"
-        fxcompress.optimize(student, example, recipe=QUANTIZE).export(path)
+        fxcompress.optimize(student, example, recipe=QUANTIZE).export(path)  # default target, not bench_compress's cpu-nbits
         rep = fxcompress.check(model, path, example, eval_inputs=ev.inputs, fp32_baseline=False, provider="cpu")
         return dict(arm=f"{arm}, then int8 + int4 embeddings (ORT)", steps=steps, lr=None, train_loss=None,
                     cosine=rep.metrics["cosine"], cosine_min=rep.metrics["cosine_min"], bytes=rep.weights["ratio"])
