@@ -163,11 +163,13 @@ def _probe_gradients(outs: list[torch.Tensor], taps: list[torch.Tensor], probes:
         directions = [torch.randn((n, *o.shape), generator=generator).to(o.dtype) for o in outs]
         if batched:
             try:
-                yield list(torch.autograd.grad(outs, taps, grad_outputs=directions, retain_graph=True,
-                                               allow_unused=True, is_grads_batched=True))
-                continue
+                grads = torch.autograd.grad(outs, taps, grad_outputs=directions, retain_graph=True, allow_unused=True,
+                                            is_grads_batched=True)
             except RuntimeError:
                 batched = False
+            else:
+                yield list(grads)
+                continue
         per_probe = [torch.autograd.grad(outs, taps, grad_outputs=[d[k] for d in directions], retain_graph=True,
                                          allow_unused=True) for k in range(n)]
         yield [None if per_probe[0][t] is None else torch.stack([g[t] for g in per_probe]) for t in range(len(taps))]

@@ -4,10 +4,12 @@ import torch
 from torch import nn
 
 import fxcompress
-from fxcompress.calibration import Calibration
+from fxcompress.calibration import Calibration, output_gauss_newton
+from fxcompress.capture import capture
 from fxcompress.errors import InputError, RecipeError
 from fxcompress.passes.factorize import SVDConfig, svd_factors, tucker2
 from fxcompress.passes.quantize import sqnr_db
+from fxcompress.sites import find_sites
 
 from helpers import op_types
 
@@ -129,22 +131,23 @@ class _Masked(nn.Module):
         return self.fc2(self.fc1(x))
 
 
+def _captured_outputs(model, batches) -> tuple:
+    """The captured graph and each Linear's output node, by layer name: what output_gauss_newton is given."""
+    gm = capture(model, batches[0]).graph_module
+    return gm, {site.name: site.node for site in find_sites(gm)[0]}
+
+
 def _output_error(model, cm, x):
     with torch.no_grad():
         return float((model(x) - cm(x)).pow(2).mean() / model(x).pow(2).mean())
 
 
 def test_output_gauss_newton_estimates_the_jacobian_product():
-    from fxcompress.calibration import output_gauss_newton
-    from fxcompress.capture import capture
-    from fxcompress.sites import find_sites
-
     torch.manual_seed(0)
     model = _Masked().eval()
     batches = [(torch.randn(4, 32),) for _ in range(2)]
-    gm = capture(model, batches[0]).graph_module
-    node = next(site.node for site in find_sites(gm)[0] if site.name == "fc1")
-    g = output_gauss_newton(gm, {"fc1": node}, batches, probes=400)["fc1"]
+    gm, nodes = _captured_outputs(model, batches)
+    g = output_gauss_newton(gm, {"fc1": nodes["fc1"]}, batches, probes=400)["fc1"]
     j = model.fc2.weight.detach().double()  # d out / d fc1-output
     torch.testing.assert_close(g, j.t() @ j, atol=0.1 * 100, rtol=0.1)  # entries are 0 or ~100: 10% Monte Carlo error
 
@@ -165,29 +168,19 @@ def _token_batches():
 
 
 def test_output_gauss_newton_skips_padded_rows_in_every_probe_chunk():
-    from fxcompress.calibration import output_gauss_newton
-    from fxcompress.capture import capture
-    from fxcompress.sites import find_sites
-
     torch.manual_seed(0)
     model, batches = _MaskedTokens().eval(), _token_batches()
-    gm = capture(model, batches[0]).graph_module
-    node = next(site.node for site in find_sites(gm)[0] if site.name == "fc1")
-    g = output_gauss_newton(gm, {"fc1": node}, batches, probes=203)["fc1"]  # 25 full chunks and a ragged one
+    gm, nodes = _captured_outputs(model, batches)
+    g = output_gauss_newton(gm, {"fc1": nodes["fc1"]}, batches, probes=203)["fc1"]  # 25 full chunks and a ragged one
     j = model.fc2.weight.detach().double()
     real_rows_per_example = 20 / 6  # every real token contributes J^T J; 30 rows, 10 of them padding, 6 examples
     torch.testing.assert_close(g, real_rows_per_example * j.t() @ j, atol=0.1 * 333, rtol=0.1)
 
 
 def test_output_gauss_newton_per_probe_fallback_gives_the_batched_numbers(monkeypatch):
-    from fxcompress.calibration import output_gauss_newton
-    from fxcompress.capture import capture
-    from fxcompress.sites import find_sites
-
     torch.manual_seed(0)
     model, batches = _MaskedTokens().eval(), _token_batches()
-    gm = capture(model, batches[0]).graph_module
-    nodes = {site.name: site.node for site in find_sites(gm)[0]}
+    gm, nodes = _captured_outputs(model, batches)
     batched = output_gauss_newton(gm, nodes, batches, probes=11)
     grad = torch.autograd.grad
 
