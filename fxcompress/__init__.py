@@ -12,6 +12,7 @@ from fxcompress.api import CompressedModel, optimize
 from fxcompress.calibration import Calibration
 from fxcompress.distill import distill
 from fxcompress.errors import (
+    CalibrationWarning,
     CaptureError,
     ExportError,
     FxCompressError,
@@ -27,5 +28,5 @@ __version__ = "0.1.0"
 __all__ = [
     "optimize", "check", "distill", "Calibration", "CompressedModel", "ParityReport", "Tolerance", "LayerRecord", "PassConfig", "PassResult",
     "register_pass", "parse_recipe", "available_passes", "FxCompressError", "CaptureError", "InputError",
-    "RecipeError", "PassError", "ExportError", "RuntimeMissingError",
+    "RecipeError", "PassError", "ExportError", "RuntimeMissingError", "CalibrationWarning",
 ]

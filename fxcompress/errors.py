@@ -29,3 +29,7 @@ class ExportError(FxCompressError):
 
 class RuntimeMissingError(FxCompressError):
     """ONNX Runtime is not installed."""
+
+
+class CalibrationWarning(UserWarning):
+    """The calibration data is too small for what a pass fits to it (the result may not generalize)."""
