@@ -3,23 +3,30 @@
 Quantized tensors (int8/int4 codes) are not trained: distill after structural compression (pruning,
 factorization) and before quantization, e.g. ``"svd:ratio=0.5,distill:steps=200,int8"``. Inside a recipe the
 ``distill`` pass uses the calibration batches as data and the user's (unmodified) model as teacher.
+
+Besides the outputs, ``hidden`` matches intermediate activations (relative MSE): the student is a rewritten copy of
+the teacher's captured graph, so a node the passes left in place (a LayerNorm between blocks) has the same name in
+both. ``hidden="norms"`` picks every LayerNorm output; deep students then get a signal per block instead of one at
+the end.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from fxcompress.capture import normalize_inputs, output_tensors
+from fxcompress.capture import capture, normalize_inputs, output_tensors
 from fxcompress.errors import InputError
 from fxcompress.progress import progress_bar
 
 LOSSES = ("mse", "kl", "cosine")
+NORMS = "norms"  # hidden= keyword: every LayerNorm output the two graphs share
+_NORM_TARGETS = {torch.ops.aten.layer_norm.default, F.layer_norm}
 
 
 def _loss(student: list[Tensor], teacher: list[Tensor], kind: str, temperature: float) -> Tensor:
@@ -34,6 +41,71 @@ def _loss(student: list[Tensor], teacher: list[Tensor], kind: str, temperature: 
         else:
             total = total + F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-12)  # relative, so lr is scale-free
     return total
+
+
+def _is_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), nn.LayerNorm)
+    return node.op == "call_function" and node.target in _NORM_TARGETS
+
+
+def hidden_nodes(student: fx.GraphModule, teacher: fx.GraphModule, hidden: Union[str, Sequence[str]]) -> list[str]:
+    """Names of the nodes whose outputs ``hidden`` asks to match: ``"norms"`` (every LayerNorm output present in both
+    graphs) or explicit node names, each of which must exist in both.
+
+    Example:
+        >>> hidden_nodes(cm.module, capture(model, x).graph_module, "norms")
+        ['layer_norm', 'layer_norm_1', ...]
+    """
+    in_teacher = {n.name for n in teacher.graph.nodes}
+    if hidden == NORMS:
+        names = [n.name for n in student.graph.nodes if _is_norm(student, n) and n.name in in_teacher]
+        if not names:
+            raise InputError("distill hidden='norms' found no LayerNorm in both the student and the teacher graph; "
+                             "name the nodes to match instead (hidden=[node names], see cm.module.graph)")
+        return names
+    names = [hidden] if isinstance(hidden, str) else list(hidden)
+    in_student = {n.name for n in student.graph.nodes}
+    for name in names:
+        if name not in in_student or name not in in_teacher:
+            where = "student" if name not in in_student else "teacher"
+            shared = [n.name for n in student.graph.nodes if n.op == "call_function" and n.name in in_teacher]
+            raise InputError(f"distill hidden node {name!r} is not in the {where} graph; nodes both have include "
+                             f"{shared[:8]} ... (hidden='{NORMS}' picks the LayerNorm outputs)")
+    return names
+
+
+class _Tapped(fx.Interpreter):
+    """Runs a graph and keeps the outputs of the named nodes (with their autograd history)."""
+
+    def __init__(self, gm: fx.GraphModule, names: Sequence[str]) -> None:
+        super().__init__(gm, garbage_collect_values=False)
+        self.names, self.taps = set(names), {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.names:
+            self.taps[n.name] = out
+        return out
+
+
+def _forward(gm: nn.Module, batch: tuple, names: Sequence[str]) -> tuple[list[Tensor], list[Tensor]]:
+    """(outputs, the named nodes' outputs in ``names`` order); a plain call when nothing is tapped."""
+    if not names:
+        return output_tensors(gm(*batch)), []
+    run = _Tapped(gm, names)
+    out = run.run(*batch)
+    return output_tensors(out), [run.taps[name] for name in names]
+
+
+def _hidden_loss(student: list[Tensor], teacher: list[Tensor], names: Sequence[str]) -> Tensor:
+    total = student[0].new_zeros(()) if student else torch.zeros(())
+    for name, s, t in zip(names, student, teacher):
+        if s.shape != t.shape:
+            raise InputError(f"distill hidden node {name!r} has shape {tuple(s.shape)} in the student but "
+                             f"{tuple(t.shape)} in the teacher (a pass resized it); match nodes the passes leave intact")
+        total = total + F.mse_loss(s.float(), t.float()) / t.float().pow(2).mean().clamp_min(1e-12)
+    return total / max(1, len(names))
 
 
 def _make_trainable(module: nn.Module, trainable: Optional[Callable[[str], bool]] = None) -> list[tuple[nn.Module, str]]:
@@ -70,15 +142,20 @@ def distill_module(
     device: str = "auto",
     progress: bool = False,
     trainable: Optional[Callable[[str], bool]] = None,
+    hidden: Union[None, str, Sequence[str]] = None,
+    hidden_weight: float = 1.0,
 ) -> list[float]:
     """Fine-tune ``student`` in place against ``teacher`` (unchanged) for ``steps`` Adam steps over ``data``
     (cycled); returns the loss per step. ``amp`` (default: on when CUDA runs it) uses torch.autocast in bf16.
     ``trainable`` picks the tensors to train by qualified name (default: every floating-point weight); with little
-    data, training only the new factors overfits less than training the whole model.
+    data, training only the new factors overfits less than training the whole model. ``hidden`` (``"norms"`` or
+    node names, see :func:`hidden_nodes`) adds ``hidden_weight`` x the mean relative MSE of those intermediate
+    activations; the student must then be the compressed GraphModule.
 
     Example:
         >>> losses = distill_module(cm.module, model, [(x,) for x in batches], steps=50)
         >>> losses = distill_module(cm.module, model, data, steps=50, trainable=lambda name: "_svd_" in name)
+        >>> losses = distill_module(cm.module, model, data, steps=50, loss="cosine", hidden="norms")
     """
     if loss not in LOSSES:
         raise InputError(f"distill loss must be one of {LOSSES}, got {loss!r}")
@@ -87,6 +164,13 @@ def distill_module(
     batches = [normalize_inputs(b) for b in data]
     if not batches:
         raise InputError("distill data is empty; pass at least one input tuple")
+    names: list[str] = []
+    if hidden:
+        if not isinstance(student, fx.GraphModule):
+            raise InputError(f"distill hidden={hidden!r} matches graph nodes by name: the student must be the compressed "
+                             f"GraphModule (cm.module), got {type(student).__name__}")
+        teacher = capture(teacher, batches[0]).graph_module  # the user's model stays untouched: capture copies nothing in place
+        names = hidden_nodes(student, teacher, hidden)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     amp = dev.type == "cuda" if amp is None else amp
     teacher = copy.deepcopy(teacher).to(dev).eval()
@@ -104,10 +188,12 @@ def distill_module(
             for step, batch in zip(range(steps), itertools.cycle(batches)):
                 batch = tuple(t.to(dev) if isinstance(t, Tensor) else t for t in batch)
                 with torch.no_grad():
-                    target = output_tensors(teacher(*batch))
+                    target, target_hidden = _forward(teacher, batch, names)
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                    out = output_tensors(student(*batch))
+                    out, out_hidden = _forward(student, batch, names)
                 value = _loss(out, target, loss, temperature)
+                if names:
+                    value = value + hidden_weight * _hidden_loss(out_hidden, target_hidden, names)
                 opt.zero_grad(set_to_none=True)
                 try:
                     value.backward()
@@ -129,7 +215,8 @@ def distill_module(
 
 def distill(compressed: Any, teacher: nn.Module, data: Sequence[Any], steps: int = 100, *, lr: float = 1e-4,
             loss: str = "mse", temperature: float = 1.0, amp: Optional[bool] = None, device: str = "auto",
-            progress: bool = False, trainable: Optional[Callable[[str], bool]] = None) -> Any:
+            progress: bool = False, trainable: Optional[Callable[[str], bool]] = None,
+            hidden: Union[None, str, Sequence[str]] = None, hidden_weight: float = 1.0) -> Any:
     """Fine-tune ``compressed`` (a :class:`~fxcompress.CompressedModel`) against ``teacher``; returns it, with a
     ``distill`` record (loss first -> last) added. The teacher is never modified.
 
@@ -141,7 +228,9 @@ def distill(compressed: Any, teacher: nn.Module, data: Sequence[Any], steps: int
 
     module: fx.GraphModule = compressed.module
     history = distill_module(module, teacher, data, steps=steps, lr=lr, loss=loss, temperature=temperature, amp=amp,
-                             device=device, progress=progress, trainable=trainable)
+                             device=device, progress=progress, trainable=trainable, hidden=hidden,
+                             hidden_weight=hidden_weight)
+    matched = f" + hidden {hidden!r}" if hidden else ""
     compressed.records.append(LayerRecord("(whole model)", "model", "distill", "distilled",
-                                          f"{steps} steps, {loss} loss {history[0]:.4g} -> {history[-1]:.4g}"))
+                                          f"{steps} steps, {loss}{matched} loss {history[0]:.4g} -> {history[-1]:.4g}"))
     return compressed

@@ -1,8 +1,12 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 import fxcompress
+from fxcompress.capture import capture
+from fxcompress.distill import distill_module, hidden_nodes
 from fxcompress.errors import InputError
 
 from helpers import init_dtypes, same_state, state_snapshot
@@ -71,6 +75,66 @@ def test_a_distilled_module_can_be_quantized_by_a_second_optimize(tmp_path):
     assert len(codes) == 5 and set(codes.values()) <= {"int8", "uint8"}, codes
     rep = fxcompress.check(cm.module, tmp_path / "m.onnx", data[0], eval_inputs=data, fp32_baseline=False, provider="cpu")
     assert rep.passed
+
+
+def _normed():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.LayerNorm(64), nn.ReLU(), nn.Linear(64, 64), nn.LayerNorm(64), nn.ReLU(),
+                          nn.Linear(64, 4)).eval()
+    return model, [(torch.randn(32, 16),) for _ in range(8)]
+
+
+def _norm_outputs(module: nn.Module, batch: tuple) -> list[torch.Tensor]:
+    seen = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.append(out.detach()))
+             for m in module.modules() if isinstance(m, nn.LayerNorm)]
+    with torch.no_grad():
+        module(*batch)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_hidden_norms_adds_the_relative_mse_of_every_layernorm_output_to_the_loss():
+    model, data = _normed()
+    cm = fxcompress.optimize(model, data[0], recipe="svd:rank=4")
+    assert len(hidden_nodes(cm.module, capture(model, data[0]).graph_module, "norms")) == 2
+    first = lambda **kw: distill_module(copy.deepcopy(cm.module), model, data[:1], steps=1, **kw)[0]  # loss before any step
+    expected = sum(torch.nn.functional.mse_loss(s, t).item() / t.pow(2).mean().item()
+                   for s, t in zip(_norm_outputs(cm.module, data[0]), _norm_outputs(model, data[0]))) / 2
+    assert expected > 1e-3
+    assert first(hidden="norms", hidden_weight=2.0) - first() == pytest.approx(2 * expected, rel=1e-4)
+    assert first(hidden="norms", hidden_weight=0.0) == pytest.approx(first(), rel=1e-6)
+
+
+def test_hidden_matching_pulls_the_intermediate_activations_to_the_teacher():
+    model, data = _normed()
+    gaps = {}
+    for hidden in (None, "norms"):
+        cm = fxcompress.optimize(model, data[0], recipe="svd:rank=4")
+        fxcompress.distill(cm, model, data, steps=100, lr=3e-3, hidden=hidden)
+        pairs = zip(_norm_outputs(cm.module, data[0]), _norm_outputs(model, data[0]))
+        gaps[hidden] = sum((s - t).pow(2).mean().item() for s, t in pairs) / 2
+    assert gaps["norms"] < 0.7 * gaps[None]  # output-only distillation leaves them where they were (measured 0.69 vs 1.22)
+    assert "hidden 'norms'" in cm.records[-1].reason
+    tuned = fxcompress.optimize(model, data[0], recipe="svd:rank=4,distill:steps=5,hidden=norms,hidden_weight=0.5",
+                                calibration=data)
+    assert "hidden norms" in tuned.records[-1].reason
+
+
+def test_hidden_matching_errors_name_the_node():
+    model, data = _setup()
+    cm = fxcompress.optimize(model, data[0], recipe="svd:rank=4")
+    with pytest.raises(InputError, match="hidden node 'nowhere' is not in the student graph"):
+        fxcompress.distill(cm, model, data, steps=1, hidden=["nowhere"])
+    with pytest.raises(InputError, match="found no LayerNorm"):
+        fxcompress.distill(cm, model, data, steps=1, hidden="norms")
+    with pytest.raises(InputError, match="must be the compressed GraphModule"):
+        distill_module(copy.deepcopy(model), model, data, steps=1, hidden="norms")
+    pruned = fxcompress.optimize(model, data[0], recipe="prune:ratio=0.5", calibration=data)
+    relu = next(n.name for n in pruned.module.graph.nodes if n.op == "call_module" and "1" == n.target)
+    with pytest.raises(InputError, match=f"hidden node '{relu}' has shape \\(32, 32\\) in the student but \\(32, 64\\)"):
+        fxcompress.distill(pruned, model, data, steps=1, hidden=[relu])
 
 
 def test_distill_errors():
