@@ -75,27 +75,26 @@ def hidden_nodes(student: fx.GraphModule, teacher: fx.GraphModule, hidden: Union
     return names
 
 
-class _Tapped(fx.Interpreter):
-    """Runs a graph and keeps the outputs of the named nodes (with their autograd history)."""
-
-    def __init__(self, gm: fx.GraphModule, names: Sequence[str]) -> None:
-        super().__init__(gm, garbage_collect_values=False)
-        self.names, self.taps = set(names), {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        if n.name in self.names:
-            self.taps[n.name] = out
-        return out
-
-
-def _forward(gm: nn.Module, batch: tuple, names: Sequence[str]) -> tuple[list[Tensor], list[Tensor]]:
-    """(outputs, the named nodes' outputs in ``names`` order); a plain call when nothing is tapped."""
+def _tapped(gm: nn.Module, names: Sequence[str]) -> Callable[[tuple], tuple[list[Tensor], list[Tensor]]]:
+    """batch -> (outputs, the named nodes' outputs in ``names`` order). The taps come from a copy of the graph that
+    returns them next to its outputs and shares ``gm``'s parameters (build it after they are final), so each step runs
+    generated code instead of interpreting the graph node by node. The copy has fx's default signature: one argument
+    per placeholder, whatever input structure ``gm``'s own codegen (torch.export's pytree) accepted."""
     if not names:
-        return output_tensors(gm(*batch)), []
-    run = _Tapped(gm, names)
-    out = run.run(*batch)
-    return output_tensors(out), [run.taps[name] for name in names]
+        return lambda batch: (output_tensors(gm(*batch)), [])
+    assert isinstance(gm, fx.GraphModule)
+    graph = fx.Graph()
+    copied: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, copied)
+    wanted = set(names)
+    by_name = {node.name: copied[node] for node in gm.graph.nodes if node.name in wanted}
+    graph.output((out, tuple(by_name[name] for name in names)))
+    tapped = fx.GraphModule(gm, graph)
+
+    def run(batch: tuple) -> tuple[list[Tensor], list[Tensor]]:
+        outputs, taps = tapped(*batch)
+        return output_tensors(outputs), list(taps)
+    return run
 
 
 def _hidden_loss(student: list[Tensor], teacher: list[Tensor], names: Sequence[str]) -> Tensor:
@@ -182,15 +181,16 @@ def distill_module(
         raise InputError("distill found no floating-point weights to train (the model is fully quantized, or "
                          "`trainable` accepted no name?); distill before quantizing: recipe 'svd,distill,int8'")
     opt = torch.optim.Adam(params, lr=lr)
+    run_teacher, run_student = _tapped(teacher, names), _tapped(student, names)
     history: list[float] = []
     try:
         with progress_bar(progress, desc="distill", total=steps, unit="step") as bar:
             for step, batch in zip(range(steps), itertools.cycle(batches)):
                 batch = tuple(t.to(dev) if isinstance(t, Tensor) else t for t in batch)
                 with torch.no_grad():
-                    target, target_hidden = _forward(teacher, batch, names)
+                    target, target_hidden = run_teacher(batch)
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                    out, out_hidden = _forward(student, batch, names)
+                    out, out_hidden = run_student(batch)
                 value = _loss(out, target, loss, temperature)
                 if names:
                     value = value + hidden_weight * _hidden_loss(out_hidden, target_hidden, names)
