@@ -98,13 +98,14 @@ def _tapped(gm: nn.Module, names: Sequence[str]) -> Callable[[tuple], tuple[list
 
 
 def _hidden_loss(student: list[Tensor], teacher: list[Tensor], names: Sequence[str]) -> Tensor:
-    total = student[0].new_zeros(()) if student else torch.zeros(())
+    """Mean over the (non-empty) taps of the relative MSE ||s - t||^2 / ||t||^2."""
+    losses = []
     for name, s, t in zip(names, student, teacher):
         if s.shape != t.shape:
             raise InputError(f"distill hidden node {name!r} has shape {tuple(s.shape)} in the student but "
                              f"{tuple(t.shape)} in the teacher (a pass resized it); match nodes the passes leave intact")
-        total = total + F.mse_loss(s.float(), t.float()) / t.float().pow(2).mean().clamp_min(1e-12)
-    return total / max(1, len(names))
+        losses.append(F.mse_loss(s.float(), t.float()) / t.float().pow(2).mean().clamp_min(1e-12))
+    return torch.stack(losses).mean()
 
 
 def _make_trainable(module: nn.Module, trainable: Optional[Callable[[str], bool]] = None) -> list[tuple[nn.Module, str]]:
@@ -168,11 +169,13 @@ def distill_module(
         if not isinstance(student, fx.GraphModule):
             raise InputError(f"distill hidden={hidden!r} matches graph nodes by name: the student must be the compressed "
                              f"GraphModule (cm.module), got {type(student).__name__}")
-        teacher = capture(teacher, batches[0]).graph_module  # the user's model stays untouched: capture copies nothing in place
+        teacher = capture(teacher, batches[0]).graph_module  # built on capture's own deep copy of the model
         names = hidden_nodes(student, teacher, hidden)
+    else:
+        teacher = copy.deepcopy(teacher)  # .to(dev) below must not move the user's model
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     amp = dev.type == "cuda" if amp is None else amp
-    teacher = copy.deepcopy(teacher).to(dev).eval()
+    teacher = teacher.to(dev).eval()
     student.to(dev)  # left in eval mode: no dropout noise, and torch.export graphs cannot switch to train()
     moved = _make_trainable(student, trainable)
     params = [p for p in student.parameters() if p.requires_grad]
