@@ -31,24 +31,29 @@ WIDEST = 1536
 def main() -> None:
     model, example, ev = zoo.minilm()
     sentences = corpus()
-    held_out = [zoo.tokenize(sentences[i : i + 32]) for i in range(0, HELD_OUT, 32)]
+    held_out = zoo.tokenize_batches(sentences[:HELD_OUT], 32)
     sets = {"32 bundled sentences": zoo.minilm_calibration()}
     for n in SIZES:  # from the corpus' tail, never the held-out head
-        tail = sentences[-n:]
-        sets[f"{n} corpus sentences"] = Calibration([zoo.tokenize(tail[i : i + 32]) for i in range(0, n, 32)], token_mask=1)
+        sets[f"{n} corpus sentences"] = Calibration(zoo.tokenize_batches(sentences[-n:], 32), token_mask=1)
 
-    def cosine(student: torch.nn.Module, batches: list) -> float:
+    def embed(module: torch.nn.Module, batches: list) -> torch.Tensor:
         with torch.no_grad():
-            ref, out = (torch.cat([m(*b) for b in batches]) for m in (model, student))
-        return torch.nn.functional.cosine_similarity(ref, out).mean().item()
+            return torch.cat([module(*b) for b in batches])
+
+    def cosine(student: torch.nn.Module, batches: list, reference: torch.Tensor) -> float:
+        return torch.nn.functional.cosine_similarity(reference, embed(student, batches)).mean().item()
+
+    fixed = {"eval": ev.inputs, "held_out": held_out}  # the fp32 model's embeddings of these are shared by every row
+    reference = {name: embed(model, batches) for name, batches in fixed.items()}
 
     rows = []
     for name, calibration in sets.items():
         tokens = sum(int(mask.sum()) for _, mask in calibration)
         cm = fxcompress.optimize(model, example, recipe=RECIPE, calibration=calibration)
+        own = list(calibration)[:8]
         rows.append(dict(calibration=name, tokens=tokens, rows_per_feature=tokens / WIDEST,
-                         on_calibration=cosine(cm.module, list(calibration)[:8]), eval=cosine(cm.module, ev.inputs),
-                         held_out=cosine(cm.module, held_out)))
+                         on_calibration=cosine(cm.module, own, embed(model, own)),
+                         **{key: cosine(cm.module, batches, reference[key]) for key, batches in fixed.items()}))
         print(rows[-1])
     env = environment()
     lines = [f"# Experiment: calibration size for activation-aware SVD (MiniLM FFN, 50% of their bytes)\n\n{env}\n",

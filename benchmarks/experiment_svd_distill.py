@@ -82,13 +82,13 @@ def main(arms: list[str]) -> None:
     torch.manual_seed(0)
     model, example, ev = zoo.minilm()
     sentences = corpus()
-    held_out = [zoo.tokenize(sentences[i : i + 32]) for i in range(0, HELD_OUT, 32)]
+    held_out = zoo.tokenize_batches(sentences[:HELD_OUT], 32)
     calibration = sentences[-CALIBRATION:]
     train = sentences[HELD_OUT:-CALIBRATION]
-    data = [zoo.tokenize(train[i : i + 32]) for i in range(0, len(train), 32)]
+    data = zoo.tokenize_batches(train, 32)
     bundled = fxcompress.optimize(model, example, recipe=RECIPE, calibration=zoo.minilm_calibration())
     start = fxcompress.optimize(model, example, recipe=RECIPE, calibration=Calibration(
-        [zoo.tokenize(calibration[i : i + 32]) for i in range(0, CALIBRATION, 32)], token_mask=1))
+        zoo.tokenize_batches(calibration, 32), token_mask=1))
 
     with torch.no_grad():
         reference = [torch.cat([model(*b) for b in batches]) for batches in (ev.inputs, held_out)]

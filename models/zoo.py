@@ -255,12 +255,21 @@ def tokenize(sentences: list[str], max_length: int = 32) -> tuple[Tensor, Tensor
     return b["input_ids"], b["attention_mask"]
 
 
+def tokenize_batches(sentences: list[str], batch: int, max_length: int = 32) -> list[tuple[Tensor, Tensor]]:
+    """``sentences`` tokenized in consecutive batches of ``batch`` (the last may be shorter).
+
+    Example:
+        >>> [ids.shape for ids, _ in tokenize_batches(["a b", "c", "d"], batch=2)]
+        [torch.Size([2, 32]), torch.Size([1, 32])]
+    """
+    return [tokenize(sentences[i : i + batch], max_length) for i in range(0, len(sentences), batch)]
+
+
 def minilm_calibration(max_length: int = 32, batch: int = 8) -> Calibration:
     """Calibration batches for MiniLM from sentences disjoint from the evaluation set; statistics skip padding."""
     from fxcompress.models.sentences import CALIBRATION_SENTENCES
 
-    batches = [tokenize(CALIBRATION_SENTENCES[i : i + batch], max_length) for i in range(0, len(CALIBRATION_SENTENCES), batch)]
-    return Calibration(batches, token_mask=1)
+    return Calibration(tokenize_batches(CALIBRATION_SENTENCES, batch, max_length), token_mask=1)
 
 
 def minilm(max_length: int = 32) -> tuple[nn.Module, tuple, EvalData]:
@@ -272,8 +281,7 @@ def minilm(max_length: int = 32) -> tuple[nn.Module, tuple, EvalData]:
     hf_logging.set_verbosity_error()
     encoder = AutoModel.from_pretrained(str(_minilm_dir()))
     model = SentenceEmbedder(encoder).eval()
-    batches = [tokenize(SENTENCES[i : i + 16], max_length) for i in range(0, len(SENTENCES), 16)]
-    return model, tokenize(SENTENCES[:4], max_length), EvalData(batches)
+    return model, tokenize(SENTENCES[:4], max_length), EvalData(tokenize_batches(SENTENCES, 16, max_length))
 
 
 FACTORIES = {f.__name__: f for f in (mlp, big_mlp, digits_cnn, resnet_mini, tiny_transformer, minilm)}
