@@ -142,6 +142,38 @@ def input_hessians(gm: fx.GraphModule, inputs_of: dict[str, fx.Node], batches: S
     return {name: 2 * sums[name] / rows[name] for name in sums}
 
 
+def paired_moments(student: fx.GraphModule, teacher: fx.GraphModule, student_input: fx.Node, teacher_input: fx.Node,
+                   batches: Sequence[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X_s^T X_s, X_t^T X_s) / rows: the second moment of a layer's input in ``student`` and its cross moment with
+    the same layer's input in ``teacher``, row for row on the same batches (padded rows skipped in both).
+
+    A layer refitted to these maps the input it really gets, after the layers before it were compressed, to the
+    output the uncompressed model computes: ``W X_t^T X_s (X_s^T X_s)^-1`` minimises ||X_t W^T - X_s M^T||.
+
+    Example:
+        >>> h_ss, p_ts = paired_moments(compressed_gm, float_gm, site.input, float_nodes[site.input.name], calibration)
+    """
+    _require_batches(batches)
+    token_mask = getattr(batches, "token_mask", None)
+    h: Optional[torch.Tensor] = None
+    p: Optional[torch.Tensor] = None
+    rows = 0
+    for batch in batches:
+        one = Calibration([batch], token_mask=token_mask)
+        seen: dict[str, torch.Tensor] = {}
+        observe(teacher, {"t": teacher_input}, one, seen.__setitem__)
+        observe(student, {"s": student_input}, one, seen.__setitem__)
+        xt, xs = (seen[k].reshape(-1, seen[k].shape[-1]).to(torch.float64) for k in ("t", "s"))
+        if xt.shape != xs.shape:
+            raise InputError(f"layer input {student_input.name!r} has shape {tuple(xs.shape)} in the compressed graph "
+                             f"but {tuple(xt.shape)} in the float one; a refit needs the same rows and features")
+        h = xs.t() @ xs if h is None else h + xs.t() @ xs
+        p = xt.t() @ xs if p is None else p + xt.t() @ xs
+        rows += xs.shape[0]
+    assert h is not None and p is not None
+    return h / rows, p / rows
+
+
 def _warn_if_few_rows(rows_and_features: dict[str, tuple[int, int]]) -> None:
     few = {name: rk for name, rk in rows_and_features.items() if rk[0] < MIN_ROWS_PER_FEATURE * rk[1]}
     if not few:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -25,6 +26,7 @@ from fxcompress.errors import InputError
 from fxcompress.progress import progress_bar
 
 LOSSES = ("mse", "kl", "cosine")
+SCHEDULES = ("constant", "cosine")
 NORMS = "norms"  # hidden= keyword: every LayerNorm output the two graphs share
 _NORM_TARGETS = {torch.ops.aten.layer_norm.default, F.layer_norm}
 
@@ -123,6 +125,34 @@ def _make_trainable(module: nn.Module, trainable: Optional[Callable[[str], bool]
     return moved
 
 
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """Multiplier of the base lr at ``step`` (0-based) of ``steps``: 1 for ``constant``; for ``cosine`` a linear
+    warm-up over the first 5% of the steps (Adam's early steps are the noisiest: its moment estimates are young),
+    then a half cosine to 0, so the last steps settle instead of jittering at full lr.
+
+    Example:
+        >>> [round(lr_factor("cosine", s, 100), 2) for s in (0, 4, 50, 99)]
+        [0.2, 1.0, 0.52, 0.0]
+    """
+    if schedule == "constant":
+        return 1.0
+    warm = max(1, steps // 20)
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (step - warm + 1) / max(1, steps - warm)))
+
+
+def describe(steps: int, loss: str, hidden: Union[None, str, Sequence[str]], schedule: str, history: Sequence[float]) -> str:
+    """The distill record's note, one spelling for the API and the recipe step.
+
+    Example:
+        >>> describe(200, "cosine", "norms", "cosine", [0.1, 0.02])
+        '200 steps, cosine loss + hidden norms, cosine lr: 0.1 -> 0.02'
+    """
+    taps = "" if not hidden else " + hidden " + (hidden if isinstance(hidden, str) else "+".join(hidden))
+    return f"{steps} steps, {loss} loss{taps}, {schedule} lr: {history[0]:.4g} -> {history[-1]:.4g}"
+
+
 def _restore_buffers(moved: list[tuple[nn.Module, str]]) -> None:
     for mod, name in moved:
         p = mod._parameters.pop(name)
@@ -144,13 +174,17 @@ def distill_module(
     trainable: Optional[Callable[[str], bool]] = None,
     hidden: Union[None, str, Sequence[str]] = None,
     hidden_weight: float = 1.0,
+    schedule: str = "constant",
+    on_step: Optional[Callable[[int, float], None]] = None,
 ) -> list[float]:
     """Fine-tune ``student`` in place against ``teacher`` (unchanged) for ``steps`` Adam steps over ``data``
     (cycled); returns the loss per step. ``amp`` (default: on when CUDA runs it) uses torch.autocast in bf16.
     ``trainable`` picks the tensors to train by qualified name (default: every floating-point weight); with little
     data, training only the new factors overfits less than training the whole model. ``hidden`` (``"norms"`` or
     node names, see :func:`hidden_nodes`) adds ``hidden_weight`` x the mean relative MSE of those intermediate
-    activations; the student must then be the compressed GraphModule.
+    activations; the student must then be the compressed GraphModule. ``schedule="cosine"`` warms the lr up and
+    decays it to 0 (:func:`lr_factor`). ``on_step(step, loss)`` is called after every step (1-based), e.g. to
+    evaluate the student at checkpoints of one run instead of restarting Adam in several.
 
     Example:
         >>> losses = distill_module(cm.module, model, [(x,) for x in batches], steps=50)
@@ -159,6 +193,8 @@ def distill_module(
     """
     if loss not in LOSSES:
         raise InputError(f"distill loss must be one of {LOSSES}, got {loss!r}")
+    if schedule not in SCHEDULES:
+        raise InputError(f"distill schedule must be one of {SCHEDULES}, got {schedule!r}")
     if steps < 1 or lr <= 0:
         raise InputError(f"distill needs steps >= 1 and lr > 0, got steps={steps}, lr={lr}")
     batches = [normalize_inputs(b) for b in data]
@@ -175,7 +211,9 @@ def distill_module(
         teacher = copy.deepcopy(teacher)  # .to(dev) below must not move the user's model
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     amp = dev.type == "cuda" if amp is None else amp
-    teacher = teacher.to(dev).eval()
+    teacher = teacher.to(dev)
+    if not isinstance(teacher, fx.GraphModule):  # a capture is already in eval mode; torch.export's refuses eval()
+        teacher.eval()
     student.to(dev)  # left in eval mode: no dropout noise, and torch.export graphs cannot switch to train()
     moved = _make_trainable(student, trainable)
     params = [p for p in student.parameters() if p.requires_grad]
@@ -184,6 +222,7 @@ def distill_module(
         raise InputError("distill found no floating-point weights to train (the model is fully quantized, or "
                          "`trainable` accepted no name?); distill before quantizing: recipe 'svd,distill,int8'")
     opt = torch.optim.Adam(params, lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(schedule, step, steps))
     run_teacher, run_student = _tapped(teacher, names), _tapped(student, names)
     history: list[float] = []
     try:
@@ -206,8 +245,11 @@ def distill_module(
                                          "distill before quantizing: recipe 'svd,distill,int8'") from exc
                     raise
                 opt.step()
+                scheduler.step()
                 history.append(value.item())
                 bar.advance(f"loss {history[-1]:.4g}")
+                if on_step is not None:
+                    on_step(step + 1, history[-1])
     finally:
         student.cpu()
         for p in student.parameters():
@@ -219,7 +261,8 @@ def distill_module(
 def distill(compressed: Any, teacher: nn.Module, data: Sequence[Any], steps: int = 100, *, lr: float = 1e-4,
             loss: str = "mse", temperature: float = 1.0, amp: Optional[bool] = None, device: str = "auto",
             progress: bool = False, trainable: Optional[Callable[[str], bool]] = None,
-            hidden: Union[None, str, Sequence[str]] = None, hidden_weight: float = 1.0) -> Any:
+            hidden: Union[None, str, Sequence[str]] = None, hidden_weight: float = 1.0, schedule: str = "constant",
+            on_step: Optional[Callable[[int, float], None]] = None) -> Any:
     """Fine-tune ``compressed`` (a :class:`~fxcompress.CompressedModel`) against ``teacher``; returns it, with a
     ``distill`` record (loss first -> last) added. The teacher is never modified.
 
@@ -232,8 +275,7 @@ def distill(compressed: Any, teacher: nn.Module, data: Sequence[Any], steps: int
     module: fx.GraphModule = compressed.module
     history = distill_module(module, teacher, data, steps=steps, lr=lr, loss=loss, temperature=temperature, amp=amp,
                              device=device, progress=progress, trainable=trainable, hidden=hidden,
-                             hidden_weight=hidden_weight)
-    matched = f" + hidden {hidden!r}" if hidden else ""
+                             hidden_weight=hidden_weight, schedule=schedule, on_step=on_step)
     compressed.records.append(LayerRecord("(whole model)", "model", "distill", "distilled",
-                                          f"{steps} steps, {loss}{matched} loss {history[0]:.4g} -> {history[-1]:.4g}"))
+                                          describe(steps, loss, hidden, schedule, history)))
     return compressed

@@ -15,6 +15,12 @@ it truncates G^1/2 W C, so each layer minimises an estimate of the change in the
 the rest of the network ignores (e.g. ones a LayerNorm scales away) are dropped first. Because every layer's
 spectrum is then in the same unit, ``allocate=global`` can hand the byte budget to the layers that need it.
 
+``sequential=true`` (with ``aware``) refits the layers one after another, in graph order, to the inputs they really
+get once the layers before them are factorized: layer i minimises ||X_t W^T - X_s (B A)^T|| (X_t its input in the
+float model, X_s in the compressed one) by truncating W X_t^T X_s (X_s^T X_s)^-1, whitened by X_s, so each layer
+also absorbs part of the error upstream instead of passing it on (the layer-sequential scheme of GPTQ, applied to
+the low-rank fit). Ranks are chosen first, as without it; only the factors change.
+
 Conv2d (groups=1) gets Tucker-2 by higher-order SVD: input and output channel bases U_in [I, r_in], U_out [O, r_out]
 and a core W x U_out^T x U_in^T [r_out, r_in, kh, kw]; ranks keep the ratio of I to O. ``conv=spatial`` instead
 splits a kh x kw conv into kh x 1 (r channels) then 1 x kw, from the SVD of W arranged as [(I, kh), (O, kw)]
@@ -23,6 +29,7 @@ splits a kh x kw conv into kh x 1 (r channels) then 1 x kw, from the SVD of W ar
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Union
@@ -30,12 +37,12 @@ from typing import ClassVar, Optional, Union
 import torch
 from torch import Tensor, fx
 
-from fxcompress.calibration import input_hessians, output_gauss_newton
+from fxcompress.calibration import input_hessians, output_gauss_newton, paired_moments
 from fxcompress.errors import InputError, RecipeError
 from fxcompress.graph_edit import add_constant, replace_node
 from fxcompress.passes.quantize import sqnr_db
 from fxcompress.pipeline import LayerRecord, PassConfig, PassContext, PassResult, Tolerance, register_pass, select_sites
-from fxcompress.sites import Site, nbytes
+from fxcompress.sites import Site, find_sites, nbytes
 
 aten = torch.ops.aten
 
@@ -51,7 +58,8 @@ class SVDConfig(PassConfig):
     ``aware``: ``false`` (plain SVD of W), ``true`` / ``input`` (whiten by the calibration inputs), ``output``
     (also weight the layer's output error by its effect on the model's outputs, so that every layer minimises an
     estimate of the same model-output error). ``allocate=global`` (needs ``aware=output``) spends the byte budget of
-    all selected layers together instead of ``ratio`` per layer.
+    all selected layers together instead of ``ratio`` per layer. ``sequential=true`` (needs ``aware``) refits each
+    layer to the inputs the compressed layers before it produce.
     """
 
     name: ClassVar[str] = "svd"
@@ -65,6 +73,7 @@ class SVDConfig(PassConfig):
     damp: float = 0.01
     kinds: tuple[str, ...] = ("linear",)
     conv: str = "tucker"
+    sequential: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.ratio < 1:
@@ -86,6 +95,8 @@ class SVDConfig(PassConfig):
         if self.allocate == "global" and (aware != "output" or self.rank or self.energy):
             raise ValueError("allocate=global compares layers by their estimated effect on the model's output: it needs "
                              "aware=output and a ratio (not rank= or energy=)")
+        if self.sequential and aware == "none":
+            raise ValueError("sequential=true refits layers to calibration inputs: it needs aware=true or aware=output")
         if self.probes < 1:
             raise ValueError(f"probes must be >= 1, got {self.probes}")
 
@@ -288,7 +299,8 @@ def factorize(gm: fx.GraphModule, cfg: SVDConfig, ctx: PassContext) -> PassResul
         ...                          calibration=batches)
     """
     sites, records = select_sites(gm, cfg, cfg.kinds)
-    ranks, spectra = _linear_spectra(gm, cfg, ctx, [s for s in sites if s.kind == "linear"])
+    float_graph = copy.deepcopy(gm) if cfg.sequential else None  # before any edit: the inputs the layers should see
+    ranks, spectra, output_gns = _linear_spectra(gm, cfg, ctx, [s for s in sites if s.kind == "linear"])
     changed = False
     for site in sites:
         ctx.progress(site.name)
@@ -297,8 +309,13 @@ def factorize(gm: fx.GraphModule, cfg: SVDConfig, ctx: PassContext) -> PassResul
             records.append(_skip(cfg, site, f"grouped conv (groups={site.conv['groups']}) is not factorized"))
             continue
         if site.kind == "linear":
-            a, b = factors_at_rank(spectra[site.name], ranks[site.name])
+            sp = spectra[site.name]
+            if float_graph is not None and changed:  # until a layer changes, its inputs are the float model's
+                sp = _refit(gm, float_graph, site, cfg, ctx, output_gns.get(site.name))
+            a, b = factors_at_rank(sp, ranks[site.name])
             factors, approx, what = (a, b), b @ a, f"rank {a.shape[0]}" + _AWARE_NOTE[cfg.aware]
+            if float_graph is not None and changed:
+                what += ", refitted to the compressed inputs"
         elif cfg.conv == "spatial":
             vertical, horizontal = spatial_svd(w, cfg, site.name)
             factors, what = (vertical, horizontal), f"spatial rank {vertical.shape[0]}"
@@ -327,11 +344,12 @@ def factorize(gm: fx.GraphModule, cfg: SVDConfig, ctx: PassContext) -> PassResul
 _AWARE_NOTE = {"none": "", "input": " (activation-aware)", "output": " (activation- and output-aware)"}
 
 
-def _linear_spectra(gm: fx.GraphModule, cfg: SVDConfig, ctx: PassContext,
-                    linear: list[Site]) -> tuple[dict[str, int], dict[str, Spectrum]]:
-    """Each Linear site's weighted spectrum (with the statistics ``cfg.aware`` asks for) and its chosen rank."""
+def _linear_spectra(gm: fx.GraphModule, cfg: SVDConfig, ctx: PassContext, linear: list[Site]
+                    ) -> tuple[dict[str, int], dict[str, Spectrum], dict[str, Tensor]]:
+    """Each Linear site's chosen rank and weighted spectrum (with the statistics ``cfg.aware`` asks for), and the
+    output-side weights (``aware=output``) that a sequential refit reuses."""
     if not linear:
-        return {}, {}
+        return {}, {}, {}
     hessians: dict[str, Tensor] = {}
     output_gns: dict[str, Tensor] = {}
     if cfg.aware != "none":
@@ -342,8 +360,31 @@ def _linear_spectra(gm: fx.GraphModule, cfg: SVDConfig, ctx: PassContext,
         output_gns = output_gauss_newton(gm, {s.name: s.node for s in linear}, ctx.calibration, probes=cfg.probes)
     spectra = {s.name: spectrum(s.weight.float(), cfg.damp, hessians.get(s.name), output_gns.get(s.name)) for s in linear}
     if cfg.allocate == "global":
-        return global_ranks(spectra, {s.name: tuple(s.weight.shape) for s in linear}, cfg.ratio), spectra
-    return {s.name: _choose_rank(cfg, spectra[s.name].s, *s.weight.shape, s.name) for s in linear}, spectra
+        ranks = global_ranks(spectra, {s.name: tuple(s.weight.shape) for s in linear}, cfg.ratio)
+    else:
+        ranks = {s.name: _choose_rank(cfg, spectra[s.name].s, *s.weight.shape, s.name) for s in linear}
+    return ranks, spectra, output_gns
+
+
+def refit_target(w: Tensor, h_ss: Tensor, p_ts: Tensor, damp: float) -> Tensor:
+    """The full-rank M that best maps the compressed inputs onto the float layer's outputs, shrunk towards W:
+    M = W (P + d I)(H + d I)^-1 with H = X_s^T X_s, P = X_t^T X_s, d = damp * mean(diag H). M = W when X_s = X_t,
+    so a layer whose inputs did not change keeps its weight.
+
+    Example:
+        >>> m = refit_target(w, h_ss, p_ts, damp=0.01)
+    """
+    d = damp * torch.diag(h_ss).mean().clamp_min(1e-12) * torch.eye(h_ss.shape[0], dtype=torch.float64)
+    # M^T = (H + dI)^-1 (P + dI)^T W^T, H + dI symmetric
+    return torch.linalg.solve(h_ss.double() + d, (p_ts.double() + d).t() @ w.double().t()).t()
+
+
+def _refit(gm: fx.GraphModule, float_graph: fx.GraphModule, site: Site, cfg: SVDConfig, ctx: PassContext,
+           output_gn: Optional[Tensor]) -> Spectrum:
+    """Spectrum of the layer refitted to the inputs it gets in the partly factorized ``gm``."""
+    float_site = next(s for s in find_sites(float_graph)[0] if s.name == site.name)
+    h_ss, p_ts = paired_moments(gm, float_graph, site.input, float_site.input, ctx.calibration)
+    return spectrum(refit_target(site.weight, h_ss, p_ts, cfg.damp), cfg.damp, h_ss, output_gn)
 
 
 def _skip(cfg: SVDConfig, site: Site, reason: str) -> LayerRecord:

@@ -6,8 +6,8 @@ from torch import nn
 
 import fxcompress
 from fxcompress.capture import capture
-from fxcompress.distill import distill_module, hidden_nodes
-from fxcompress.errors import InputError
+from fxcompress.distill import distill_module, hidden_nodes, lr_factor
+from fxcompress.errors import InputError, RecipeError
 
 from helpers import init_dtypes, same_state, state_snapshot
 
@@ -116,10 +116,10 @@ def test_hidden_matching_pulls_the_intermediate_activations_to_the_teacher():
         pairs = zip(_norm_outputs(cm.module, data[0]), _norm_outputs(model, data[0]))
         gaps[hidden] = sum((s - t).pow(2).mean().item() for s, t in pairs) / 2
     assert gaps["norms"] < 0.7 * gaps[None]  # output-only distillation leaves them where they were (measured 0.69 vs 1.22)
-    assert "hidden 'norms'" in cm.records[-1].reason
+    assert "loss + hidden norms, constant lr" in cm.records[-1].reason
     tuned = fxcompress.optimize(model, data[0], recipe="svd:rank=4,distill:steps=5,hidden=norms,hidden_weight=0.5",
                                 calibration=data)
-    assert "hidden norms" in tuned.records[-1].reason
+    assert tuned.records[-1].reason.startswith("5 steps, mse loss + hidden norms, constant lr: ")  # one spelling for both
 
 
 def test_hidden_matching_errors_name_the_node():
@@ -137,6 +137,23 @@ def test_hidden_matching_errors_name_the_node():
         fxcompress.distill(pruned, model, data, steps=1, hidden=[relu])
 
 
+def test_cosine_schedule_warms_up_decays_to_zero_and_reports_every_step():
+    model, data = _setup()
+    assert [lr_factor("cosine", s, 40) for s in (0, 1)] == [0.5, 1.0]  # 2 warm-up steps
+    assert lr_factor("cosine", 39, 40) == pytest.approx(0.0, abs=1e-12)
+    assert all(lr_factor("constant", s, 40) == 1.0 for s in range(40))
+    factors = [lr_factor("cosine", s, 40) for s in range(1, 40)]
+    assert factors == sorted(factors, reverse=True)
+    cm = fxcompress.optimize(model, data[0], recipe="svd:rank=4")
+    seen = []
+    history = distill_module(cm.module, model, data, steps=40, lr=3e-3, schedule="cosine",
+                             on_step=lambda step, loss: seen.append((step, loss)))
+    assert seen == list(enumerate(history, start=1))
+    assert history[-1] < history[0]
+    tuned = fxcompress.optimize(model, data[0], recipe="svd:rank=4,distill:steps=3,schedule=cosine", calibration=data)
+    assert ", cosine lr: " in tuned.records[-1].reason
+
+
 def test_distill_errors():
     model, data = _setup()
     cm = fxcompress.optimize(model, data[0], recipe="int8")
@@ -146,3 +163,30 @@ def test_distill_errors():
         fxcompress.distill(fxcompress.optimize(model, data[0], recipe="svd:rank=4"), model, [], steps=1)
     with pytest.raises(InputError, match="distill needs calibration data"):
         fxcompress.optimize(model, data[0], recipe="svd:rank=4,distill")
+    with pytest.raises(InputError, match="schedule must be one of \\('constant', 'cosine'\\), got 'linear'"):
+        fxcompress.distill(fxcompress.optimize(model, data[0], recipe="svd:rank=4"), model, data, steps=1, schedule="linear")
+    with pytest.raises(RecipeError, match="schedule must be one of"):
+        fxcompress.optimize(model, data[0], recipe="svd:rank=4,distill:schedule=step", calibration=data)
+
+
+class _ShapeBranch(nn.Module):
+    """symbolic_trace cannot branch on a Proxy's shape; torch.export specializes it, so this captures by export."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _normed()[0]
+
+    def forward(self, x):
+        if x.shape[-1] == 16:
+            x = x * 2
+        return self.body(x)
+
+
+def test_hidden_matching_works_on_a_model_captured_by_torch_export():
+    torch.manual_seed(0)
+    model, data = _ShapeBranch().eval(), _normed()[1]
+    assert capture(model, data[0]).method == "export"
+    cm = fxcompress.optimize(model, data[0], recipe="svd:rank=4")
+    before = _err(cm, model, data)
+    history = fxcompress.distill(cm, model, data, steps=30, lr=3e-3, hidden="norms").records[-1].reason
+    assert "hidden norms" in history and _err(cm, model, data) < before
