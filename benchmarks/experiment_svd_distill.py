@@ -92,9 +92,9 @@ def main(arms: list[str]) -> None:
     train = sentences[HELD_OUT:-CALIBRATION]
     data = zoo.tokenize_batches(train, 32)
     bundled = fxcompress.optimize(model, example, recipe=RECIPE, calibration=zoo.minilm_calibration())
-    starts = {key: fxcompress.optimize(model, example, recipe=STARTS[key], calibration=Calibration(
-        zoo.tokenize_batches(calibration, 32), token_mask=1)).module
-        for key in dict.fromkeys(ARMS[arm].get("start", "plain") for arm in arms)}
+    calibration_batches = Calibration(zoo.tokenize_batches(calibration, 32), token_mask=1)
+    starts = {key: fxcompress.optimize(model, example, recipe=STARTS[key], calibration=calibration_batches).module
+              for key in dict.fromkeys(ARMS[arm].get("start", "plain") for arm in arms)}
 
     with torch.no_grad():
         reference = [torch.cat([model(*b) for b in batches]) for batches in (ev.inputs, held_out)]

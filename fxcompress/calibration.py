@@ -151,7 +151,7 @@ def paired_moments(student: fx.GraphModule, teacher: fx.GraphModule, student_inp
     output the uncompressed model computes: ``W X_t^T X_s (X_s^T X_s)^-1`` minimises ||X_t W^T - X_s M^T||.
 
     Example:
-        >>> h_ss, p_ts = paired_moments(compressed_gm, float_gm, site.input, float_nodes[site.input.name], calibration)
+        >>> h_ss, p_ts = paired_moments(compressed_gm, float_gm, site.input, float_inputs[site.name], calibration)
     """
     _require_batches(batches)
     token_mask = getattr(batches, "token_mask", None)

@@ -205,15 +205,14 @@ def distill_module(
         if not isinstance(student, fx.GraphModule):
             raise InputError(f"distill hidden={hidden!r} matches graph nodes by name: the student must be the compressed "
                              f"GraphModule (cm.module), got {type(student).__name__}")
-        teacher = capture(teacher, batches[0]).graph_module  # built on capture's own deep copy of the model
+        # capture deep-copies the model and traces it in eval mode (torch.export's graphs refuse a later eval())
+        teacher = capture(teacher, batches[0]).graph_module
         names = hidden_nodes(student, teacher, hidden)
     else:
-        teacher = copy.deepcopy(teacher)  # .to(dev) below must not move the user's model
+        teacher = copy.deepcopy(teacher).eval()  # .to(dev) below must not move the user's model
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     amp = dev.type == "cuda" if amp is None else amp
     teacher = teacher.to(dev)
-    if not isinstance(teacher, fx.GraphModule):  # a capture is already in eval mode; torch.export's refuses eval()
-        teacher.eval()
     student.to(dev)  # left in eval mode: no dropout noise, and torch.export graphs cannot switch to train()
     moved = _make_trainable(student, trainable)
     params = [p for p in student.parameters() if p.requires_grad]

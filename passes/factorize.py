@@ -300,6 +300,7 @@ def factorize(gm: fx.GraphModule, cfg: SVDConfig, ctx: PassContext) -> PassResul
     """
     sites, records = select_sites(gm, cfg, cfg.kinds)
     float_graph = copy.deepcopy(gm) if cfg.sequential else None  # before any edit: the inputs the layers should see
+    float_inputs = {s.name: s.input for s in find_sites(float_graph)[0]} if float_graph is not None else {}
     ranks, spectra, output_gns = _linear_spectra(gm, cfg, ctx, [s for s in sites if s.kind == "linear"])
     changed = False
     for site in sites:
@@ -309,12 +310,13 @@ def factorize(gm: fx.GraphModule, cfg: SVDConfig, ctx: PassContext) -> PassResul
             records.append(_skip(cfg, site, f"grouped conv (groups={site.conv['groups']}) is not factorized"))
             continue
         if site.kind == "linear":
+            refit = float_graph is not None and changed  # until a layer changes, its inputs are the float model's
             sp = spectra[site.name]
-            if float_graph is not None and changed:  # until a layer changes, its inputs are the float model's
-                sp = _refit(gm, float_graph, site, cfg, ctx, output_gns.get(site.name))
+            if refit:
+                sp = _refit(gm, float_graph, float_inputs[site.name], site, cfg, ctx, output_gns.get(site.name))
             a, b = factors_at_rank(sp, ranks[site.name])
             factors, approx, what = (a, b), b @ a, f"rank {a.shape[0]}" + _AWARE_NOTE[cfg.aware]
-            if float_graph is not None and changed:
+            if refit:
                 what += ", refitted to the compressed inputs"
         elif cfg.conv == "spatial":
             vertical, horizontal = spatial_svd(w, cfg, site.name)
@@ -379,11 +381,11 @@ def refit_target(w: Tensor, h_ss: Tensor, p_ts: Tensor, damp: float) -> Tensor:
     return torch.linalg.solve(h_ss.double() + d, (p_ts.double() + d).t() @ w.double().t()).t()
 
 
-def _refit(gm: fx.GraphModule, float_graph: fx.GraphModule, site: Site, cfg: SVDConfig, ctx: PassContext,
-           output_gn: Optional[Tensor]) -> Spectrum:
-    """Spectrum of the layer refitted to the inputs it gets in the partly factorized ``gm``."""
-    float_site = next(s for s in find_sites(float_graph)[0] if s.name == site.name)
-    h_ss, p_ts = paired_moments(gm, float_graph, site.input, float_site.input, ctx.calibration)
+def _refit(gm: fx.GraphModule, float_graph: fx.GraphModule, float_input: fx.Node, site: Site, cfg: SVDConfig,
+           ctx: PassContext, output_gn: Optional[Tensor]) -> Spectrum:
+    """Spectrum of the layer refitted to the inputs it gets in the partly factorized ``gm`` (``float_input``: the
+    node feeding the same layer in ``float_graph``)."""
+    h_ss, p_ts = paired_moments(gm, float_graph, site.input, float_input, ctx.calibration)
     return spectrum(refit_target(site.weight, h_ss, p_ts, cfg.damp), cfg.damp, h_ss, output_gn)
 
 
