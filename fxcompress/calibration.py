@@ -36,8 +36,13 @@ class Calibration(list):
         self.token_mask = token_mask
 
 
-def _real_rows(value: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """``value`` without its padded positions, as [tokens, *rest], when its leading dims are the mask's."""
+def real_rows(value: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``value`` without its padded positions, as [tokens, *rest], when its leading dims are the mask's.
+
+    Example:
+        >>> real_rows(torch.zeros(2, 3, 8), torch.tensor([[1, 1, 0], [1, 0, 0]])).shape
+        torch.Size([3, 8])
+    """
     if mask is None or value.dim() <= mask.dim() or tuple(value.shape[: mask.dim()]) != tuple(mask.shape):
         return value
     return value[mask.bool()]
@@ -48,8 +53,13 @@ def _require_batches(batches: Sequence[tuple]) -> None:
         raise InputError("calibration data is empty; pass calibration=[input_tuple, ...] with at least one batch")
 
 
-def _batch_mask(batches: Sequence[tuple], i: int, batch: tuple) -> Optional[torch.Tensor]:
-    """Batch ``i``'s [batch, seq] padding mask when ``batches`` is a :class:`Calibration` with a token mask."""
+def batch_mask(batches: Sequence[tuple], i: int, batch: tuple) -> Optional[torch.Tensor]:
+    """Batch ``i``'s [batch, seq] padding mask when ``batches`` is a :class:`Calibration` with a token mask.
+
+    Example:
+        >>> batch_mask(Calibration([(ids, mask)], token_mask=1), 0, (ids, mask)) is mask
+        True
+    """
     token_mask = getattr(batches, "token_mask", None)
     if token_mask is None:
         return None
@@ -101,18 +111,25 @@ def observe(gm: fx.GraphModule, nodes: dict[str, fx.Node], batches: Sequence[tup
         >>> observe(gm, {"fc_in": site.input}, calibration, lambda name, t: seen.setdefault(name, []).append(t))
     """
     _require_batches(batches)
+    for i in range(len(batches)):
+        _observe_batch(gm, nodes, batches, i, on_value)
+
+
+def _observe_batch(gm: fx.GraphModule, nodes: dict[str, fx.Node], batches: Sequence[tuple], i: int,
+                   on_value: Callable[[str, torch.Tensor], None]) -> None:
+    """:func:`observe` for batch ``i`` alone (errors name its index in ``batches``)."""
     watch: dict[fx.Node, list[str]] = {}
     for name, node in nodes.items():
         watch.setdefault(node, []).append(name)
+    batch = batches[i]
+    mask = batch_mask(batches, i, batch)
     with torch.no_grad():
-        for i, batch in enumerate(batches):
-            mask = _batch_mask(batches, i, batch)
-            try:
-                _Recorder(gm, watch, lambda name, t: on_value(name, _real_rows(t, mask))).run(*batch)
-            except _AllSeen:
-                pass
-            except Exception as exc:
-                raise _unfit_batch(i, batch, exc) from exc
+        try:
+            _Recorder(gm, watch, lambda name, t: on_value(name, real_rows(t, mask))).run(*batch)
+        except _AllSeen:
+            pass
+        except Exception as exc:
+            raise _unfit_batch(i, batch, exc) from exc
 
 
 def input_hessians(gm: fx.GraphModule, inputs_of: dict[str, fx.Node], batches: Sequence[tuple]) -> dict[str, torch.Tensor]:
@@ -154,15 +171,13 @@ def paired_moments(student: fx.GraphModule, teacher: fx.GraphModule, student_inp
         >>> h_ss, p_ts = paired_moments(compressed_gm, float_gm, site.input, float_inputs[site.name], calibration)
     """
     _require_batches(batches)
-    token_mask = getattr(batches, "token_mask", None)
     h: Optional[torch.Tensor] = None
     p: Optional[torch.Tensor] = None
     rows = 0
-    for batch in batches:
-        one = Calibration([batch], token_mask=token_mask)
+    for i in range(len(batches)):  # a batch at a time: the paired rows are not all held at once
         seen: dict[str, torch.Tensor] = {}
-        observe(teacher, {"t": teacher_input}, one, seen.__setitem__)
-        observe(student, {"s": student_input}, one, seen.__setitem__)
+        _observe_batch(teacher, {"t": teacher_input}, batches, i, seen.__setitem__)
+        _observe_batch(student, {"s": student_input}, batches, i, seen.__setitem__)
         xt, xs = (seen[k].reshape(-1, seen[k].shape[-1]).to(torch.float64) for k in ("t", "s"))
         if xt.shape != xs.shape:
             raise InputError(f"layer input {student_input.name!r} has shape {tuple(xs.shape)} in the compressed graph "
@@ -250,7 +265,7 @@ def output_gauss_newton(gm: fx.GraphModule, outputs_of: dict[str, fx.Node], batc
     examples = 0
     for i, batch in enumerate(batches):
         examples += next((t.shape[0] for t in batch if isinstance(t, torch.Tensor) and t.dim() > 0), 1)
-        mask = _batch_mask(batches, i, batch)
+        mask = batch_mask(batches, i, batch)
         probe = _Probe(gm, watch)
         with torch.enable_grad():
             try:
@@ -263,7 +278,7 @@ def output_gauss_newton(gm: fx.GraphModule, outputs_of: dict[str, fx.Node], batc
                 for name, g in zip(probe.taps, grads):
                     if g is None:
                         continue
-                    g = torch.cat([_real_rows(one, mask).reshape(-1, g.shape[-1]) for one in g]).float()
+                    g = torch.cat([real_rows(one, mask).reshape(-1, g.shape[-1]) for one in g]).float()
                     # a float32 product (this is the costly step) summed in float64: the estimate's Monte Carlo
                     # error (~1/sqrt(probes)) dwarfs float32 rounding
                     gg = (g.t() @ g).double()

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from fxcompress.calibration import batch_mask, real_rows
 from fxcompress.capture import capture, normalize_inputs, output_tensors
 from fxcompress.errors import InputError
 from fxcompress.progress import progress_bar
@@ -99,13 +100,16 @@ def _tapped(gm: nn.Module, names: Sequence[str]) -> Callable[[tuple], tuple[list
     return run
 
 
-def _hidden_loss(student: list[Tensor], teacher: list[Tensor], names: Sequence[str]) -> Tensor:
-    """Mean over the (non-empty) taps of the relative MSE ||s - t||^2 / ||t||^2."""
+def _hidden_loss(student: list[Tensor], teacher: list[Tensor], names: Sequence[str], mask: Optional[Tensor]) -> Tensor:
+    """Mean over the (non-empty) taps of the relative MSE ||s - t||^2 / ||t||^2, over the real tokens only when
+    ``mask`` marks padding: a padded position's hidden state never reaches a masked model's output, and matching it
+    would spend the student's capacity on nothing."""
     losses = []
     for name, s, t in zip(names, student, teacher):
         if s.shape != t.shape:
             raise InputError(f"distill hidden node {name!r} has shape {tuple(s.shape)} in the student but "
                              f"{tuple(t.shape)} in the teacher (a pass resized it); match nodes the passes leave intact")
+        s, t = real_rows(s, mask), real_rows(t, mask)
         losses.append(F.mse_loss(s.float(), t.float()) / t.float().pow(2).mean().clamp_min(1e-12))
     return torch.stack(losses).mean()
 
@@ -153,6 +157,17 @@ def describe(steps: int, loss: str, hidden: Union[None, str, Sequence[str]], sch
     return f"{steps} steps, {loss} loss{taps}, {schedule} lr: {history[0]:.4g} -> {history[-1]:.4g}"
 
 
+def _frozen_copy(teacher: nn.Module) -> nn.Module:
+    """A private copy of the teacher (``.to(device)`` must not move the user's model) in eval mode. A
+    ``torch.export(...).module()`` with dynamic shapes refuses ``eval()``; its dropout and norm behaviour was fixed
+    when it was traced, so its copy is used as it is."""
+    frozen = copy.deepcopy(teacher)
+    try:
+        return frozen.eval()
+    except NotImplementedError:
+        return frozen
+
+
 def _restore_buffers(moved: list[tuple[nn.Module, str]]) -> None:
     for mod, name in moved:
         p = mod._parameters.pop(name)
@@ -182,7 +197,9 @@ def distill_module(
     ``trainable`` picks the tensors to train by qualified name (default: every floating-point weight); with little
     data, training only the new factors overfits less than training the whole model. ``hidden`` (``"norms"`` or
     node names, see :func:`hidden_nodes`) adds ``hidden_weight`` x the mean relative MSE of those intermediate
-    activations; the student must then be the compressed GraphModule. ``schedule="cosine"`` warms the lr up and
+    activations; the student must then be the compressed GraphModule. When ``data`` is a
+    :class:`~fxcompress.calibration.Calibration` with a ``token_mask``, padded positions are left out of that
+    match. ``schedule="cosine"`` warms the lr up and
     decays it to 0 (:func:`lr_factor`). ``on_step(step, loss)`` is called after every step (1-based), e.g. to
     evaluate the student at checkpoints of one run instead of restarting Adam in several.
 
@@ -200,6 +217,7 @@ def distill_module(
     batches = [normalize_inputs(b) for b in data]
     if not batches:
         raise InputError("distill data is empty; pass at least one input tuple")
+    masks = [batch_mask(data, i, b) for i, b in enumerate(batches)]
     names: list[str] = []
     if hidden:
         if not isinstance(student, fx.GraphModule):
@@ -209,7 +227,7 @@ def distill_module(
         teacher = capture(teacher, batches[0]).graph_module
         names = hidden_nodes(student, teacher, hidden)
     else:
-        teacher = copy.deepcopy(teacher).eval()  # .to(dev) below must not move the user's model
+        teacher = _frozen_copy(teacher)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     amp = dev.type == "cuda" if amp is None else amp
     teacher = teacher.to(dev)
@@ -226,15 +244,16 @@ def distill_module(
     history: list[float] = []
     try:
         with progress_bar(progress, desc="distill", total=steps, unit="step") as bar:
-            for step, batch in zip(range(steps), itertools.cycle(batches)):
+            for step, (batch, mask) in zip(range(steps), itertools.cycle(zip(batches, masks))):
                 batch = tuple(t.to(dev) if isinstance(t, Tensor) else t for t in batch)
+                mask = None if mask is None else mask.to(dev)
                 with torch.no_grad():
                     target, target_hidden = run_teacher(batch)
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                     out, out_hidden = run_student(batch)
                 value = _loss(out, target, loss, temperature)
                 if names:
-                    value = value + hidden_weight * _hidden_loss(out_hidden, target_hidden, names)
+                    value = value + hidden_weight * _hidden_loss(out_hidden, target_hidden, names, mask)
                 opt.zero_grad(set_to_none=True)
                 try:
                     value.backward()

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import fxcompress
-from fxcompress.calibration import Calibration, input_hessians
+from fxcompress.calibration import Calibration, input_hessians, paired_moments
 from fxcompress.capture import capture
 from fxcompress.sites import find_sites
 
@@ -79,3 +79,19 @@ def test_token_mask_must_name_a_2d_input(token_mask):
     batches, _ = _batches()
     with pytest.raises(fxcompress.InputError, match=f"token_mask={token_mask} must name a \\[batch, seq\\] tensor"):
         _site_hessian(Calibration(batches, token_mask=token_mask))
+
+
+def test_paired_moments_pool_real_rows_and_name_the_batch_that_does_not_fit():
+    batches, real = _batches()
+    gm = capture(MaskedEncoder(), batches[0]).graph_module
+    node = find_sites(gm)[0][0].input
+    h_ss, p_ts = paired_moments(gm, gm, node, node, Calibration(batches, token_mask=1))
+    torch.testing.assert_close(h_ss, real.t() @ real / len(real))
+    torch.testing.assert_close(p_ts, h_ss)  # the same graph on both sides
+    torch.manual_seed(0)
+    two = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    gm = capture(two, (torch.randn(5, 8),)).graph_module
+    node = find_sites(gm)[0][1].input  # the second Linear's input: the first one runs (and fails) before it
+    bad = [(torch.randn(5, 8),), (torch.randn(5, 8),), (torch.randn(5, 7),)]
+    with pytest.raises(fxcompress.InputError, match=r"calibration batch 2 \(shapes \[\(5, 7\)\]\) does not fit"):
+        paired_moments(gm, gm, node, node, bad)

@@ -190,3 +190,50 @@ def test_hidden_matching_works_on_a_model_captured_by_torch_export():
     before = _err(cm, model, data)
     history = fxcompress.distill(cm, model, data, steps=30, lr=3e-3, hidden="norms").records[-1].reason
     assert "hidden norms" in history and _err(cm, model, data) < before
+
+
+def test_a_torch_export_teacher_distills_without_hidden_matching():
+    torch.manual_seed(0)
+    model, data = _ShapeBranch().eval(), _normed()[1]
+    exported = capture(model, data[0]).graph_module  # torch.export(...).module(): refuses eval()
+    with pytest.raises(NotImplementedError):
+        exported.eval()
+    cm = fxcompress.optimize(model, data[0], recipe="svd:rank=4")
+    before = _err(cm, model, data)
+    fxcompress.distill(cm, exported, data, steps=30, lr=3e-3)
+    assert _err(cm, model, data) < before
+
+
+class _MaskedPool(nn.Module):
+    """Token features -> Linear -> LayerNorm -> Linear, mean-pooled over the real tokens: padding never reaches the
+    output, but it does reach the LayerNorm that hidden='norms' matches."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(8, 32), nn.LayerNorm(32), nn.Linear(32, 4)
+
+    def forward(self, x, mask):
+        h = self.fc2(self.norm(self.fc1(x))) * mask.unsqueeze(-1)
+        return h.sum(1) / mask.sum(1, keepdim=True)
+
+
+def test_hidden_matching_skips_padded_tokens_when_data_carries_a_token_mask():
+    from fxcompress.calibration import Calibration
+
+    torch.manual_seed(0)
+    model = _MaskedPool().eval()
+    mask = (torch.arange(6)[None, :] < torch.tensor([6, 2, 3, 1])[:, None]).long()
+    x = torch.randn(4, 6, 8)
+    x[mask == 0] = 0  # both models map a zero token to the same hidden state (the bias): no error there
+    padded_elsewhere = x.clone()
+    padded_elsewhere[mask == 0] = torch.randn(int((mask == 0).sum()), 8)
+    cm = fxcompress.optimize(model, (x, mask), recipe="svd:rank=2")
+
+    def first_loss(inputs, token_mask):
+        data = [(inputs, mask)]
+        student = copy.deepcopy(cm.module)
+        return distill_module(student, model, Calibration(data, token_mask=token_mask) if token_mask is not None else data,
+                              steps=1, lr=1e-9, loss="mse", hidden="norms")[0]
+
+    assert first_loss(x, 1) == pytest.approx(first_loss(padded_elsewhere, 1), rel=1e-5)
+    assert first_loss(x, None) < 0.8 * first_loss(padded_elsewhere, None)  # unmasked, padding counts
