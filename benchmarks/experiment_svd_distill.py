@@ -1,8 +1,8 @@
 """Experiment: can distillation on offline English text recover MiniLM after SVD of its FFN at 50% of their bytes?
 
 Run:  pip install gensim && python benchmarks/experiment_svd_distill.py [--arms ...]   (writes
-      results/svd_distill.md and .json; about 2 hours on 2 CPU cores, of which the hidden-state arm ~35 minutes and
-      the sequential one ~40; a subset of arms writes results/svd_distill_<arms>.md instead: the committed tables
+      results/svd_distill.md and .json; about 3 hours on 2 CPU cores, of which the hidden-state arm ~35 minutes,
+      the sequential one ~40 and the Python-docs one ~65; a subset of arms writes results/svd_distill_<arms>.md instead: the committed tables
       are svd_distill_factors_all.md, svd_distill_all-hidden-norms.md (both made when every checkpoint restarted
       Adam), svd_distill_sequential-all-hidden-norms-cosine-lr.md and
       svd_distill_all-hidden-norms-on-real-tokens-cosine-lr-Python-docs.md, ~70 minutes)

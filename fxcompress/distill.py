@@ -198,10 +198,10 @@ def distill_module(
     data, training only the new factors overfits less than training the whole model. ``hidden`` (``"norms"`` or
     node names, see :func:`hidden_nodes`) adds ``hidden_weight`` x the mean relative MSE of those intermediate
     activations; the student must then be the compressed GraphModule. When ``data`` is a
-    :class:`~fxcompress.calibration.Calibration` with a ``token_mask``, padded positions are left out of that
-    match. ``schedule="cosine"`` warms the lr up and
-    decays it to 0 (:func:`lr_factor`). ``on_step(step, loss)`` is called after every step (1-based), e.g. to
-    evaluate the student at checkpoints of one run instead of restarting Adam in several.
+    :class:`~fxcompress.calibration.Calibration` with a ``token_mask``, padded positions are left out of that match.
+    ``schedule="cosine"`` warms the lr up and decays it to 0 (:func:`lr_factor`). ``on_step(step, loss)`` is called
+    after every step (1-based), e.g. to evaluate the student at checkpoints of one run instead of restarting Adam in
+    several.
 
     Example:
         >>> losses = distill_module(cm.module, model, [(x,) for x in batches], steps=50)
