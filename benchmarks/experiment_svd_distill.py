@@ -58,6 +58,7 @@ CALIBRATION, HELD_OUT = 1024, 256  # sentences: the corpus' tail calibrates, its
 FFN = "include=*.intermediate.dense+*.output.dense,exclude=*.attention.*"
 RECIPE = f"svd:ratio=0.5,aware=output,allocate=global,probes=8,{FFN}"
 STARTS = {"plain": RECIPE, "sequential": RECIPE + ",sequential=true"}
+HELD_OUT_COLUMNS = {"held_out": "held-out cosine", "held_out_docs": "held-out docs cosine"}
 QUANTIZE = "int4:kinds=embedding,block=64,clip=true,int8"  # the bench_compress recipe's quantization, applied after
 _SENTENCE_END = re.compile(r"(?<=[.!?\"])\s+(?=[A-Z\"])")
 _CODE = re.compile(r"[`_=(){}\[\]<>|#*\\/@$%^~]|\w\.\w|::|>>>|--")  # identifiers, markup, paths: not prose
@@ -132,25 +133,24 @@ def main(arms: list[str]) -> None:
     calibration = sentences[-CALIBRATION:]
     train = sentences[HELD_OUT:-CALIBRATION]
     docs = python_docs() if any(ARMS[arm].get("docs") for arm in arms) else []
-    held_out_docs = zoo.tokenize_batches(docs[:HELD_OUT], 32) if docs else []
     mixed = train + docs[HELD_OUT:]
     random.Random(1).shuffle(mixed)
-    data = {False: zoo.tokenize_batches(train, 32), True: zoo.tokenize_batches(mixed, 32) if docs else None}
+    held_out_sets = {"held_out": held_out} | ({"held_out_docs": zoo.tokenize_batches(docs[:HELD_OUT], 32)} if docs else {})
     bundled = fxcompress.optimize(model, example, recipe=RECIPE, calibration=zoo.minilm_calibration())
     calibration_batches = Calibration(zoo.tokenize_batches(calibration, 32), token_mask=1)
     starts = {key: fxcompress.optimize(model, example, recipe=STARTS[key], calibration=calibration_batches).module
               for key in dict.fromkeys(ARMS[arm].get("start", "plain") for arm in arms)}
 
-    sets = (ev.inputs, held_out) + ((held_out_docs,) if docs else ())
+    sets = {"eval": ev.inputs} | held_out_sets
     with torch.no_grad():
-        reference = [torch.cat([model(*b) for b in batches]) for batches in sets]
+        reference = {key: torch.cat([model(*b) for b in batches]) for key, batches in sets.items()}
 
     def cosines(student: torch.nn.Module) -> dict:
         with torch.no_grad():
-            cos = [torch.nn.functional.cosine_similarity(ref, torch.cat([student(*b) for b in batches]))
-                   for ref, batches in zip(reference, sets)]
-        found = dict(cosine=cos[0].mean().item(), cosine_min=cos[0].min().item(), held_out=cos[1].mean().item())
-        return found | (dict(held_out_docs=cos[2].mean().item()) if docs else {})
+            cos = {key: torch.nn.functional.cosine_similarity(reference[key], torch.cat([student(*b) for b in batches]))
+                   for key, batches in sets.items()}
+        return dict(cosine=cos["eval"].mean().item(), cosine_min=cos["eval"].min().item(),
+                    **{key: cos[key].mean().item() for key in held_out_sets})
 
     def quantized(arm: str, student: torch.nn.Module, steps: int) -> dict:
         path = Path(tempfile.mkdtemp()) / f"{arm.split()[0]}.onnx"
@@ -175,7 +175,7 @@ def main(arms: list[str]) -> None:
                 rows.append(dict(arm=arm, steps=step, lr=spec["lr"], train_loss=sum(losses[-20:]) / 20, **cosines(student)))
                 print(rows[-1], file=sys.stderr)
 
-        batches = data[bool(spec.get("docs"))]
+        batches = zoo.tokenize_batches(mixed if spec.get("docs") else train, 32)
         if spec.get("real_tokens"):  # the hidden match skips padded positions
             batches = Calibration(batches, token_mask=1)
         distill_module(student, model, batches, steps=spec["steps"], lr=spec["lr"], loss="cosine", trainable=spec["trainable"],
@@ -194,13 +194,13 @@ def main(arms: list[str]) -> None:
                 f"library's docstrings and reference, {HELD_OUT} more of which are held out" if docs else "") + ")\n",
              "| start / trains | steps | lr | train loss (last 20: 1 - cos, + hidden relative MSE where matched) | "
              "whole-model bytes (x fp32) | "
-             "eval cosine mean | eval worst | held-out cosine |" + (" held-out docs cosine |" if docs else ""),
-             "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if docs else "")]
+             "eval cosine mean | eval worst |" + "".join(f" {HELD_OUT_COLUMNS[key]} |" for key in held_out_sets),
+             "| --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(held_out_sets)]
     lines += [f"| {r['arm']} | {r['steps']} | {'' if r['lr'] is None else r['lr']} | "
               f"{'' if r['train_loss'] is None else format(r['train_loss'], '.4f')} | "
               f"{format(r['bytes'], '.3f') if 'bytes' in r else ''} | {r['cosine']:.4f} | "
-              f"{r['cosine_min']:.4f} | {format(r['held_out'], '.4f') if 'held_out' in r else ''} |"
-              + (f" {format(r['held_out_docs'], '.4f') if 'held_out_docs' in r else ''} |" if docs else "") for r in rows]
+              f"{r['cosine_min']:.4f} |" + "".join(f" {format(r[key], '.4f') if key in r else ''} |" for key in held_out_sets)
+              for r in rows]
     text = "\n".join(lines) + "\n"
     print(text)
     tag = "svd_distill" if arms == list(ARMS) else "svd_distill_" + "_".join(re.sub(r"\W+", "-", a) for a in arms)
