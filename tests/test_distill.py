@@ -218,8 +218,6 @@ class _MaskedPool(nn.Module):
 
 
 def test_hidden_matching_skips_padded_tokens_when_data_carries_a_token_mask():
-    from fxcompress.calibration import Calibration
-
     torch.manual_seed(0)
     model = _MaskedPool().eval()
     mask = (torch.arange(6)[None, :] < torch.tensor([6, 2, 3, 1])[:, None]).long()
@@ -232,7 +230,7 @@ def test_hidden_matching_skips_padded_tokens_when_data_carries_a_token_mask():
     def first_loss(inputs, token_mask):
         data = [(inputs, mask)]
         student = copy.deepcopy(cm.module)
-        return distill_module(student, model, Calibration(data, token_mask=token_mask) if token_mask is not None else data,
+        return distill_module(student, model, fxcompress.Calibration(data, token_mask=token_mask) if token_mask is not None else data,
                               steps=1, lr=1e-9, loss="mse", hidden="norms")[0]
 
     assert first_loss(x, 1) == pytest.approx(first_loss(padded_elsewhere, 1), rel=1e-5)
