@@ -5,7 +5,9 @@ Run:  pip install gensim && python benchmarks/experiment_svd_distill.py [--arms 
       the sequential one ~40 and the Python-docs one ~65; a subset of arms writes results/svd_distill_<arms>.md instead: the committed tables
       are svd_distill_factors_all.md, svd_distill_all-hidden-norms.md (both made when every checkpoint restarted
       Adam), svd_distill_sequential-all-hidden-norms-cosine-lr.md and
-      svd_distill_all-hidden-norms-on-real-tokens-cosine-lr-Python-docs.md, ~70 minutes)
+      svd_distill_all-hidden-norms-on-real-tokens-cosine-lr-Python-docs.md, ~70 minutes). ``--arms --starts plain
+      block`` trains nothing and measures the training-free starts alone (svd_distill_starts_plain_block.md, ~20
+      minutes): ``block`` adds ``refit=block``, the joint fit of each FFN's two factorized Linears.
 
 Data: real English that the gensim wheel ships as test data, disjoint from the 64 evaluation sentences: ~16,700
 sentences of a shortened English Wikipedia dump, the ~2,500 sentences of the Lee news corpus and 200 movie-review
@@ -57,7 +59,8 @@ ARMS = {"factors": dict(steps=400, lr=3e-4, trainable=lambda name: "_svd_" in na
 CALIBRATION, HELD_OUT = 1024, 256  # sentences: the corpus' tail calibrates, its head is held out, the rest trains
 FFN = "include=*.intermediate.dense+*.output.dense,exclude=*.attention.*"
 RECIPE = f"svd:ratio=0.5,aware=output,allocate=global,probes=8,{FFN}"
-STARTS = {"plain": RECIPE, "sequential": RECIPE + ",sequential=true"}
+STARTS = {"plain": RECIPE, "sequential": RECIPE + ",sequential=true", "block": RECIPE + ",refit=block"}
+START_NAMES = {"plain": "", "sequential": ", sequential refit", "block": ", block refit"}
 HELD_OUT_COLUMNS = {"held_out": "held-out cosine", "held_out_docs": "held-out docs cosine"}
 QUANTIZE = "int4:kinds=embedding,block=64,clip=true,int8"  # the bench_compress recipe's quantization, applied after
 _SENTENCE_END = re.compile(r"(?<=[.!?\"])\s+(?=[A-Z\"])")
@@ -125,7 +128,7 @@ def python_docs() -> list[str]:
     return sentences
 
 
-def main(arms: list[str]) -> None:
+def main(arms: list[str], measure_starts: list[str]) -> None:
     torch.manual_seed(0)
     model, example, ev = zoo.minilm()
     sentences = corpus()
@@ -139,7 +142,7 @@ def main(arms: list[str]) -> None:
     bundled = fxcompress.optimize(model, example, recipe=RECIPE, calibration=zoo.minilm_calibration())
     calibration_batches = Calibration(zoo.tokenize_batches(calibration, 32), token_mask=1)
     starts = {key: fxcompress.optimize(model, example, recipe=STARTS[key], calibration=calibration_batches).module
-              for key in dict.fromkeys(ARMS[arm].get("start", "plain") for arm in arms)}
+              for key in dict.fromkeys([ARMS[arm].get("start", "plain") for arm in arms] + measure_starts)}
 
     sets = {"eval": ev.inputs} | held_out_sets
     with torch.no_grad():
@@ -161,7 +164,7 @@ def main(arms: list[str]) -> None:
 
     rows = [dict(arm="start, 32 bundled calibration sentences", steps=0, lr=None, train_loss=None, **cosines(bundled.module))]
     for key, start in starts.items():
-        name = f"start{', sequential refit' if key == 'sequential' else ''}, {CALIBRATION} corpus calibration sentences"
+        name = f"start{START_NAMES[key]}, {CALIBRATION} corpus calibration sentences"
         rows += [dict(arm=name, steps=0, lr=None, train_loss=None, **cosines(start)), quantized(name, start, 0)]
     for arm in arms:
         spec = ARMS[arm]
@@ -184,7 +187,8 @@ def main(arms: list[str]) -> None:
         print(rows[-1], file=sys.stderr)
     env = environment()
     command = "python benchmarks/experiment_svd_distill.py" + (
-        "" if arms == list(ARMS) else " --arms " + " ".join(f'"{a}"' if " " in a else a for a in arms))
+        "" if arms == list(ARMS) else " --arms" + "".join(f' "{a}"' if " " in a else f" {a}" for a in arms)) + (
+        " --starts " + " ".join(measure_starts) if measure_starts else "")
     lines = [f"# Experiment: SVD 50% of MiniLM's FFN + distillation on offline English text\n\n{env}\n",
              f"Command: `{command}` (compression: `{RECIPE}`; {len(sentences)} "
              f"sentences of Wikipedia, Lee news and movie reviews shipped with gensim: {CALIBRATION} calibrate, "
@@ -203,13 +207,17 @@ def main(arms: list[str]) -> None:
               for r in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    tag = "svd_distill" if arms == list(ARMS) else "svd_distill_" + "_".join(re.sub(r"\W+", "-", a) for a in arms)
+    tag = "svd_distill" if arms == list(ARMS) else "svd_distill_" + "_".join(re.sub(r"\W+", "-", a) for a in arms or ["starts"] + measure_starts)
     save_results(tag, text, {"env": env, "recipe": RECIPE, "corpus_sentences": len(sentences),
                                        "calibration_sentences": CALIBRATION, "held_out_sentences": HELD_OUT, "rows": rows})
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS),
-                        help="recovery arms to run (default: all; a subset writes results/svd_distill_<arms>.md)")
-    main(parser.parse_args().arms)
+    parser.add_argument("--arms", nargs="*", choices=list(ARMS), default=list(ARMS),
+                        help="recovery arms to run (default: all; a subset writes results/svd_distill_<arms>.md, none "
+                             "results/svd_distill_starts_<starts>.md)")
+    parser.add_argument("--starts", nargs="*", choices=list(STARTS), default=[],
+                        help="training-free starts to measure besides those the arms use (e.g. --arms --starts plain block)")
+    args = parser.parse_args()
+    main(args.arms, args.starts)

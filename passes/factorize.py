@@ -21,6 +21,11 @@ float model, X_s in the compressed one) by truncating W X_t^T X_s (X_s^T X_s)^-1
 also absorbs part of the error upstream instead of passing it on (the layer-sequential scheme of GPTQ, applied to
 the low-rank fit). Ranks are chosen first, as without it; only the factors change.
 
+``refit=block`` (with ``aware=output``) then trains the two factorized Linears of each MLP block (Linear ->
+GELU/ReLU/SiLU -> Linear) together, to the float block's outputs on the calibration tokens, in the second layer's
+output-aware metric (:mod:`fxcompress.passes.svd_blocks`): the truncation fits each layer alone, the pair can
+trade error across the activation.
+
 Conv2d (groups=1) gets Tucker-2 by higher-order SVD: input and output channel bases U_in [I, r_in], U_out [O, r_out]
 and a core W x U_out^T x U_in^T [r_out, r_in, kh, kw]; ranks keep the ratio of I to O. ``conv=spatial`` instead
 splits a kh x kw conv into kh x 1 (r channels) then 1 x kw, from the SVD of W arranged as [(I, kh), (O, kw)]
@@ -41,6 +46,7 @@ from fxcompress.calibration import input_hessians, output_gauss_newton, paired_m
 from fxcompress.errors import InputError, RecipeError
 from fxcompress.graph_edit import add_constant, replace_node
 from fxcompress.passes.quantize import sqnr_db
+from fxcompress.passes.svd_blocks import Block, activation, block_rows, find_blocks, refit_block
 from fxcompress.pipeline import LayerRecord, PassConfig, PassContext, PassResult, Tolerance, register_pass, select_sites
 from fxcompress.sites import Site, find_sites, nbytes
 
@@ -59,7 +65,9 @@ class SVDConfig(PassConfig):
     (also weight the layer's output error by its effect on the model's outputs, so that every layer minimises an
     estimate of the same model-output error). ``allocate=global`` (needs ``aware=output``) spends the byte budget of
     all selected layers together instead of ``ratio`` per layer. ``sequential=true`` (needs ``aware``) refits each
-    layer to the inputs the compressed layers before it produce.
+    layer to the inputs the compressed layers before it produce. ``refit=block`` (needs ``aware=output``) then
+    trains the factors of each Linear -> activation -> Linear pair together for ``refit_steps`` Adam steps
+    (:mod:`fxcompress.passes.svd_blocks`).
     """
 
     name: ClassVar[str] = "svd"
@@ -74,6 +82,8 @@ class SVDConfig(PassConfig):
     kinds: tuple[str, ...] = ("linear",)
     conv: str = "tucker"
     sequential: bool = False
+    refit: str = "none"
+    refit_steps: int = 500
 
     def __post_init__(self) -> None:
         if not 0 < self.ratio < 1:
@@ -99,6 +109,13 @@ class SVDConfig(PassConfig):
             raise ValueError("sequential=true refits layers to calibration inputs: it needs aware=true or aware=output")
         if self.probes < 1:
             raise ValueError(f"probes must be >= 1, got {self.probes}")
+        if self.refit not in ("none", "block"):
+            raise ValueError(f"refit must be 'none' or 'block', got {self.refit!r}")
+        if self.refit == "block" and aware != "output":
+            raise ValueError("refit=block trains each Linear -> activation -> Linear pair in the output-aware metric: "
+                             "it needs aware=output")
+        if self.refit_steps < 1:
+            raise ValueError(f"refit_steps must be >= 1, got {self.refit_steps}")
 
 
 def _choose_rank(cfg: SVDConfig, sigma: Tensor, n: int, k: int, layer: str) -> int:
@@ -271,13 +288,15 @@ def _rewrite_spatial(gm: fx.GraphModule, site: Site, vertical: Tensor, horizonta
     replace_node(gm, site.node, aten.conv2d.default, (mid, h, bias, [1, sw], [0, pw], [1, dw]))
 
 
-def _rewrite_linear(gm: fx.GraphModule, site: Site, a: Tensor, b: Tensor) -> None:
+def _rewrite_linear(gm: fx.GraphModule, site: Site, a: Tensor, b: Tensor) -> tuple[str, str, Optional[str]]:
+    """Rewrite the site as two Linears; return the names of the buffers holding A, B and the bias."""
     a_node = add_constant(gm, f"{site.name}_svd_in", a, site.node)
     b_node = add_constant(gm, f"{site.name}_svd_out", b, site.node)
     bias = add_constant(gm, f"{site.name}_svd_bias", site.bias.float(), site.node) if site.bias is not None else None
     with gm.graph.inserting_before(site.node):
         hidden = gm.graph.call_function(aten.linear.default, (site.input, a_node))
     replace_node(gm, site.node, aten.linear.default, (hidden, b_node, bias))
+    return str(a_node.target), str(b_node.target), None if bias is None else str(bias.target)
 
 
 def _rewrite_conv(gm: fx.GraphModule, site: Site, first: Tensor, core: Tensor, last: Tensor) -> None:
@@ -302,6 +321,9 @@ def factorize(gm: fx.GraphModule, cfg: SVDConfig, ctx: PassContext) -> PassResul
     float_graph = copy.deepcopy(gm) if cfg.sequential else None  # before any edit: the inputs the layers should see
     float_inputs = {s.name: s.input for s in find_sites(float_graph)[0]} if float_graph is not None else {}
     ranks, spectra, output_gns = _linear_spectra(gm, cfg, ctx, [s for s in sites if s.kind == "linear"])
+    blocks = _blocks_to_refit(gm, cfg, sites)
+    block_data = block_rows(gm, blocks, ctx.calibration) if blocks else {}  # the float model's, before any edit
+    written: dict[str, tuple[tuple[str, str, Optional[str]], int]] = {}  # site -> (factor buffers, record index)
     changed = False
     for site in sites:
         ctx.progress(site.name)
@@ -331,7 +353,7 @@ def factorize(gm: fx.GraphModule, cfg: SVDConfig, ctx: PassContext) -> PassResul
             records.append(_skip(cfg, site, f"{what} would not save bytes ({after} >= {site.weight_bytes})"))
             continue
         if site.kind == "linear":
-            _rewrite_linear(gm, site, *factors)
+            written[site.name] = (_rewrite_linear(gm, site, *factors), len(records))
         elif cfg.conv == "spatial":
             _rewrite_spatial(gm, site, *factors)
         else:
@@ -340,7 +362,46 @@ def factorize(gm: fx.GraphModule, cfg: SVDConfig, ctx: PassContext) -> PassResul
         action = "svd" if site.kind == "linear" else ("spatial-svd" if cfg.conv == "spatial" else "tucker2")
         records.append(LayerRecord(site.name, site.kind, cfg.name, action, what,
                                    site.weight_bytes, after, sqnr_db(w, approx), "weight SQNR dB"))
+    for block in blocks:
+        if block.first.name in written and block.second.name in written:
+            ctx.progress(f"refit {block.name}")
+            _refit_block(gm, cfg, block, block_data[block.name], written, output_gns[block.second.name], records)
     return PassResult(gm, changed, records)
+
+
+def _blocks_to_refit(gm: fx.GraphModule, cfg: SVDConfig, sites: list[Site]) -> list[Block]:
+    if cfg.refit != "block":
+        return []
+    blocks = find_blocks(gm, sites)
+    if not blocks:
+        raise InputError("svd refit=block found no Linear -> activation (GELU/ReLU/SiLU) -> Linear pair with both "
+                         f"layers selected among {[s.name for s in sites if s.kind == 'linear'][:6]}; select both "
+                         "Linears of each MLP (include=...) or drop refit=block")
+    return blocks
+
+
+def _refit_block(gm: fx.GraphModule, cfg: SVDConfig, block: Block, rows: tuple[Tensor, Tensor],
+                 written: dict[str, tuple[tuple[str, str, Optional[str]], int]], output_gn: Tensor,
+                 records: list[LayerRecord]) -> None:
+    """Train the block's factors jointly (:func:`refit_block`), store them in its buffers (when they beat the
+    truncation on held-out tokens) and say so in both layers' records."""
+    (first_names, first_index), (second_names, second_index) = written[block.first.name], written[block.second.name]
+
+    def factors(names: tuple[str, str, Optional[str]]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        return getattr(gm, names[0]), getattr(gm, names[1]), None if names[2] is None else getattr(gm, names[2])
+
+    first, second, before, after = refit_block(*rows, factors(first_names), factors(second_names),
+                                               activation(gm, block.act), output_gn, cfg.refit_steps)
+    kept = after < before
+    for site, names, values, index in ((block.first, first_names, first, first_index),
+                                       (block.second, second_names, second, second_index)):
+        if kept:
+            for name, value in zip(names, values):
+                if name is not None:
+                    getattr(gm, name).copy_(value)
+            records[index].error = sqnr_db(site.weight.float(), values[1].float() @ values[0].float())
+        records[index].reason += (f"; {'refitted' if kept else 'refit not kept'} as one block {block.name} "
+                                  f"(held-out output-aware error {before:.3g} -> {after:.3g})")
 
 
 _AWARE_NOTE = {"none": "", "input": " (activation-aware)", "output": " (activation- and output-aware)"}
