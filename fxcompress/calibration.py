@@ -112,11 +112,11 @@ def observe(gm: fx.GraphModule, nodes: dict[str, fx.Node], batches: Sequence[tup
     """
     _require_batches(batches)
     for i in range(len(batches)):
-        _observe_batch(gm, nodes, batches, i, on_value)
+        observe_batch(gm, nodes, batches, i, on_value)
 
 
-def _observe_batch(gm: fx.GraphModule, nodes: dict[str, fx.Node], batches: Sequence[tuple], i: int,
-                   on_value: Callable[[str, torch.Tensor], None]) -> None:
+def observe_batch(gm: fx.GraphModule, nodes: dict[str, fx.Node], batches: Sequence[tuple], i: int,
+                  on_value: Callable[[str, torch.Tensor], None]) -> None:
     """:func:`observe` for batch ``i`` alone (errors name its index in ``batches``)."""
     watch: dict[fx.Node, list[str]] = {}
     for name, node in nodes.items():
@@ -176,8 +176,8 @@ def paired_moments(student: fx.GraphModule, teacher: fx.GraphModule, student_inp
     rows = 0
     for i in range(len(batches)):  # a batch at a time: the paired rows are not all held at once
         seen: dict[str, torch.Tensor] = {}
-        _observe_batch(teacher, {"t": teacher_input}, batches, i, seen.__setitem__)
-        _observe_batch(student, {"s": student_input}, batches, i, seen.__setitem__)
+        observe_batch(teacher, {"t": teacher_input}, batches, i, seen.__setitem__)
+        observe_batch(student, {"s": student_input}, batches, i, seen.__setitem__)
         xt, xs = (seen[k].reshape(-1, seen[k].shape[-1]).to(torch.float64) for k in ("t", "s"))
         if xt.shape != xs.shape:
             raise InputError(f"layer input {student_input.name!r} has shape {tuple(xs.shape)} in the compressed graph "

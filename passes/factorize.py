@@ -380,7 +380,7 @@ def _blocks_to_refit(gm: fx.GraphModule, cfg: SVDConfig, sites: list[Site]) -> l
     return blocks
 
 
-def _refit_block(gm: fx.GraphModule, cfg: SVDConfig, block: Block, rows: tuple[Tensor, Tensor],
+def _refit_block(gm: fx.GraphModule, cfg: SVDConfig, block: Block, rows: tuple[Tensor, Tensor, Tensor],
                  written: dict[str, tuple[tuple[str, str, Optional[str]], int]], output_gn: Tensor,
                  records: list[LayerRecord]) -> None:
     """Train the block's factors jointly (:func:`refit_block`), store them in its buffers (when they beat the

@@ -8,7 +8,7 @@ estimate of the change in the model's outputs that chose the ranks. An unweighte
 directions the rest of the model ignores: on MiniLM (SVD of the FFN at 50%) it lowered every block's MSE by 20-35%
 and still made the model worse (cosine 0.898 -> 0.895); weighted by G, 0.898 -> 0.914.
 
-A tenth of the tokens is held out: training stops at the factors that did best on them (checked 10 times), and a
+A tenth of the calibration batches is held out: training stops at the factors that did best on them (checked 10 times), and a
 block keeps the truncation's factors when none beat them. Ranks, shapes
 and bytes do not change; only the factors' values do.
 """
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from fxcompress.calibration import observe
+from fxcompress.calibration import observe_batch
 from fxcompress.distill import lr_factor
 from fxcompress.sites import Site
 
@@ -84,17 +84,48 @@ def activation(gm: fx.GraphModule, node: fx.Node) -> Callable[[Tensor], Tensor]:
     return lambda t: target(t, *rest, **kwargs)
 
 
-def block_rows(gm: fx.GraphModule, blocks: Sequence[Block], batches: Sequence[tuple]) -> dict[str, tuple[Tensor, Tensor]]:
-    """Per block, the float model's inputs to its first layer and outputs of its second, one row per real token.
+def block_rows(gm: fx.GraphModule, blocks: Sequence[Block], batches: Sequence[tuple]
+               ) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+    """Per block, the float model's inputs to its first layer and outputs of its second, one row per real token,
+    and the index of the calibration batch each row came from (held-out rows are then whole batches).
 
     Example:
-        >>> x, y = block_rows(gm, blocks, calibration)[blocks[0].name]
+        >>> x, y, batch_of_row = block_rows(gm, blocks, calibration)[blocks[0].name]
     """
     nodes, seen = {}, {}
     for b in blocks:
         nodes[b.name + " in"], nodes[b.name + " out"] = b.first.input, b.second.node
-    observe(gm, nodes, batches, lambda name, t: seen.setdefault(name, []).append(t.reshape(-1, t.shape[-1]).float()))
-    return {b.name: (torch.cat(seen[b.name + " in"]), torch.cat(seen[b.name + " out"])) for b in blocks}
+    for i in range(len(batches)):
+        observe_batch(gm, nodes, batches, i,
+                       lambda name, t: seen.setdefault(name, []).append((i, t.reshape(-1, t.shape[-1]).float())))
+
+    def stacked(key: str) -> Tensor:
+        return torch.cat([t for _, t in seen[key]])
+
+    rows = {}
+    for b in blocks:
+        batch_of_row = torch.cat([torch.full((t.shape[0],), i) for i, t in seen[b.name + " in"]])
+        rows[b.name] = (stacked(b.name + " in"), stacked(b.name + " out"), batch_of_row)
+    return rows
+
+
+def held_out_rows(groups: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """(held-out, fit) row indices: a tenth of the calibration batches when there are at least 10, so held-out
+    tokens come from sentences the fit never saw (tokens of one sentence are alike); else a tenth of the rows.
+
+    Example:
+        >>> val, fit = held_out_rows(torch.arange(20).repeat_interleave(5), torch.Generator().manual_seed(0))
+        >>> val.numel(), fit.numel()
+        (10, 90)
+    """
+    ids = groups.unique()
+    if ids.numel() >= round(1 / HELD_OUT):
+        chosen = ids[torch.randperm(ids.numel(), generator=generator)[: int(ids.numel() * HELD_OUT)]]
+        is_val = torch.isin(groups, chosen)
+        return is_val.nonzero().flatten(), (~is_val).nonzero().flatten()
+    order = torch.randperm(groups.numel(), generator=generator)
+    n_val = max(1, int(groups.numel() * HELD_OUT))
+    return order[:n_val], order[n_val:]
 
 
 def _root(gn: Tensor) -> Tensor:
@@ -106,20 +137,18 @@ def _root(gn: Tensor) -> Tensor:
 Factors = tuple[Tensor, Tensor, Optional[Tensor]]  # A [r, in], B [out, r], bias [out] or None
 
 
-def refit_block(x: Tensor, y: Tensor, first: Factors, second: Factors, act: Callable[[Tensor], Tensor], gn: Tensor,
-                steps: int, lr: float = 1e-3, seed: int = 0) -> tuple[Factors, Factors, float, float]:
+def refit_block(x: Tensor, y: Tensor, groups: Tensor, first: Factors, second: Factors, act: Callable[[Tensor], Tensor],
+                gn: Tensor, steps: int, lr: float = 1e-3, seed: int = 0) -> tuple[Factors, Factors, float, float]:
     """Train both layers' factors so that ``second(act(first(x)))`` approaches ``y`` in the metric ``gn``; returns
-    the factors that did best on the held-out tenth of the rows (the given ones when none beat them) and their
-    held-out relative error before and after.
+    the factors that did best on the held-out rows (:func:`held_out_rows` of ``groups``, each row's calibration
+    batch; the given factors when none beat them) and their held-out relative error before and after.
 
     Example:
-        >>> first, second, before, after = refit_block(x, y, (a1, b1, c1), (a2, b2, c2), F.gelu, gn, steps=500)
+        >>> first, second, before, after = refit_block(x, y, batch_of_row, (a1, b1, c1), (a2, b2, c2), F.gelu, gn, steps=500)
     """
     root = _root(gn)
     generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(x.shape[0], generator=generator)
-    n_val = max(1, int(x.shape[0] * HELD_OUT))
-    val, fit = order[:n_val], order[n_val:]
+    val, fit = held_out_rows(groups, generator)
     start = [t.detach().float() if t is not None else None for t in (*first, *second)]
     params = [t.clone().requires_grad_() if t is not None else None for t in start]
 

@@ -8,7 +8,7 @@ from fxcompress.calibration import Calibration, output_gauss_newton
 from fxcompress.capture import capture
 from fxcompress.errors import InputError, RecipeError
 from fxcompress.passes.factorize import SVDConfig, refit_target, svd_factors, tucker2
-from fxcompress.passes.svd_blocks import find_blocks, refit_block
+from fxcompress.passes.svd_blocks import find_blocks, held_out_rows, refit_block
 from fxcompress.passes.quantize import sqnr_db
 from fxcompress.sites import find_sites
 
@@ -287,7 +287,8 @@ def test_block_refit_keeps_the_truncation_when_training_does_not_beat_it_on_held
     first = (torch.randn(4, 16), torch.randn(32, 4), torch.randn(32))
     second = (torch.randn(4, 32), torch.randn(16, 4), None)
     y = torch.randn(256, 16)
-    kept_first, kept_second, before, after = refit_block(x, y, first, second, torch.relu, torch.eye(16), steps=20, lr=1e3)
+    kept_first, kept_second, before, after = refit_block(x, y, torch.arange(256) // 8, first, second, torch.relu, torch.eye(16),
+                                                         steps=20, lr=1e3)
     assert after >= before  # an absurd lr diverges ...
     assert kept_first is first and kept_second is second  # ... and the factors are left as they were
 
@@ -309,3 +310,12 @@ def test_bad_block_refit_inputs():
         fxcompress.optimize(model, calib[0], recipe="svd:aware=output,refit=blocks", calibration=calib)
     with pytest.raises(InputError, match=r"found no Linear -> activation .* pair with both layers selected"):
         fxcompress.optimize(model, calib[0], recipe="svd:rank=4,aware=output,refit=block,include=0", calibration=calib)
+
+
+def test_block_refit_holds_out_whole_calibration_batches():
+    groups = torch.arange(30).repeat_interleave(7)  # 30 batches of 7 tokens
+    val, fit = held_out_rows(groups, torch.Generator().manual_seed(0))
+    held = set(groups[val].tolist())
+    assert len(held) == 3 and held.isdisjoint(groups[fit].tolist()) and val.numel() + fit.numel() == groups.numel()
+    val, fit = held_out_rows(torch.zeros(50, dtype=torch.long), torch.Generator().manual_seed(0))  # one batch: rows
+    assert val.numel() == 5 and fit.numel() == 45
