@@ -207,7 +207,8 @@ def main(arms: list[str], measure_starts: list[str]) -> None:
               for r in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    tag = "svd_distill" if arms == list(ARMS) else "svd_distill_" + "_".join(re.sub(r"\W+", "-", a) for a in arms or ["starts"] + measure_starts)
+    named = arms or ["starts"] + measure_starts
+    tag = "svd_distill" if arms == list(ARMS) else "svd_distill_" + "_".join(re.sub(r"\W+", "-", a) for a in named)
     save_results(tag, text, {"env": env, "recipe": RECIPE, "corpus_sentences": len(sentences),
                                        "calibration_sentences": CALIBRATION, "held_out_sentences": HELD_OUT, "rows": rows})
 

@@ -4,13 +4,14 @@ The truncated SVD fits each layer alone. In an MLP block the first layer's error
 into the second, so the pair can do better together: the refit trains the block's four factors and two biases
 jointly (Adam) to reproduce the float block's output on the calibration tokens. The error is measured in the
 second layer's output-aware metric G (``aware=output``): ||(f_s(X) - f_t(X)) R||^2 with G = R R^T, the same
-estimate of the change in the model's outputs that chose the ranks. An unweighted MSE spends the factors on
+Gauss-Newton estimate of the change in the model's outputs that chose the ranks (undamped here: only its
+smallest eigenvalues are floored). An unweighted MSE spends the factors on
 directions the rest of the model ignores: on MiniLM (SVD of the FFN at 50%) it lowered every block's MSE by 20-35%
 and still made the model worse (cosine 0.898 -> 0.895); weighted by G, 0.898 -> 0.914.
 
-A tenth of the calibration batches is held out: training stops at the factors that did best on them (checked 10 times), and a
-block keeps the truncation's factors when none beat them. Ranks, shapes
-and bytes do not change; only the factors' values do.
+A tenth of the calibration batches is held out: training stops at the factors that did best on them (checked 10
+times), and a block keeps the truncation's factors when none beat them. Ranks, shapes and bytes do not change; only
+the factors' values do.
 """
 
 from __future__ import annotations
