@@ -289,3 +289,21 @@ def output_gauss_newton(gm: fx.GraphModule, outputs_of: dict[str, fx.Node], batc
     # per example, summed over its rows (tokens, pixels): with the per-row input Hessian, tr(dW H dW^T G) then
     # estimates one example's output error whatever the layer's row count, so layers compare fairly
     return {name: sums[name] / (probes * examples) for name in sums}
+
+
+def metric_roots(gn: torch.Tensor, damp: float = 0.0, floor: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric G^1/2 and G^-1/2 (float64) of a PSD metric such as :func:`output_gauss_newton`'s, after adding
+    ``damp`` times its mean diagonal; eigenvalues below ``floor`` times the largest are raised to it, so that the
+    inverse stays finite where G is (numerically) singular.
+
+    ``||E G^1/2||^2 = tr(E G E^T)``: multiplying an error by the root measures it in the metric.
+
+    Example:
+        >>> root, inverse = metric_roots(output_gauss_newton(gm, outputs_of, calibration)["fc1"], damp=0.01)
+    """
+    g = gn.double()
+    if damp:
+        g = g + damp * torch.diag(g).mean().clamp_min(1e-300) * torch.eye(g.shape[0], dtype=g.dtype)
+    values, vectors = torch.linalg.eigh(g)
+    values = values.clamp_min(values.max().clamp_min(1e-300) * floor)
+    return (vectors * values.sqrt()) @ vectors.t(), (vectors * values.rsqrt()) @ vectors.t()

@@ -42,7 +42,7 @@ from typing import ClassVar, Optional, Union
 import torch
 from torch import Tensor, fx
 
-from fxcompress.calibration import input_hessians, output_gauss_newton, paired_moments
+from fxcompress.calibration import input_hessians, metric_roots, output_gauss_newton, paired_moments
 from fxcompress.errors import InputError, RecipeError
 from fxcompress.graph_edit import add_constant, replace_node
 from fxcompress.passes.quantize import sqnr_db
@@ -141,15 +141,6 @@ def whitening(hessian: Tensor, damp: float) -> Tensor:
     return torch.linalg.cholesky(h)
 
 
-def _sqrt_and_inverse(gn: Tensor, damp: float) -> tuple[Tensor, Tensor]:
-    """Symmetric G^1/2 and G^-1/2 of the damped output-side Gauss-Newton matrix."""
-    g = gn.double()
-    g = g + damp * torch.diag(g).mean().clamp_min(1e-300) * torch.eye(g.shape[0], dtype=g.dtype)
-    e, v = torch.linalg.eigh(g)
-    e = e.clamp_min(e.max() * 1e-12)
-    return (v * e.sqrt()) @ v.t(), (v * e.rsqrt()) @ v.t()
-
-
 @dataclass
 class Spectrum:
     """SVD of L W C, where C whitens the inputs and L weights the outputs (both optional): its singular values
@@ -172,7 +163,7 @@ def spectrum(w: Tensor, damp: float, hessian: Optional[Tensor] = None, output_gn
     """
     m = w.double()
     c = whitening(hessian, damp) if hessian is not None else None
-    l_root, l_inv = _sqrt_and_inverse(output_gn, damp) if output_gn is not None else (None, None)
+    l_root, l_inv = metric_roots(output_gn, damp) if output_gn is not None else (None, None)
     if c is not None:
         m = m @ c
     if l_root is not None:

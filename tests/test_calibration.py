@@ -1,4 +1,5 @@
-"""Calibration statistics: padding marked by a token mask never reaches the Hessians, ranges or importances."""
+"""Calibration statistics: padding marked by a token mask never reaches the Hessians, ranges or importances; the
+output metric's roots."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 import fxcompress
-from fxcompress.calibration import Calibration, input_hessians, paired_moments
+from fxcompress.calibration import Calibration, input_hessians, metric_roots, paired_moments
 from fxcompress.capture import capture
 from fxcompress.sites import find_sites
 
@@ -95,3 +96,23 @@ def test_paired_moments_pool_real_rows_and_name_the_batch_that_does_not_fit():
     bad = [(torch.randn(5, 8),), (torch.randn(5, 8),), (torch.randn(5, 7),)]
     with pytest.raises(fxcompress.InputError, match=r"calibration batch 2 \(shapes \[\(5, 7\)\]\) does not fit"):
         paired_moments(gm, gm, node, node, bad)
+
+
+def test_metric_roots_square_to_the_damped_metric_and_invert_each_other():
+    torch.manual_seed(0)
+    j = torch.randn(6, 4)
+    gn = j.t() @ j  # rank 4 of 4: a Gauss-Newton matrix
+    root, inverse = metric_roots(gn, damp=0.1)
+    damped = gn.double() + 0.1 * gn.diag().mean().double() * torch.eye(4, dtype=torch.float64)
+    torch.testing.assert_close(root @ root, damped)
+    torch.testing.assert_close(root @ inverse, torch.eye(4, dtype=torch.float64))
+    error = torch.randn(3, 4).double()
+    torch.testing.assert_close((error @ root).pow(2).sum(), torch.trace(error @ damped @ error.t()))
+
+
+def test_metric_roots_floor_keeps_a_singular_metric_invertible():
+    v = torch.randn(5, 1)
+    root, inverse = metric_roots(v @ v.t(), floor=1e-6)  # rank 1
+    assert torch.isfinite(inverse).all()
+    values = torch.linalg.eigvalsh(root @ root)
+    assert values.min() >= values.max() * 1e-6 * 0.99
