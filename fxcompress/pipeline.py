@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Optional, Sequence, Union
 
+import torch
 from torch import fx
 
 from fxcompress.errors import FxCompressError, PassError, RecipeError
@@ -290,7 +291,13 @@ def select_sites(gm: fx.GraphModule, cfg: PassConfig, kinds: Iterable[str]) -> t
     kinds = set(kinds)
     chosen = []
     for site in sites:
-        why = cfg.selects(site.name) if site.kind in kinds else f"{site.kind} is not handled by {cfg.name} (kinds={sorted(kinds)})"
+        if site.kind not in kinds:
+            why = f"{site.kind} is not handled by {cfg.name} (kinds={sorted(kinds)})"
+        elif site.weight.dtype != torch.float32:  # e.g. halved by an earlier fp16 pass: the kernels and lowerings read float32
+            why = (f"weights are {str(site.weight.dtype).removeprefix('torch.')}, {cfg.name} needs float32 weights; "
+                   f"put fp16 last in the recipe (e.g. 'int8,fp16')")
+        else:
+            why = cfg.selects(site.name)
         if why is None:
             chosen.append(site)
         else:

@@ -63,3 +63,26 @@ def test_bf16_runs_in_torch():
 def test_bad_half_dtype():
     with pytest.raises(RecipeError, match="dtype must be one of"):
         fxcompress.optimize(nn.Linear(4, 4), torch.randn(1, 4), recipe="fp16:dtype=fp8")
+
+
+def test_fp16_after_int8_keeps_the_quantized_layer_float32_and_the_artifact_runs_on_ort(tmp_path):
+    torch.manual_seed(0)
+    model = Block().eval()
+    ids = torch.randint(0, 20, (3, 6))
+    cm = fxcompress.optimize(model, ids, recipe="int8:include=fc1,fp16")
+    assert [(r.layer, r.action) for r in cm.records if r.action in ("int8", "fp16")] == [
+        ("fc1", "int8"), ("emb", "fp16"), ("fc2", "fp16")]
+    path = cm.export(tmp_path / "m.onnx")
+    dtypes = set(init_dtypes(path).values())
+    assert "float16" in dtypes and dtypes & {"int8", "uint8"}
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # int8 kernels reject float16 inputs
+    out = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})[0])
+    assert cosine(out, model(ids)) > 0.999
+
+
+def test_quantizing_after_fp16_skips_the_halved_layers_and_says_which_order_works():
+    cm = fxcompress.optimize(Block().eval(), torch.randint(0, 20, (2, 4)), recipe="fp16,int8")
+    skipped = {r.layer: r.reason for r in cm.records if r.pass_name == "int8"}
+    assert set(skipped) == {"emb", "fc1", "fc2"}
+    assert all(r.action == "skipped" for r in cm.records if r.pass_name == "int8")
+    assert all("weights are float16" in why and "'int8,fp16'" in why for why in skipped.values())
