@@ -2,12 +2,16 @@
 
 Run:  pip install gensim && python benchmarks/experiment_svd_distill.py [--arms ...]   (writes
       results/svd_distill.md and .json; about 3 hours on 2 CPU cores, of which the hidden-state arm ~35 minutes,
-      the sequential one ~40 and the Python-docs one ~65; a subset of arms writes results/svd_distill_<arms>.md instead: the committed tables
+      the sequential one ~40 and the Python-docs one ~65, times measured on 2026-11-23: the same 2-core machine type
+      ran it in ~25 on 2026-12-01; a subset of arms writes results/svd_distill_<arms>.md instead: the committed tables
       are svd_distill_factors_all.md, svd_distill_all-hidden-norms.md (both made when every checkpoint restarted
       Adam), svd_distill_sequential-all-hidden-norms-cosine-lr.md and
       svd_distill_all-hidden-norms-on-real-tokens-cosine-lr-Python-docs.md, ~70 minutes). ``--arms --starts plain
       block`` trains nothing and measures the training-free starts alone (svd_distill_starts_plain_block.md, ~20
-      minutes): ``block`` adds ``refit=block``, the joint fit of each FFN's two factorized Linears.
+      minutes): ``block`` adds ``refit=block``, the joint fit of each FFN's two factorized Linears. The arm
+      "block refit + ..." runs the 2,400-step recipe from that start (~25 minutes); the "6000 steps" arm the same
+      recipe on a schedule 2.5 times as long (~50 minutes), the "1e-4" arm at half the lr. ``--save DIR`` keeps
+      each arm's trained state_dict (for experiment_svd_quantize.py).
 
 Data: real English that the gensim wheel ships as test data, disjoint from the 64 evaluation sentences: ~16,700
 sentences of a shortened English Wikipedia dump, the ~2,500 sentences of the Lee news corpus and 200 movie-review
@@ -49,13 +53,17 @@ from fxcompress.models import zoo
 from common import environment, save_results
 
 EVERY = 200
+# the best recipe: every parameter, hidden norms on real tokens, lr 2e-4 on a cosine schedule, gensim + Python docs
+DOCS_RECIPE = dict(steps=2400, lr=2e-4, trainable=None, hidden="norms", schedule="cosine", real_tokens=True, docs=True)
 ARMS = {"factors": dict(steps=400, lr=3e-4, trainable=lambda name: "_svd_" in name),
         "all": dict(steps=800, lr=1e-4, trainable=None),
         "all + hidden norms": dict(steps=800, lr=1e-4, trainable=None, hidden="norms"),
         "sequential + all + hidden norms + cosine lr": dict(steps=1000, lr=2e-4, trainable=None, hidden="norms",
                                                             schedule="cosine", start="sequential"),
-        "all + hidden norms on real tokens + cosine lr, + Python docs": dict(
-            steps=2400, lr=2e-4, trainable=None, hidden="norms", schedule="cosine", real_tokens=True, docs=True)}
+        "all + hidden norms on real tokens + cosine lr, + Python docs": DOCS_RECIPE,
+        "block refit + all + hidden norms on real tokens + cosine lr, + Python docs": DOCS_RECIPE | dict(start="block"),
+        "all + hidden norms on real tokens + cosine lr, + Python docs, 6000 steps": DOCS_RECIPE | dict(steps=6000, every=500),
+        "all + hidden norms on real tokens + cosine lr 1e-4, + Python docs": DOCS_RECIPE | dict(lr=1e-4)}
 CALIBRATION, HELD_OUT = 1024, 256  # sentences: the corpus' tail calibrates, its head is held out, the rest trains
 FFN = "include=*.intermediate.dense+*.output.dense,exclude=*.attention.*"
 RECIPE = f"svd:ratio=0.5,aware=output,allocate=global,probes=8,{FFN}"
@@ -128,7 +136,7 @@ def python_docs() -> list[str]:
     return sentences
 
 
-def main(arms: list[str], measure_starts: list[str]) -> None:
+def main(arms: list[str], measure_starts: list[str], save: Path | None = None) -> None:
     torch.manual_seed(0)
     model, example, ev = zoo.minilm()
     sentences = corpus()
@@ -174,7 +182,7 @@ def main(arms: list[str], measure_starts: list[str]) -> None:
 
         def checkpoint(step: int, loss: float) -> None:
             losses.append(loss)
-            if step % EVERY == 0:
+            if step % spec.get("every", EVERY) == 0:
                 rows.append(dict(arm=arm, steps=step, lr=spec["lr"], train_loss=sum(losses[-20:]) / 20, **cosines(student)))
                 print(rows[-1], file=sys.stderr)
 
@@ -183,6 +191,9 @@ def main(arms: list[str], measure_starts: list[str]) -> None:
             batches = Calibration(batches, token_mask=1)
         distill_module(student, model, batches, steps=spec["steps"], lr=spec["lr"], loss="cosine", trainable=spec["trainable"],
                        hidden=spec.get("hidden"), schedule=spec.get("schedule", "constant"), on_step=checkpoint)
+        if save is not None:  # the trained weights, loadable into the same start, for quantization studies
+            save.mkdir(parents=True, exist_ok=True)
+            torch.save(student.state_dict(), save / (re.sub(r"\W+", "-", arm) + ".pt"))
         rows.append(quantized(arm, student, spec["steps"]))
         print(rows[-1], file=sys.stderr)
     env = environment()
@@ -193,7 +204,8 @@ def main(arms: list[str], measure_starts: list[str]) -> None:
              f"Command: `{command}` (compression: `{RECIPE}`; {len(sentences)} "
              f"sentences of Wikipedia, Lee news and movie reviews shipped with gensim: {CALIBRATION} calibrate, "
              f"{HELD_OUT} are held out, {len(train)} train; cosine in torch on the 64 evaluation sentences and on the "
-             f"held-out ones; one Adam run per arm, evaluated every {EVERY} steps"
+             f"held-out ones; one Adam run per arm, evaluated every "
+             f"{' / '.join(str(n) for n in sorted({ARMS[a].get('every', EVERY) for a in arms})) or EVERY} steps"
              + (f"; arms marked '+ Python docs' also train on {len(docs) - HELD_OUT} sentences of the Python standard "
                 f"library's docstrings and reference, {HELD_OUT} more of which are held out" if docs else "") + ")\n",
              "| start / trains | steps | lr | train loss (last 20: 1 - cos, + hidden relative MSE where matched) | "
@@ -220,5 +232,6 @@ if __name__ == "__main__":
                              "results/svd_distill_starts_<starts>.md)")
     parser.add_argument("--starts", nargs="*", choices=list(STARTS), default=[],
                         help="training-free starts to measure besides those the arms use (e.g. --arms --starts plain block)")
+    parser.add_argument("--save", type=Path, help="folder for each arm's trained state_dict (<arm>.pt)")
     args = parser.parse_args()
-    main(args.arms, args.starts)
+    main(args.arms, args.starts, args.save)
