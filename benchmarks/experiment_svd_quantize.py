@@ -2,7 +2,7 @@
 left under the goal (0.2 of fp32; int8 + int4 embeddings use 0.155) buy back.
 
 Run:  python benchmarks/experiment_svd_distill.py --arms "<arm>" --save students/
-      python benchmarks/experiment_svd_quantize.py students/<arm>.pt      (~10 minutes on 2 CPU cores; writes
+      python benchmarks/experiment_svd_quantize.py students/<arm>.pt      (~12 minutes on 2 CPU cores; writes
       results/svd_quantize.md and .json)
 
 The saved weights are loaded into the structure of the distillation experiment's one-shot start (same recipe and
@@ -47,23 +47,30 @@ def main(weights: Path) -> None:
         reference = torch.cat([model(*b) for b in ev.inputs])
         torch_cosine = torch.nn.functional.cosine_similarity(reference, torch.cat([student(*b) for b in ev.inputs]))
     rows = [dict(name="distilled student, float (torch)", recipe="", bytes=None, cosine=torch_cosine.mean().item(),
-                 cosine_min=torch_cosine.min().item())]
+                 cosine_min=torch_cosine.min().item(), latency=None, run_mb=None)]
     for name, recipe in RECIPES.items():
         path = Path(tempfile.mkdtemp()) / "student.onnx"
         fxcompress.optimize(student, example, recipe=recipe).export(path)
-        rep = fxcompress.check(model, path, example, eval_inputs=ev.inputs, fp32_baseline=False, provider="cpu")
+        rep = fxcompress.check(model, path, example, eval_inputs=ev.inputs, fp32_baseline=True, provider="cpu")
         rows.append(dict(name=name, recipe=recipe, bytes=rep.weights["ratio"], cosine=rep.metrics["cosine"],
-                         cosine_min=rep.metrics["cosine_min"]))
+                         cosine_min=rep.metrics["cosine_min"],
+                         latency=rep.latency["p50_ms"] / rep.latency["fp32_p50_ms"],
+                         run_mb=rep.memory["rss_run_mb"] / rep.memory["fp32_rss_run_mb"]))
         print(rows[-1], flush=True)
     env = environment()
     lines = [f"# Experiment: quantizing the distilled SVD student of MiniLM\n\n{env}\n",
              f"Command: `python benchmarks/experiment_svd_quantize.py {weights.name}` (weights saved by "
              f"`experiment_svd_distill.py --save`; structure: `{RECIPE}`; cosine vs the fp32 model on the 64 "
-             f"evaluation sentences, on ORT CPU except the first row)\n",
-             "| quantization | recipe | whole-model bytes (x fp32) | eval cosine mean | eval worst |",
-             "| --- | --- | --- | --- | --- |"]
+             f"evaluation sentences, on ORT CPU except the first row; latency p50 and the session's RSS after runs "
+             f"on one batch of {example[0].shape[0]} sentences, each as a fraction of the fp32 model's measured in the "
+             f"same check)\n",
+             "| quantization | recipe | whole-model bytes (x fp32) | eval cosine mean | eval worst | latency (x fp32) | "
+             "session RSS after runs (x fp32) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['name']} | {'`' + r['recipe'] + '`' if r['recipe'] else ''} | "
-              f"{'' if r['bytes'] is None else format(r['bytes'], '.3f')} | {r['cosine']:.4f} | {r['cosine_min']:.4f} |"
+              f"{'' if r['bytes'] is None else format(r['bytes'], '.3f')} | {r['cosine']:.4f} | {r['cosine_min']:.4f} | "
+              f"{'' if r['latency'] is None else format(r['latency'], '.2f')} | "
+              f"{'' if r['run_mb'] is None else format(r['run_mb'], '.2f')} |"
               for r in rows]
     text = "\n".join(lines) + "\n"
     print(text)
