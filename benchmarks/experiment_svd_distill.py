@@ -70,7 +70,8 @@ RECIPE = f"svd:ratio=0.5,aware=output,allocate=global,probes=8,{FFN}"
 STARTS = {"plain": RECIPE, "sequential": RECIPE + ",sequential=true", "block": RECIPE + ",refit=block"}
 START_NAMES = {"plain": "", "sequential": ", sequential refit", "block": ", block refit"}
 HELD_OUT_COLUMNS = {"held_out": "held-out cosine", "held_out_docs": "held-out docs cosine"}
-QUANTIZE = "int4:kinds=embedding,block=64,clip=true,int8"  # the bench_compress recipe's quantization, applied after
+EMBEDDINGS_INT4 = "int4:kinds=embedding,block=64,clip=true"
+QUANTIZE = f"{EMBEDDINGS_INT4},int8"  # the bench_compress recipe's quantization, applied after
 _SENTENCE_END = re.compile(r"(?<=[.!?\"])\s+(?=[A-Z\"])")
 _CODE = re.compile(r"[`_=(){}\[\]<>|#*\\/@$%^~]|\w\.\w|::|>>>|--")  # identifiers, markup, paths: not prose
 

@@ -24,9 +24,8 @@ from fxcompress.calibration import Calibration
 from fxcompress.models import zoo
 
 from common import environment, save_results
-from experiment_svd_distill import CALIBRATION, QUANTIZE, RECIPE, corpus
+from experiment_svd_distill import CALIBRATION, EMBEDDINGS_INT4, QUANTIZE, RECIPE, corpus
 
-EMBEDDINGS_INT4 = "int4:kinds=embedding,block=64,clip=true"
 RECIPES = {
     "int8 + int4 embeddings (the distillation experiment's)": QUANTIZE,
     "int4 embeddings only, Linears float (diagnostic)": EMBEDDINGS_INT4,

@@ -2,9 +2,9 @@
 
 The pass assigns every floating-point node a compute dtype, half by default, float32 for the ops whose accuracy
 depends on range or long accumulations (normalizations, softmax and attention, reductions, exp/log/pow), for
-layers an earlier pass quantized (``int8,fp16``: their kernels take float32) and for layers the config excludes (``fp16:exclude=classifier`` keeps the logits layer in float32). It then walks the graph
-once, inserting a cast only on an edge whose producer and consumer dtypes differ, so a run of half ops stays half
-with no casts inside. Weights read only by half ops are stored in half, which is where the 2x comes from; explicit
+layers an earlier pass quantized (``int8,fp16``: their kernels take float32) and for layers the config excludes
+(``fp16:exclude=classifier`` keeps the logits layer in float32). It then walks the graph once, inserting a cast
+only on an edge whose producer and consumer dtypes differ, so a run of half ops stays half with no casts inside. Weights read only by half ops are stored in half, which is where the 2x comes from; explicit
 dtype conversions in the model (``x.float()``, ``.to(torch.float32)``) are respected. Graph inputs and outputs stay
 float32, so the compressed module is a drop-in replacement.
 """
