@@ -1,12 +1,13 @@
 """Mixed precision: weights and compute in float16 (or bfloat16), numerically sensitive ops kept in float32.
 
 The pass assigns every floating-point node a compute dtype, half by default, float32 for the ops whose accuracy
-depends on range or long accumulations (normalizations, softmax and attention, reductions, exp/log/pow), for
-layers an earlier pass quantized (``int8,fp16``: their kernels take float32) and for layers the config excludes
-(``fp16:exclude=classifier`` keeps the logits layer in float32). It then walks the graph once, inserting a cast
-only on an edge whose producer and consumer dtypes differ, so a run of half ops stays half with no casts inside. Weights read only by half ops are stored in half, which is where the 2x comes from; explicit
-dtype conversions in the model (``x.float()``, ``.to(torch.float32)``) are respected. Graph inputs and outputs stay
-float32, so the compressed module is a drop-in replacement.
+depends on range or long accumulations (normalizations, softmax and attention, reductions, exp/log/pow), for layers
+an earlier pass quantized (``int8,fp16``: their kernels take float32) and for layers the config excludes
+(``fp16:exclude=classifier`` keeps the logits layer in float32). It then walks the graph once, inserting a cast only
+on an edge whose producer and consumer dtypes differ, so a run of half ops stays half with no casts inside. Weights
+read only by half ops are stored in half, which is where the 2x comes from; explicit dtype conversions in the model
+(``x.float()``, ``.to(torch.float32)``) are respected. Graph inputs and outputs stay float32, so the compressed
+module is a drop-in replacement.
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ def _wants(gm: fx.GraphModule, node: fx.Node, fp32_sites: set[fx.Node], half: to
         if isinstance(mod, HALF_MODULES) or stateless:
             return half
         return torch.float32  # an unknown module with state: its internals may not support half
-    if getattr(node.target, "namespace", None) == "fxcompress":
-        return torch.float32  # a layer a pass already compressed: its kernels and ONNX lowerings take float32 activations
+    if getattr(node.target, "namespace", None) == "fxcompress":  # a layer an earlier pass compressed:
+        return torch.float32  # its kernels and ONNX lowerings take float32 activations
     name = _op_name(node)
     if name in CONVERSIONS:
         return None
