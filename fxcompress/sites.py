@@ -178,7 +178,8 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[Skipped]]:
             continue
         if isinstance(found, Site):
             if found.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-                found = Skipped(node, found.kind, found.name, f"weight dtype {found.weight.dtype} is not floating point")
+                found = Skipped(node, found.kind, found.name, f"weight dtype {found.weight.dtype} is not float32, float16 "
+                                "or bfloat16; cast the model with .float()")
             elif not isinstance(found.input, fx.Node):
                 found = Skipped(node, found.kind, found.name, "input is a constant, not a graph value")
         if isinstance(found, Site):
