@@ -1,8 +1,12 @@
 """Recovery by distillation: fine-tune a compressed module's float weights to reproduce the original's outputs.
 
-Quantized tensors (int8/int4 codes) are not trained: distill after structural compression (pruning,
-factorization) and before quantization, e.g. ``"svd:ratio=0.5,distill:steps=200,int8"``. Inside a recipe the
-``distill`` pass uses the calibration batches as data and the user's (unmodified) model as teacher.
+Quantized tensors (int8/int4 codes, their scales) are not trained: distill after structural compression (pruning,
+factorization), e.g. ``"svd:ratio=0.5,distill:steps=200,int8"``. Distilling after a quantization pass trains the
+float weights left around its frozen codes (LayerNorms, biases, layers kept float): the quantized ops pass
+gradients straight through their dequantized weights, so ``"int4:kinds=embedding,distill,int8"`` adapts the model to
+the int4 table the export will hold. (int8_static's ops fake-quantize activations and have no gradient: distill
+before it.) Inside a recipe the ``distill`` pass uses the calibration batches as data and the user's (unmodified)
+model as teacher.
 
 Besides the outputs, ``hidden`` matches intermediate activations (relative MSE): the student is a rewritten copy of
 the teacher's captured graph, so a node the passes left in place (a LayerNorm between blocks) has the same name in
@@ -260,7 +264,7 @@ def distill_module(
                 except RuntimeError as exc:
                     if "autograd" in str(exc).lower() or "does not require grad" in str(exc):
                         raise InputError(f"distill cannot backpropagate through this graph ({str(exc).splitlines()[0]}); "
-                                         "distill before quantizing: recipe 'svd,distill,int8'") from exc
+                                         "distill before quantizing: recipe 'svd,distill,int8_static'") from exc
                     raise
                 opt.step()
                 scheduler.step()

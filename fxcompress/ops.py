@@ -98,15 +98,20 @@ def linear_nbits(
     ``packed`` [N, K/block, block*bits/8] uint8 codes; ``scales`` [N * K/block]; ``zero_points`` [N, ceil(K/block *
     bits/8)] packed codes, or None for the symmetric default 2**(bits-1). W = (code - zero_point) * scale per block.
     """
+    y = x @ _nbits_weight(packed, scales, zero_points, k, n, bits, block_size).t().to(x.dtype)
+    return y + bias if bias is not None else y
+
+
+def _nbits_weight(packed: Tensor, scales: Tensor, zero_points: Optional[Tensor], k: int, n: int, bits: int,
+                  block_size: int) -> Tensor:
+    """The float [N, K] weight that :func:`linear_nbits` stores."""
     blocks = k // block_size
     codes = unpack_nbits(packed.reshape(n, -1), bits, k).reshape(n, blocks, block_size)
     if zero_points is None:
         zp = torch.full((n, blocks, 1), float(1 << (bits - 1)))
     else:
         zp = unpack_nbits(zero_points, bits, blocks).reshape(n, blocks, 1)
-    w = ((codes - zp) * scales.reshape(n, blocks, 1)).reshape(n, k)
-    y = x @ w.t().to(x.dtype)
-    return y + bias if bias is not None else y
+    return ((codes - zp) * scales.reshape(n, blocks, 1)).reshape(n, k)
 
 
 @linear_nbits.register_fake
@@ -197,6 +202,69 @@ def _(indices, packed, scales, zero_points, bits, block_size):
 def _embedding_nbits(indices, packed, scales, zero_points, bits=4, block_size=32):
     return MSFT.GatherBlockQuantized(packed, indices, scales, zero_points, gather_axis=0, quantize_axis=1,
                                      block_size=block_size, bits=bits)
+
+
+# --- Gradients ---------------------------------------------------------------------------------------------------
+# Distillation after quantization trains the float weights around the frozen codes (LayerNorms, biases, layers left
+# float): each op passes the gradient to its activation and its bias, straight through the dequantized weight. Codes,
+# scales and zero points get none, so they stay what the export will write.
+def _bias_grad(grad: Tensor, has_bias: bool, channel: int) -> Optional[Tensor]:
+    if not has_bias:
+        return None
+    return grad.sum(dim=[d for d in range(grad.dim()) if d != channel % grad.dim()])
+
+
+def _linear_q8_setup(ctx, inputs, output) -> None:
+    x, qweight, scale, zero_point, bias = inputs
+    ctx.save_for_backward(qweight, scale, zero_point)
+    ctx.has_bias = bias is not None
+
+
+def _linear_q8_backward(ctx, grad):
+    qweight, scale, zero_point = ctx.saved_tensors
+    w = _dequantize(qweight, scale, zero_point, axis=1).to(grad.dtype)
+    return grad @ w.t(), None, None, None, _bias_grad(grad, ctx.has_bias, -1)
+
+
+def _linear_nbits_setup(ctx, inputs, output) -> None:
+    x, packed, scales, zero_points, bias, k, n, bits, block_size = inputs
+    ctx.save_for_backward(packed, scales, zero_points)
+    ctx.has_bias, ctx.shape = bias is not None, (k, n, bits, block_size)
+
+
+def _linear_nbits_backward(ctx, grad):
+    packed, scales, zero_points = ctx.saved_tensors
+    w = _nbits_weight(packed, scales, zero_points, *ctx.shape).to(grad.dtype)
+    return grad @ w, None, None, None, _bias_grad(grad, ctx.has_bias, -1), None, None, None, None
+
+
+def _conv_q8_setup(ctx, inputs, output) -> None:
+    x, qweight, scale, zero_point, bias, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(qweight, scale, zero_point)
+    ctx.has_bias, ctx.x_shape, ctx.conv = bias is not None, x.shape, (stride, padding, dilation, groups)
+
+
+def _conv_q8_backward(ctx, grad):
+    qweight, scale, zero_point = ctx.saved_tensors
+    w = _dequantize(qweight, scale, zero_point, axis=0).to(grad.dtype)
+    conv_input = torch.nn.grad.conv1d_input if qweight.dim() == 3 else torch.nn.grad.conv2d_input
+    grad_x = conv_input(ctx.x_shape, w, grad, *ctx.conv)
+    return grad_x, None, None, None, _bias_grad(grad, ctx.has_bias, 1), None, None, None, None
+
+
+def _no_setup(ctx, inputs, output) -> None:
+    ctx.inputs = len(inputs)
+
+
+def _lookup_backward(ctx, grad):  # indices have no gradient, and the table's codes and scales stay frozen
+    return (None,) * ctx.inputs
+
+
+linear_q8.register_autograd(_linear_q8_backward, setup_context=_linear_q8_setup)
+linear_nbits.register_autograd(_linear_nbits_backward, setup_context=_linear_nbits_setup)
+conv_q8.register_autograd(_conv_q8_backward, setup_context=_conv_q8_setup)
+embedding_q8.register_autograd(_lookup_backward, setup_context=_no_setup)
+embedding_nbits.register_autograd(_lookup_backward, setup_context=_no_setup)
 
 
 # --- ONNX Runtime contrib schemas --------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import fxcompress
 from fxcompress.capture import capture
 from fxcompress.distill import distill_module, hidden_nodes, lr_factor
 from fxcompress.errors import InputError, RecipeError
+from fxcompress.ops import pack_nbits
 
 from helpers import init_dtypes, same_state, state_snapshot
 
@@ -56,6 +57,69 @@ def test_distill_as_a_recipe_step_before_int8():
     tuned = fxcompress.optimize(model, data[0], recipe="svd:rank=4,distill:steps=150,lr=3e-3,int8", calibration=data)
     assert _err(tuned, model, data) < _err(plain, model, data)
     assert tuned.bytes_after == plain.bytes_after
+
+
+def _grads(fn, x, bias):
+    x, bias = x.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+    fn(x, bias).pow(2).sum().backward()
+    return x.grad, bias.grad
+
+
+def test_quantized_ops_pass_gradients_straight_through_the_dequantized_weight():
+    torch.manual_seed(0)
+    fx_ops = torch.ops.fxcompress
+    x, bias = torch.randn(3, 5, 16), torch.randn(8)
+    q = torch.randint(-127, 128, (16, 8), dtype=torch.int8)
+    scale = torch.rand(8) / 50
+    w = q.float() * scale  # [in, out]
+    expected = _grads(lambda x, b: torch.nn.functional.linear(x, w.t(), b), x, bias)
+    got = _grads(lambda x, b: fx_ops.linear_q8(x, q, scale, None, b), x, bias)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e)
+
+    codes = torch.randint(0, 16, (8, 16), dtype=torch.uint8)
+    scales = torch.rand(8, 2) / 10
+    w4 = ((codes.float() - 8).reshape(8, 2, 8) * scales.unsqueeze(-1)).reshape(8, 16)  # [out, in], symmetric zero point
+    expected = _grads(lambda x, b: torch.nn.functional.linear(x, w4, b), x, bias)
+    got = _grads(lambda x, b: fx_ops.linear_nbits(x, pack_nbits(codes, 4).reshape(8, 2, 4), scales.reshape(-1), None, b,
+                                                  16, 8, 4, 8), x, bias)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e)
+
+    image = torch.randn(2, 16, 7, 7)
+    qc = torch.randint(-127, 128, (8, 4, 3, 3), dtype=torch.int8)
+    wc = qc.float() * scale.reshape(8, 1, 1, 1)
+    expected = _grads(lambda x, b: torch.nn.functional.conv2d(x, wc, b, 2, 1, 1, 4), image, bias)
+    got = _grads(lambda x, b: fx_ops.conv_q8(x, qc, scale, None, b, [2, 2], [1, 1], [1, 1], 4), image, bias)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e)
+
+
+def test_distill_after_int8_trains_the_float_weights_around_the_frozen_codes():
+    model, data = _setup()
+    cm = fxcompress.optimize(model, data[0], recipe="int8")
+    before = {k: v.clone() for k, v in cm.module.state_dict().items()}
+    before_err = _err(cm, model, data)
+    fxcompress.distill(cm, model, data, steps=100, lr=1e-3)
+    after = cm.module.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if not v.is_floating_point() or "scale" in k)
+    assert any(not torch.equal(after[k], v) for k, v in before.items() if v.is_floating_point())  # the biases
+    assert _err(cm, model, data) < 0.9 * before_err
+    tuned = fxcompress.optimize(model, data[0], recipe="int8,distill:steps=100,lr=1e-3", calibration=data)
+    assert _err(tuned, model, data) < before_err and tuned.bytes_after == cm.bytes_after
+
+
+def test_distill_after_int4_embeddings_adapts_the_rest_of_the_model_to_the_table():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(100, 64), nn.LayerNorm(64), nn.Linear(64, 8)).eval()
+    data = [(torch.randint(0, 100, (16, 6)),) for _ in range(8)]
+    cm = fxcompress.optimize(model, data[0], recipe="int4:kinds=embedding,block=32")
+    table = {k: v.clone() for k, v in cm.module.state_dict().items() if not k.startswith(("1.", "2."))}
+    assert any(v.dtype == torch.uint8 for v in table.values())  # the embedding is the packed int4 table
+    before_err = _err(cm, model, data)
+    fxcompress.distill(cm, model, data, steps=100, lr=1e-3)
+    assert all(torch.equal(cm.module.state_dict()[k], v) for k, v in table.items())
+    assert _err(cm, model, data) < 0.8 * before_err
 
 
 def test_a_distilled_module_can_be_quantized_by_a_second_optimize(tmp_path):
@@ -156,8 +220,8 @@ def test_cosine_schedule_warms_up_decays_to_zero_and_reports_every_step():
 
 def test_distill_errors():
     model, data = _setup()
-    cm = fxcompress.optimize(model, data[0], recipe="int8")
-    with pytest.raises(InputError, match="distill before quantizing"):
+    cm = fxcompress.optimize(model, data[0], recipe="int8_static", calibration=data)  # its ops fake-quantize x: no gradient
+    with pytest.raises(InputError, match="cannot backpropagate .*linear_qdq.*distill before quantizing"):
         fxcompress.distill(cm, model, data, steps=1)
     with pytest.raises(InputError, match="distill data is empty"):
         fxcompress.distill(fxcompress.optimize(model, data[0], recipe="svd:rank=4"), model, [], steps=1)
