@@ -207,7 +207,8 @@ def _embedding_nbits(indices, packed, scales, zero_points, bits=4, block_size=32
 # --- Gradients ---------------------------------------------------------------------------------------------------
 # Distillation after quantization trains the float weights around the frozen codes (LayerNorms, biases, layers left
 # float): each op passes the gradient to its activation and its bias, straight through the dequantized weight. Codes,
-# scales and zero points get none, so they stay what the export will write.
+# scales and zero points get none, so they stay what the export will write. (The torch ops compute with float
+# activations: the 8-bit rounding of activations in ORT's DynamicQuantizeMatMul is neither run nor trained against.)
 def _bias_grad(grad: Tensor, has_bias: bool, channel: int) -> Optional[Tensor]:
     if not has_bias:
         return None
@@ -252,7 +253,7 @@ def _conv_q8_backward(ctx, grad):
     return grad_x, None, None, None, _bias_grad(grad, ctx.has_bias, 1), None, None, None, None
 
 
-def _no_setup(ctx, inputs, output) -> None:
+def _count_inputs(ctx, inputs, output) -> None:
     ctx.inputs = len(inputs)
 
 
@@ -263,8 +264,8 @@ def _lookup_backward(ctx, grad):  # indices have no gradient, and the table's co
 linear_q8.register_autograd(_linear_q8_backward, setup_context=_linear_q8_setup)
 linear_nbits.register_autograd(_linear_nbits_backward, setup_context=_linear_nbits_setup)
 conv_q8.register_autograd(_conv_q8_backward, setup_context=_conv_q8_setup)
-embedding_q8.register_autograd(_lookup_backward, setup_context=_no_setup)
-embedding_nbits.register_autograd(_lookup_backward, setup_context=_no_setup)
+embedding_q8.register_autograd(_lookup_backward, setup_context=_count_inputs)
+embedding_nbits.register_autograd(_lookup_backward, setup_context=_count_inputs)
 
 
 # --- ONNX Runtime contrib schemas --------------------------------------------------------------------------------
