@@ -137,6 +137,23 @@ def python_docs() -> list[str]:
     return sentences
 
 
+def load_student(model: torch.nn.Module, example: tuple, weights: Path, sentences: list[str]) -> torch.fx.GraphModule:
+    """The one-shot start (same recipe and calibration, hence the same ranks) with the weights ``--save`` wrote."""
+    calibration = Calibration(zoo.tokenize_batches(sentences[-CALIBRATION:], 32), token_mask=1)
+    student = fxcompress.optimize(model, example, recipe=RECIPE, calibration=calibration).module
+    student.load_state_dict(torch.load(weights), strict=True)  # a different structure (ranks) fails here
+    return student
+
+
+def artifact_report(model: torch.nn.Module, compressed: fxcompress.CompressedModel, example: tuple, ev,
+                    fp32_baseline: bool = False) -> fxcompress.ParityReport:
+    """Export ``compressed`` (default target, not bench_compress's cpu-nbits) and check it against ``model`` on ORT CPU
+    on the evaluation sentences."""
+    path = Path(tempfile.mkdtemp()) / "student.onnx"
+    compressed.export(path)
+    return fxcompress.check(model, path, example, eval_inputs=ev.inputs, fp32_baseline=fp32_baseline, provider="cpu")
+
+
 def main(arms: list[str], measure_starts: list[str], save: Path | None = None) -> None:
     torch.manual_seed(0)
     model, example, ev = zoo.minilm()
@@ -165,9 +182,7 @@ def main(arms: list[str], measure_starts: list[str], save: Path | None = None) -
                     **{key: cos[key].mean().item() for key in held_out_sets})
 
     def quantized(arm: str, student: torch.nn.Module, steps: int) -> dict:
-        path = Path(tempfile.mkdtemp()) / f"{arm.split()[0]}.onnx"
-        fxcompress.optimize(student, example, recipe=QUANTIZE).export(path)  # default target, not bench_compress's cpu-nbits
-        rep = fxcompress.check(model, path, example, eval_inputs=ev.inputs, fp32_baseline=False, provider="cpu")
+        rep = artifact_report(model, fxcompress.optimize(student, example, recipe=QUANTIZE), example, ev)
         return dict(arm=f"{arm}, then int8 + int4 embeddings (ORT)", steps=steps, lr=None, train_loss=None,
                     cosine=rep.metrics["cosine"], cosine_min=rep.metrics["cosine_min"], bytes=rep.weights["ratio"])
 

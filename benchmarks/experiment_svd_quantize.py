@@ -14,17 +14,15 @@ sentences. Rows marked "diagnostic" exceed the byte goal and only locate the los
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 import torch
 
 import fxcompress
-from fxcompress.calibration import Calibration
 from fxcompress.models import zoo
 
 from common import environment, save_results
-from experiment_svd_distill import CALIBRATION, EMBEDDINGS_INT4, QUANTIZE, RECIPE, corpus
+from experiment_svd_distill import EMBEDDINGS_INT4, QUANTIZE, RECIPE, artifact_report, corpus, load_student
 
 RECIPES = {
     "int8 + int4 embeddings (the distillation experiment's)": QUANTIZE,
@@ -39,18 +37,14 @@ RECIPES = {
 def main(weights: Path) -> None:
     torch.manual_seed(0)
     model, example, ev = zoo.minilm()
-    calibration = Calibration(zoo.tokenize_batches(corpus()[-CALIBRATION:], 32), token_mask=1)
-    student = fxcompress.optimize(model, example, recipe=RECIPE, calibration=calibration).module
-    student.load_state_dict(torch.load(weights), strict=True)  # a different structure (ranks) fails here
+    student = load_student(model, example, weights, corpus())
     with torch.no_grad():
         reference = torch.cat([model(*b) for b in ev.inputs])
         torch_cosine = torch.nn.functional.cosine_similarity(reference, torch.cat([student(*b) for b in ev.inputs]))
     rows = [dict(name="distilled student, float (torch)", recipe="", bytes=None, cosine=torch_cosine.mean().item(),
                  cosine_min=torch_cosine.min().item(), latency=None, run_mb=None)]
     for name, recipe in RECIPES.items():
-        path = Path(tempfile.mkdtemp()) / "student.onnx"
-        fxcompress.optimize(student, example, recipe=recipe).export(path)
-        rep = fxcompress.check(model, path, example, eval_inputs=ev.inputs, fp32_baseline=True, provider="cpu")
+        rep = artifact_report(model, fxcompress.optimize(student, example, recipe=recipe), example, ev, fp32_baseline=True)
         rows.append(dict(name=name, recipe=recipe, bytes=rep.weights["ratio"], cosine=rep.metrics["cosine"],
                          cosine_min=rep.metrics["cosine_min"],
                          latency=rep.latency["p50_ms"] / rep.latency["fp32_p50_ms"],

@@ -37,7 +37,6 @@ import argparse
 import random
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -49,7 +48,8 @@ from fxcompress.models import zoo
 from fxcompress.passes.int4 import dequantize, quantize_rtn
 
 from common import environment, save_results
-from experiment_svd_distill import CALIBRATION, EMBEDDINGS_INT4, HELD_OUT, QUANTIZE, RECIPE, corpus, python_docs
+from experiment_svd_distill import (CALIBRATION, EMBEDDINGS_INT4, HELD_OUT, QUANTIZE, RECIPE, artifact_report, corpus,
+                                   load_student, python_docs)
 
 EVERY = 250
 EMBEDDING_BLOCK = 64  # EMBEDDINGS_INT4's block: the grid phase 3 rounds to must be the one the export uses
@@ -118,9 +118,7 @@ def main(weights: Path, phases: list[str], save: Path | None = None) -> None:
     torch.manual_seed(0)
     model, example, ev = zoo.minilm()
     sentences = corpus()
-    calibration = Calibration(zoo.tokenize_batches(sentences[-CALIBRATION:], 32), token_mask=1)
-    student = fxcompress.optimize(model, example, recipe=RECIPE, calibration=calibration).module
-    student.load_state_dict(torch.load(weights), strict=True)  # a different structure (ranks) fails here
+    student = load_student(model, example, weights, sentences)
     examples, glosses = wordnet_text()
     docs = python_docs() if any(PHASES[key]["text"] == "mixed" for key in phases) else []
     texts = {"wordnet": examples[HELD_OUT:], "glosses": examples[HELD_OUT:] + glosses,
@@ -137,20 +135,19 @@ def main(weights: Path, phases: list[str], save: Path | None = None) -> None:
         return dict(cosine=cos["eval"].mean().item(), cosine_min=cos["eval"].min().item(),
                     held_out=cos["held_out"].mean().item(), held_out_wordnet=cos["held_out_wordnet"].mean().item())
 
-    def exported(phase: str, steps: int, compressed=None) -> list[dict]:
-        found = []
-        for name, recipe in EXPORTS.items() if compressed is None else [("", "")]:
-            path = Path(tempfile.mkdtemp()) / "student.onnx"
-            (compressed if compressed is not None else fxcompress.optimize(student, example, recipe=recipe)).export(path)
-            rep = fxcompress.check(model, path, example, eval_inputs=ev.inputs, fp32_baseline=False, provider="cpu")
-            label = f"{phase}, exported (ORT)" if compressed is not None else f"{phase}, then {name} (ORT)"
-            found.append(dict(phase=label, steps=steps, lr=None, train_loss=None,
-                              bytes=rep.weights["ratio"], cosine=rep.metrics["cosine"], cosine_min=rep.metrics["cosine_min"]))
-            print(found[-1], file=sys.stderr)
-        return found
+    def exported(label: str, steps: int, compressed: fxcompress.CompressedModel) -> dict:
+        rep = artifact_report(model, compressed, example, ev)
+        row = dict(phase=f"{label} (ORT)", steps=steps, lr=None, train_loss=None, bytes=rep.weights["ratio"],
+                   cosine=rep.metrics["cosine"], cosine_min=rep.metrics["cosine_min"])
+        print(row, file=sys.stderr)
+        return row
+
+    def quantized(phase: str, steps: int) -> list[dict]:  # the float student, through each recipe that fits the goal
+        return [exported(f"{phase}, then {name}", steps, fxcompress.optimize(student, example, recipe=recipe))
+                for name, recipe in EXPORTS.items()]
 
     rows = [dict(phase=f"distilled student ({weights.name})", steps=0, lr=None, train_loss=None, **cosines())]
-    rows += exported("distilled student", 0)
+    rows += quantized("distilled student", 0)
     frozen: set[str] = set()
     for key in phases:
         phase, seed = PHASES[key], list(PHASES).index(key) + 1  # a phase's data order does not depend on the others
@@ -175,7 +172,10 @@ def main(weights: Path, phases: list[str], save: Path | None = None) -> None:
         distill_module(trained, model, Calibration(zoo.tokenize_batches(text, 32), token_mask=1), steps=phase["steps"],
                        lr=phase["lr"], loss="cosine", hidden=phase["hidden"], schedule="cosine", on_step=checkpoint,
                        trainable=lambda name: name not in frozen)
-        rows += exported(phase["name"], phase["steps"], compressed)
+        if compressed is None:
+            rows += quantized(phase["name"], phase["steps"])
+        else:
+            rows.append(exported(f"{phase['name']}, exported", phase["steps"], compressed))
     if save is not None:  # the float student after the last float phase, loadable into the same start
         torch.save(student.state_dict(), save)
     env = environment()
