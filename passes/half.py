@@ -3,7 +3,9 @@
 The pass assigns every floating-point node a compute dtype, half by default, float32 for the ops whose accuracy
 depends on range or long accumulations (normalizations, softmax and attention, reductions, exp/log/pow), for layers
 an earlier pass quantized (``int8,fp16``: their kernels take float32) and for layers the config excludes
-(``fp16:exclude=classifier`` keeps the logits layer in float32). It then walks the graph once, inserting a cast only
+(``fp16:exclude=classifier`` keeps the logits layer in float32). ``include`` narrows the pass to the layers it names:
+every other op then stays float32 too (``fp16:include=*_svd_*`` halves the factor Linears and nothing between the
+other layers, where residual sums would otherwise round to half). It then walks the graph once, inserting a cast only
 on an edge whose producer and consumer dtypes differ, so a run of half ops stays half with no casts inside. Weights
 read only by half ops are stored in half, which is where the 2x comes from; explicit dtype conversions in the model
 (``x.float()``, ``.to(torch.float32)``) are respected. Graph inputs and outputs stay float32, so the compressed
@@ -68,19 +70,24 @@ def _float_inputs(node: fx.Node) -> list[fx.Node]:
     return [a for a in node.all_input_nodes if _out_dtype(a) is not None]
 
 
-def _wants(gm: fx.GraphModule, node: fx.Node, fp32_sites: set[fx.Node], half: torch.dtype) -> Optional[torch.dtype]:
-    """The dtype ``node`` should compute in; None for nodes left as they are (non-float, conversions, get_attr)."""
+def _wants(gm: fx.GraphModule, node: fx.Node, fp32_sites: set[fx.Node], half_sites: set[fx.Node], half: torch.dtype,
+           default: torch.dtype) -> Optional[torch.dtype]:
+    """The dtype ``node`` should compute in; None for nodes left as they are (non-float, conversions, get_attr).
+    ``default`` is what an op that is neither a site nor numerically sensitive gets: half, or float32 when the config
+    names the layers to halve."""
     if node.op in ("placeholder", "output", "get_attr") or _out_dtype(node) is None:
         return None
     if node in fp32_sites:
         return torch.float32
+    if node in half_sites:
+        return half
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
         if isinstance(mod, FP32_MODULES):
             return torch.float32
         stateless = not any(True for _ in mod.parameters()) and not any(True for _ in mod.buffers())
         if isinstance(mod, HALF_MODULES) or stateless:
-            return half
+            return default
         return torch.float32  # an unknown module with state: its internals may not support half
     if getattr(node.target, "namespace", None) == "fxcompress":  # a layer an earlier pass compressed:
         return torch.float32  # its kernels and ONNX lowerings take float32 activations
@@ -89,7 +96,7 @@ def _wants(gm: fx.GraphModule, node: fx.Node, fp32_sites: set[fx.Node], half: to
         return None
     if name in FP32_OPS:
         return torch.float32
-    return half
+    return default
 
 
 @register_pass(HalfConfig)
@@ -98,13 +105,15 @@ def mixed_precision(gm: fx.GraphModule, cfg: HalfConfig, ctx: PassContext) -> Pa
 
     Example:
         >>> cm = fxcompress.optimize(model, x, recipe="fp16")        # or "fp16:dtype=bf16,exclude=classifier"
+        >>> cm = fxcompress.optimize(model, x, recipe="fp16:include=fc1")  # fc1 alone in half
     """
     half = HALF_DTYPES[cfg.dtype]
     ShapeProp(gm).propagate(*ctx.example_inputs)
     sites, records = select_sites(gm, cfg, ("linear", "conv1d", "conv2d", "embedding"))
     site_nodes = {s.node for s in sites}
     fp32_sites = {s.node for s in find_sites(gm)[0]} - site_nodes  # excluded by include/exclude
-    wants = {n: _wants(gm, n, fp32_sites, half) for n in gm.graph.nodes}
+    default = torch.float32 if cfg.include else half
+    wants = {n: _wants(gm, n, fp32_sites, site_nodes, half, default) for n in gm.graph.nodes}
     actual: dict[fx.Node, Optional[torch.dtype]] = {}
     casts: dict[tuple[fx.Node, torch.dtype], fx.Node] = {}
 

@@ -25,12 +25,17 @@ def _casts(gm):
     return collections.Counter(str(n.kwargs["dtype"]) for n in gm.graph.nodes if n.target is torch.ops.aten._to_copy.default)
 
 
-def test_fp16_halves_weights_keeps_sensitive_ops_fp32_and_io_fp32(tmp_path):
+def _halved(recipe):
+    """(model, ids, compressed, parameter dtypes by name) for a seeded Block."""
     torch.manual_seed(0)
     model = Block().eval()
     ids = torch.randint(0, 20, (3, 6))
-    cm = fxcompress.optimize(model, ids, recipe="fp16")
-    dtypes = {n: p.dtype for n, p in cm.module.named_parameters()}
+    cm = fxcompress.optimize(model, ids, recipe=recipe)
+    return model, ids, cm, {n: p.dtype for n, p in cm.module.named_parameters()}
+
+
+def test_fp16_halves_weights_keeps_sensitive_ops_fp32_and_io_fp32(tmp_path):
+    model, ids, cm, dtypes = _halved("fp16")
     assert dtypes["emb.weight"] == dtypes["fc1.weight"] == dtypes["fc2.weight"] == torch.float16
     assert dtypes["norm.weight"] == torch.float32
     assert cm(ids).dtype == torch.float32
@@ -86,3 +91,19 @@ def test_quantizing_after_fp16_skips_the_halved_layers_and_says_which_order_work
     assert set(skipped) == {"emb", "fc1", "fc2"}
     assert all(r.action == "skipped" for r in cm.records if r.pass_name == "int8")
     assert all("weights are float16" in why and "'int8,fp16'" in why for why in skipped.values())
+
+
+def test_include_halves_only_the_named_layers_and_keeps_the_ops_between_the_others_fp32(tmp_path):
+    model, ids, cm, dtypes = _halved("fp16:include=fc1")
+    assert dtypes["fc1.weight"] == torch.float16
+    assert dtypes["emb.weight"] == dtypes["fc2.weight"] == torch.float32
+    # fc1's input is cast to half and its output back: the gelu after it, unlike with plain fp16, runs in float32
+    assert _casts(cm.module) == {"torch.float16": 1, "torch.float32": 1}
+    gelu = next(n for n in cm.module.graph.nodes if "gelu" in str(n.target))
+    assert gelu.args[0].target is torch.ops.aten._to_copy.default and gelu.args[0].kwargs["dtype"] == torch.float32
+    assert cosine(cm(ids), model(ids)) > 0.9999
+    path = cm.export(tmp_path / "m.onnx")
+    dtypes = init_dtypes(path)
+    halved = {name for name, dtype in dtypes.items() if dtype == "float16"}
+    assert len(halved) == 2 and "fc1.bias" in halved  # and fc1's weight, which the exporter names after transposing it
+    assert dtypes["emb.weight"] == "float32"
