@@ -3,7 +3,8 @@ left under the goal (0.2 of fp32; int8 + int4 embeddings use 0.155) buy back.
 
 Run:  python benchmarks/experiment_svd_distill.py --arms "<arm>" --save students/
       python benchmarks/experiment_svd_quantize.py students/<arm>.pt      (~12 minutes on 2 CPU cores; writes
-      results/svd_quantize.md and .json)
+      results/svd_quantize.md and .json; ``--tag svd_quantize_long`` on experiment_svd_recover.py's long.pt wrote
+      results/svd_quantize_long.md)
 
 The saved weights are loaded into the structure of the distillation experiment's one-shot start (same recipe and
 calibration, hence the same ranks; every arm but the sequential one keeps them), then each quantization recipe below
@@ -34,7 +35,7 @@ RECIPES = {
 }
 
 
-def main(weights: Path) -> None:
+def main(weights: Path, tag: str = "svd_quantize") -> None:
     torch.manual_seed(0)
     model, example, ev = zoo.minilm()
     student = load_student(model, example, weights, corpus())
@@ -52,8 +53,9 @@ def main(weights: Path) -> None:
         print(rows[-1], flush=True)
     env = environment()
     lines = [f"# Experiment: quantizing the distilled SVD student of MiniLM\n\n{env}\n",
-             f"Command: `python benchmarks/experiment_svd_quantize.py {weights.name}` (weights saved by "
-             f"`experiment_svd_distill.py --save`; structure: `{RECIPE}`; cosine vs the fp32 model on the 64 "
+             f"Command: `python benchmarks/experiment_svd_quantize.py {weights.name}"
+             f"{'' if tag == 'svd_quantize' else ' --tag ' + tag}` (weights saved by "
+             f"`experiment_svd_distill.py --save` or `experiment_svd_recover.py --save`; structure: `{RECIPE}`; cosine vs the fp32 model on the 64 "
              f"evaluation sentences, on ORT CPU except the first row; latency p50 and the session's RSS after runs "
              f"on one batch of {example[0].shape[0]} sentences, each as a fraction of the fp32 model's measured in the "
              f"same check)\n",
@@ -67,10 +69,12 @@ def main(weights: Path) -> None:
               for r in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    save_results("svd_quantize", text, {"env": env, "weights": weights.name, "structure": RECIPE, "rows": rows})
+    save_results(tag, text, {"env": env, "weights": weights.name, "structure": RECIPE, "rows": rows})
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("weights", type=Path, help="a student state_dict saved by experiment_svd_distill.py --save")
-    main(parser.parse_args().weights)
+    parser.add_argument("--tag", default="svd_quantize", help="results/<tag>.md and .json (default: %(default)s)")
+    args = parser.parse_args()
+    main(args.weights, args.tag)
