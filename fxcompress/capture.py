@@ -87,10 +87,12 @@ def batch_of_two(inputs: tuple) -> tuple:
     return tuple(t.repeat(2, *([1] * (t.dim() - 1))) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 1 else t for t in inputs)
 
 
-def _export_module(model: nn.Module, inputs: tuple) -> fx.GraphModule:
-    """torch.export with a symbolic batch axis when the model allows one (Dim.AUTO never fails on it)."""
+def _export_module(model: nn.Module, inputs: tuple, axes: tuple[int, ...] = (0,)) -> fx.GraphModule:
+    """torch.export with symbolic ``axes`` (the batch axis) where the model allows them (Dim.AUTO never fails on
+    one: it specializes instead)."""
     traced = batch_of_two(inputs)
-    shapes = tuple({0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.dim() else None for t in traced)
+    shapes = tuple({axis: torch.export.Dim.AUTO for axis in axes if axis < t.dim()} or None
+                   if isinstance(t, torch.Tensor) else None for t in traced)
     return torch.export.export(model, traced, dynamic_shapes=shapes, strict=False).module()
 
 
