@@ -137,20 +137,23 @@ def python_docs() -> list[str]:
     return sentences
 
 
-def load_student(model: torch.nn.Module, example: tuple, weights: Path, sentences: list[str]) -> torch.fx.GraphModule:
-    """The one-shot start (same recipe and calibration, hence the same ranks) with the weights ``--save`` wrote."""
+def load_student(model: torch.nn.Module, example: tuple, weights: Path | None, sentences: list[str],
+                 dynamic_axes: tuple[int, ...] = (0,)) -> torch.fx.GraphModule:
+    """The one-shot start (same recipe and calibration, hence the same ranks) with the weights ``--save`` wrote (none:
+    the caller loads a state); ``dynamic_axes=(0, 1)`` captures it for any sentence length."""
     calibration = Calibration(zoo.tokenize_batches(sentences[-CALIBRATION:], 32), token_mask=1)
-    student = fxcompress.optimize(model, example, recipe=RECIPE, calibration=calibration).module
-    student.load_state_dict(torch.load(weights), strict=True)  # a different structure (ranks) fails here
+    student = fxcompress.optimize(model, example, recipe=RECIPE, calibration=calibration, dynamic_axes=dynamic_axes).module
+    if weights is not None:
+        student.load_state_dict(torch.load(weights), strict=True)  # a different structure (ranks) fails here
     return student
 
 
 def artifact_report(model: torch.nn.Module, compressed: fxcompress.CompressedModel, example: tuple, ev,
-                    fp32_baseline: bool = False) -> fxcompress.ParityReport:
+                    fp32_baseline: bool = False, target: str = "cpu") -> fxcompress.ParityReport:
     """Export ``compressed`` (default target, not bench_compress's cpu-nbits) and check it against ``model`` on ORT CPU
     on the evaluation sentences."""
     path = Path(tempfile.mkdtemp()) / "student.onnx"
-    compressed.export(path)
+    compressed.export(path, target=target)
     return fxcompress.check(model, path, example, eval_inputs=ev.inputs, fp32_baseline=fp32_baseline, provider="cpu")
 
 

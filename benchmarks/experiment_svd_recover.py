@@ -43,18 +43,14 @@ After each phase the student is quantized, exported and measured on ORT CPU with
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import random
 import re
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 import fxcompress
-import fxcompress.capture
 from fxcompress.calibration import Calibration
 from fxcompress.distill import distill_module
 from fxcompress.models import zoo
@@ -84,10 +80,17 @@ PHASES = {
     # after "long": the text nearest the evaluation sentences alone, at half the lr
     "examples": dict(name="WordNet examples only, embeddings on the int4 grid and frozen, batches of like length",
                      text="wordnet", steps=3000, lr=5e-5, hidden="norms", int4_embeddings=True, every=500, trim=True),
+    # a second schedule over everything (a warm restart, new data order) from the long or examples student
+    "again": dict(name="a second schedule over everything, embeddings on the int4 grid and frozen, batches of like length",
+                  text="everything", steps=17000, lr=7e-5, hidden="norms", int4_embeddings=True, every=1000, trim=True),
 }
 DEFAULT_PHASES = ["mixed", "wordnet", "int4"]
-EXPORTS = {"int8 + int4 embeddings, SVD factors fp16": f"{EMBEDDINGS_INT4},int8:exclude=*_svd_*,fp16:include=*_svd_*",
-           "int8 + int4 embeddings": QUANTIZE}
+FACTORS_FP16 = f"{EMBEDDINGS_INT4},int8:exclude=*_svd_*,fp16:include=*_svd_*"
+# name -> (recipe, export target); "cpu-nbits" runs int8 Linears as MatMulNBits (activations quantized per block of
+# K, not per tensor): what ORT's CPU EP also makes of the "cuda" target's DequantizeLinear + MatMul
+EXPORTS = {"int8 + int4 embeddings, SVD factors fp16": (FACTORS_FP16, "cpu"),
+           "int8 (MatMulNBits) + int4 embeddings, SVD factors fp16": (FACTORS_FP16, "cpu-nbits"),
+           "int8 + int4 embeddings": (QUANTIZE, "cpu")}
 
 
 def wordnet_text() -> tuple[list[str], list[str]]:
@@ -120,19 +123,6 @@ def wordnet_text() -> tuple[list[str], list[str]]:
     for text in found:
         random.Random(0).shuffle(text)
     return found
-
-
-@contextlib.contextmanager
-def dynamic_length() -> Iterator[None]:
-    """Capture with a symbolic sequence axis as well as the batch axis (the library traces the example's length, 32),
-    so training batches can be cut to their longest sentence: MiniLM masks padding, so a cut batch gives the same
-    outputs on its real tokens (1e-7 apart, measured) at a fraction of the compute."""
-    export = fxcompress.capture._export_module
-    fxcompress.capture._export_module = functools.partial(export, axes=(0, 1))
-    try:
-        yield
-    finally:
-        fxcompress.capture._export_module = export
 
 
 def length_batches(text: list[str], batch: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -185,16 +175,16 @@ def main(weights: Path, phases: list[str], save: Path | None = None) -> None:
         return dict(cosine=cos["eval"].mean().item(), cosine_min=cos["eval"].min().item(),
                     held_out=cos["held_out"].mean().item(), held_out_wordnet=cos["held_out_wordnet"].mean().item())
 
-    def exported(label: str, steps: int, compressed: fxcompress.CompressedModel) -> dict:
-        rep = artifact_report(model, compressed, example, ev)
+    def exported(label: str, steps: int, compressed: fxcompress.CompressedModel, target: str = "cpu") -> dict:
+        rep = artifact_report(model, compressed, example, ev, target=target)
         row = dict(phase=f"{label} (ORT)", steps=steps, lr=None, train_loss=None, bytes=rep.weights["ratio"],
                    cosine=rep.metrics["cosine"], cosine_min=rep.metrics["cosine_min"])
         print(row, file=sys.stderr)
         return row
 
     def quantized(phase: str, steps: int) -> list[dict]:  # the float student, through each recipe that fits the goal
-        return [exported(f"{phase}, then {name}", steps, fxcompress.optimize(student, example, recipe=recipe))
-                for name, recipe in EXPORTS.items()]
+        return [exported(f"{phase}, then {name}", steps, fxcompress.optimize(student, example, recipe=recipe), target)
+                for name, (recipe, target) in EXPORTS.items()]
 
     rows = [dict(phase=f"distilled student ({weights.name})", steps=0, lr=None, train_loss=None, **cosines())]
     rows += quantized("distilled student", 0)
@@ -212,9 +202,8 @@ def main(weights: Path, phases: list[str], save: Path | None = None) -> None:
         if compressed is not None:
             rows.append(dict(phase=f"quantized: {phase['recipe']}", steps=0, lr=None, train_loss=None, **cosines(trained)))
         trim = phase.get("trim", False)
-        if trim:  # a copy that accepts any length trains; the student keeps the structure the export expects
-            with dynamic_length():
-                trained = load_student(model, example, weights, sentences)
+        if trim:  # a copy captured for any length trains; the student keeps the structure the export expects
+            trained = load_student(model, example, None, sentences, dynamic_axes=(0, 1))
             trained.load_state_dict(student.state_dict())
             data = Calibration(length_batches(text, 32, seed), token_mask=1)
         else:
@@ -230,10 +219,9 @@ def main(weights: Path, phases: list[str], save: Path | None = None) -> None:
                 if trim and save is not None:  # a long run cut short still leaves its last checkpoint
                     torch.save(trained.state_dict(), save)
 
-        with dynamic_length() if trim else contextlib.nullcontext():  # the teacher must take any length too
-            distill_module(trained, model, data, steps=phase["steps"], lr=phase["lr"], loss="cosine",
-                           hidden=phase["hidden"], schedule="cosine", on_step=checkpoint,
-                           trainable=lambda name: name not in frozen)
+        # (hidden matching captures the teacher symbolic on the axes the batches vary in)
+        distill_module(trained, model, data, steps=phase["steps"], lr=phase["lr"], loss="cosine", hidden=phase["hidden"],
+                       schedule="cosine", on_step=checkpoint, trainable=lambda name: name not in frozen)
         if trim:
             student.load_state_dict(trained.state_dict())
         if compressed is None:

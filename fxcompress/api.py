@@ -13,7 +13,7 @@ import torch
 from torch import fx, nn
 
 from fxcompress.calibration import Calibration
-from fxcompress.capture import capture, normalize_inputs, run_reference
+from fxcompress.capture import DynamicAxes, capture, input_axes, normalize_inputs, run_reference
 from fxcompress.errors import InputError, PassError
 from fxcompress.export import export_onnx
 from fxcompress.graph_edit import state_bytes
@@ -34,6 +34,7 @@ class CompressedModel:
         recipe: the parsed pass configs, in order.
         capture_method: ``"fx"`` or ``"export"``.
         bytes_before / bytes_after: parameter+buffer bytes of the original and the compressed module.
+        dynamic_axes: per input, the axes that may change size (from :func:`optimize`); the export's default.
     """
 
     module: fx.GraphModule
@@ -44,6 +45,7 @@ class CompressedModel:
     bytes_before: int
     bytes_after: int
     capture_note: Optional[str] = None
+    dynamic_axes: DynamicAxes = (0,)
     onnx_path: Optional[Path] = field(default=None, repr=False)
 
     def __call__(self, *args: Any) -> Any:
@@ -60,15 +62,18 @@ class CompressedModel:
         """bytes_before / bytes_after of the torch module's parameters and buffers."""
         return self.bytes_before / max(self.bytes_after, 1)
 
-    def export(self, path: str | os.PathLike, target: str = "cpu", dynamic_batch: bool = True) -> Path:
+    def export(self, path: str | os.PathLike, target: str = "cpu", dynamic_axes: Optional[DynamicAxes] = None) -> Path:
         """Write the compressed model as ONNX and return the path.
 
         Args:
             path: the ``.onnx`` file to write; nothing is left there if export fails.
             target: ``"cpu"`` (DynamicQuantizeMatMul for Linear: fastest on ORT's CPU EP at any batch),
                 ``"cpu-nbits"`` (MatMulNBits 8-bit: more accurate, fast at batch 1, slow at large batches) or
-                ``"cuda"`` (standard DequantizeLinear + MatMul: weight-only numerics, runs on every EP).
-            dynamic_batch: make axis 0 of every input symbolic.
+                ``"cuda"`` (standard DequantizeLinear + MatMul: weight-only numerics, runs on every EP; ORT's CPU EP
+                fuses it into MatMulNBits, which quantizes activations per block, unless the session sets
+                ``session.qdq_matmulnbits_accuracy_level`` to 1).
+            dynamic_axes: the input axes left symbolic in the ONNX graph; default: those given to
+                :func:`optimize`. ``()`` fixes every shape.
 
         Example:
             >>> cm = optimize(nn.Sequential(nn.Linear(16, 4)), torch.randn(2, 16), recipe="int8")
@@ -83,7 +88,8 @@ class CompressedModel:
             "capture": self.capture_method,
             "notes": self.notes,
         }
-        self.onnx_path = export_onnx(self.module, self.example_inputs, path, target=target, metadata=meta, dynamic_batch=dynamic_batch)
+        self.onnx_path = export_onnx(self.module, self.example_inputs, path, target=target, metadata=meta,
+                                     dynamic_axes=self.dynamic_axes if dynamic_axes is None else dynamic_axes)
         return self.onnx_path
 
     @property
@@ -110,6 +116,7 @@ def optimize(
     *,
     calibration: Optional[Iterable[Any]] = None,
     progress: bool = False,
+    dynamic_axes: DynamicAxes = (0,),
 ) -> CompressedModel:
     """Capture ``model``, run the recipe's rewrite passes and return the compressed module.
 
@@ -122,6 +129,10 @@ def optimize(
         calibration: input tuples for passes that look at activations; a :class:`Calibration` can also mark
             padding so that statistics skip it.
         progress: show a progress bar over the layers being rewritten.
+        dynamic_axes: the input axes that may change size between calls (default: the batch axis), as axis numbers
+            for every input or one tuple per input: e.g. ``(0, 1)`` for a transformer's batch and sequence length,
+            so that the module (and its export) takes any length and ``distill`` can train on batches cut to their
+            longest sentence instead of padded ones.
 
     Returns:
         A :class:`CompressedModel`; ``.module`` runs in torch, ``.export(path)`` writes ONNX.
@@ -141,7 +152,7 @@ def optimize(
     calib = None
     if calibration is not None:  # keeps a Calibration's token mask
         calib = Calibration((normalize_inputs(c) for c in calibration), getattr(calibration, "token_mask", None))
-    captured = capture(model, inputs)
+    captured = capture(model, inputs, dynamic_axes)
     gm = captured.graph_module
     before = state_bytes(gm)
     with progress_bar(progress, desc="fxcompress", total=len(configs)) as bar:
@@ -158,4 +169,5 @@ def optimize(
             + ("; ".join(f"{r.layer}: {r.reason}" for r in records[:5]) or "no Linear/Conv/Embedding layer"),
             stacklevel=2,
         )
-    return CompressedModel(gm, records, configs, inputs, captured.method, before, state_bytes(gm), captured.fx_failure)
+    return CompressedModel(gm, records, configs, inputs, captured.method, before, state_bytes(gm), captured.fx_failure,
+                           input_axes(inputs, dynamic_axes))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 import torch
 from torch import fx, nn
@@ -27,6 +27,10 @@ class Captured:
     graph_module: fx.GraphModule
     method: str  # "fx" or "export"
     fx_failure: str | None = None  # why symbolic_trace was not used, when method == "export"
+
+
+# the axes of every input that may change size between calls, or one tuple of axes per input
+DynamicAxes = Union[Sequence[int], Sequence[Sequence[int]]]
 
 
 def normalize_inputs(example_inputs: Any) -> tuple:
@@ -82,26 +86,66 @@ def _outputs_match(a: Any, b: Any) -> bool:
     )
 
 
-def batch_of_two(inputs: tuple) -> tuple:
-    """torch.export specializes size-1 dims, so trace a batch of at least 2 to keep the batch axis symbolic."""
-    return tuple(t.repeat(2, *([1] * (t.dim() - 1))) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 1 else t for t in inputs)
+def input_axes(inputs: tuple, dynamic_axes: DynamicAxes) -> list[tuple[int, ...]]:
+    """Per input, the non-negative axes to keep symbolic. ``dynamic_axes`` is either axis numbers, applied to every
+    tensor input that has them, or one sequence of axes per input.
+
+    Example:
+        >>> input_axes((torch.zeros(2, 8), torch.zeros(2, 8, 4)), (0, 2))
+        [(0,), (0, 2)]
+        >>> input_axes((torch.zeros(2, 8), torch.zeros(2, 3)), [(0, 1), (0,)])
+        [(0, 1), (0,)]
+    """
+    axes = list(dynamic_axes)
+    per_input = bool(axes) and all(isinstance(a, (tuple, list)) for a in axes)
+    if not per_input and not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
+        raise InputError(f"dynamic_axes must be axis numbers, e.g. (0, 1) for batch and sequence, or one tuple of axes per "
+                         f"input, e.g. [(0, 1), (0,)]; got {dynamic_axes!r}")
+    if per_input and len(axes) != len(inputs):
+        raise InputError(f"dynamic_axes gives axes for {len(axes)} inputs but the model takes {len(inputs)}; "
+                         "give one tuple per input, or plain axis numbers for every input")
+    out = []
+    for i, t in enumerate(inputs):
+        rank = t.dim() if isinstance(t, torch.Tensor) else 0
+        wanted = axes[i] if per_input else axes
+        if per_input:
+            bad = [a for a in wanted if not isinstance(a, int) or not -rank <= a < rank]
+            if bad:
+                raise InputError(f"dynamic_axes for input {i} ({rank} dims) names axes {bad} it does not have")
+        out.append(tuple(sorted({a % rank for a in wanted if -rank <= a < rank})) if rank else ())
+    return out
 
 
-def _export_module(model: nn.Module, inputs: tuple, axes: tuple[int, ...] = (0,)) -> fx.GraphModule:
-    """torch.export with symbolic ``axes`` (the batch axis) where the model allows them (Dim.AUTO never fails on
-    one: it specializes instead)."""
-    traced = batch_of_two(inputs)
-    shapes = tuple({axis: torch.export.Dim.AUTO for axis in axes if axis < t.dim()} or None
-                   if isinstance(t, torch.Tensor) else None for t in traced)
+def batch_of_two(inputs: tuple, axes: DynamicAxes = (0,)) -> tuple:
+    """torch.export specializes sizes 0 and 1, so trace a batch of at least 2 to keep the batch axis symbolic
+    (inputs whose axis 0 is not in ``axes`` are left alone)."""
+    return tuple(t.repeat(2, *([1] * (t.dim() - 1))) if 0 in a and t.shape[0] == 1 else t
+                 for t, a in zip(inputs, input_axes(inputs, axes)))
+
+
+def _export_module(model: nn.Module, inputs: tuple, axes: DynamicAxes = (0,)) -> fx.GraphModule:
+    """torch.export with symbolic ``axes`` where the model allows them (Dim.AUTO never fails on one: it specializes
+    instead, and the captured module then accepts only the example's size there)."""
+    traced = batch_of_two(inputs, axes)
+    per_input = input_axes(traced, axes)
+    for i, (t, a) in enumerate(zip(traced, per_input)):
+        ones = [axis for axis in a if axis and t.shape[axis] == 1]
+        if ones:
+            raise InputError(f"input {i} has size 1 on dynamic axes {ones}: torch.export treats sizes 0 and 1 as constants; "
+                             "give example inputs with a size of 2 or more there")
+    shapes = tuple({axis: torch.export.Dim.AUTO for axis in a} or None for a in per_input)
     return torch.export.export(model, traced, dynamic_shapes=shapes, strict=False).module()
 
 
-def capture(model: nn.Module, example_inputs: Any) -> Captured:
+def capture(model: nn.Module, example_inputs: Any, dynamic_axes: DynamicAxes = (0,)) -> Captured:
     """Capture ``model`` into a GraphModule that computes what it computes on ``example_inputs``.
 
     Args:
         model: the module to capture; it is deep-copied and put in eval mode, never modified.
         example_inputs: a tensor or a tuple of positional tensors.
+        dynamic_axes: the axes that may change size between calls (default: the batch axis), as axis numbers for
+            every input or one tuple per input. symbolic_trace graphs take any size anyway; torch.export keeps
+            these axes symbolic where the model allows it (e.g. ``(0, 1)``: batch and sequence length).
 
     Returns:
         A :class:`Captured` with the graph and the method that produced it ("fx" or "export").
@@ -119,6 +163,7 @@ def capture(model: nn.Module, example_inputs: Any) -> Captured:
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs)
+    input_axes(inputs, dynamic_axes)  # a malformed spec fails here, whichever capture runs
     work = copy.deepcopy(model).eval()
     expected = run_reference(work, inputs)
 
@@ -134,7 +179,9 @@ def capture(model: nn.Module, example_inputs: Any) -> Captured:
     log.info("torch.fx.symbolic_trace failed (%s); falling back to torch.export", fx_failure)
 
     try:
-        gm = _export_module(work, inputs)
+        gm = _export_module(work, inputs, dynamic_axes)
+    except InputError:
+        raise
     except Exception as exc:
         raise CaptureError(
             f"cannot capture {type(model).__name__}: torch.fx.symbolic_trace failed ({fx_failure}) and "

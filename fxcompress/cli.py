@@ -59,6 +59,23 @@ def load_calibration(spec: Optional[str], model_spec: str) -> Optional[list]:
     return list(batches)
 
 
+def parse_axes(text: Optional[str], model_spec: str) -> tuple[int, ...]:
+    """``--dynamic-axes 0,1`` -> (0, 1); by default a bundled model's ``zoo.DYNAMIC_AXES`` entry, else the batch axis.
+
+    Example:
+        >>> parse_axes(None, "minilm"), parse_axes("0", "minilm")
+        ((0, 1), (0,))
+    """
+    if text is None:
+        from fxcompress.models.zoo import DYNAMIC_AXES
+
+        return DYNAMIC_AXES.get(model_spec, (0,))
+    try:
+        return tuple(int(a) for a in text.split(",") if a.strip())
+    except ValueError:
+        raise InputError(f"--dynamic-axes takes comma-separated axis numbers (e.g. 0,1), got {text!r}") from None
+
+
 def _call_factory(spec: str):
     made = load_factory(spec)()
     if not isinstance(made, tuple) or len(made) not in (2, 3):
@@ -87,7 +104,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
     model, example_inputs, eval_data = _call_factory(args.model)
     cm = optimize(model, example_inputs, recipe=args.recipe, progress=not args.no_progress,
-                  calibration=load_calibration(args.calibration, args.model))
+                  calibration=load_calibration(args.calibration, args.model),
+                  dynamic_axes=parse_axes(args.dynamic_axes, args.model))
     print(cm.summary())
     path = cm.export(args.output, target=args.target)
     print(f"\nwrote {path} (target {args.target})")
@@ -141,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--recipe", default="int8", help="passes, e.g. 'fold_bn,int8' (see `fxcompress list`)")
     o.add_argument("-o", "--output", required=True, help="ONNX file to write")
     o.add_argument("--target", default="cpu", choices=("cpu", "cpu-nbits", "cuda"), help="ONNX lowering of compressed layers")
+    o.add_argument("--dynamic-axes", help="input axes that may change size, e.g. 0,1 for batch and sequence (default: "
+                                          "0; a bundled model's own, e.g. 0,1 for minilm); empty: fixed shapes")
     o.add_argument("--check", action="store_true", help="run the parity checker on the result (exit 1 if it fails)")
     o.add_argument("--no-progress", action="store_true")
     o.add_argument("--calibration", help="MODULE:FUNC returning a list of input tuples (bundled models have "

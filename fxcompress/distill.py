@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from fxcompress.calibration import batch_mask, real_rows
-from fxcompress.capture import capture, normalize_inputs, output_tensors
+from fxcompress.capture import capture, input_axes, normalize_inputs, output_tensors
 from fxcompress.errors import InputError
 from fxcompress.progress import progress_bar
 
@@ -161,6 +161,45 @@ def describe(steps: int, loss: str, hidden: Union[None, str, Sequence[str]], sch
     return f"{steps} steps, {loss} loss{taps}, {schedule} lr: {history[0]:.4g} -> {history[-1]:.4g}"
 
 
+def varying_axes(batches: Sequence[tuple]) -> list[tuple[int, ...]]:
+    """Per input, the axes whose size differs between ``batches``, plus the batch axis: the axes a captured graph
+    must keep symbolic to run on all of them.
+
+    Example:
+        >>> varying_axes([(torch.zeros(4, 12),), (torch.zeros(4, 30),)])
+        [(0, 1)]
+    """
+    first = batches[0]
+    out = []
+    for i, t in enumerate(first):
+        if not isinstance(t, Tensor) or not t.dim():
+            out.append(())
+            continue
+        sizes = {tuple(b[i].shape) for b in batches}
+        out.append(tuple(a for a in range(t.dim()) if a == 0 or len({shape[a] for shape in sizes}) > 1))
+    return out
+
+
+def _check_axes(compressed: Any, batches: Sequence[tuple]) -> None:
+    """A torch.export capture runs only on the sizes it was captured with outside its dynamic axes: say so before
+    training rather than fail inside the first step (symbolic_trace graphs take any shape)."""
+    if not batches or compressed.capture_method != "export":
+        return
+    captured = input_axes(compressed.example_inputs, compressed.dynamic_axes)
+    fixed = {i: sorted(set(v) - set(c)) for i, (v, c) in enumerate(zip(varying_axes(batches), captured))}
+    fixed = {i: axes for i, axes in fixed.items() if axes}
+    if fixed:
+        raise InputError("distill data varies in size on axes the compressed module was captured fixed ("
+                         + ", ".join(f"input {i}: axes {axes}" for i, axes in fixed.items())
+                         + f"; captured with dynamic_axes={captured}): pass those axes to optimize(..., dynamic_axes=...) "
+                         "too, or pad the batches to one size")
+
+
+def _largest(batches: Sequence[tuple]) -> tuple:
+    """The batch with the most elements: torch.export treats sizes 0 and 1 as constants, so trace a large one."""
+    return max(batches, key=lambda b: sum(t.numel() for t in b if isinstance(t, Tensor)))
+
+
 def _frozen_copy(teacher: nn.Module) -> nn.Module:
     """A private copy of the teacher (``.to(device)`` must not move the user's model) in eval mode. A
     ``torch.export(...).module()`` with dynamic shapes refuses ``eval()``; its dropout and norm behaviour was fixed
@@ -227,8 +266,9 @@ def distill_module(
         if not isinstance(student, fx.GraphModule):
             raise InputError(f"distill hidden={hidden!r} matches graph nodes by name: the student must be the compressed "
                              f"GraphModule (cm.module), got {type(student).__name__}")
-        # capture deep-copies the model and traces it in eval mode (torch.export's graphs refuse a later eval())
-        teacher = capture(teacher, batches[0]).graph_module
+        # capture deep-copies the model and traces it in eval mode (torch.export's graphs refuse a later eval()),
+        # symbolic on every axis the data varies in (e.g. batches cut to their longest sentence)
+        teacher = capture(teacher, _largest(batches), dynamic_axes=varying_axes(batches)).graph_module
         names = hidden_nodes(student, teacher, hidden)
     else:
         teacher = _frozen_copy(teacher)
@@ -295,6 +335,7 @@ def distill(compressed: Any, teacher: nn.Module, data: Sequence[Any], steps: int
     from fxcompress.pipeline import LayerRecord
 
     module: fx.GraphModule = compressed.module
+    _check_axes(compressed, [normalize_inputs(b) for b in data])
     history = distill_module(module, teacher, data, steps=steps, lr=lr, loss=loss, temperature=temperature, amp=amp,
                              device=device, progress=progress, trainable=trainable, hidden=hidden,
                              hidden_weight=hidden_weight, schedule=schedule, on_step=on_step)

@@ -20,7 +20,7 @@ import torch
 from torch import fx
 
 from fxcompress import ops
-from fxcompress.capture import batch_of_two
+from fxcompress.capture import DynamicAxes, batch_of_two, input_axes
 from fxcompress.errors import ExportError
 from fxcompress.lowering import lower_for_target
 
@@ -49,7 +49,7 @@ def export_onnx(
     *,
     target: str = "cpu",
     metadata: Optional[dict[str, Any]] = None,
-    dynamic_batch: bool = True,
+    dynamic_axes: DynamicAxes = (0,),
 ) -> Path:
     """Export ``module`` to ONNX at ``path`` and return the path.
 
@@ -60,7 +60,10 @@ def export_onnx(
         target: ``"cpu"``, ``"cpu-nbits"`` or ``"cuda"``; picks the ONNX lowering of compressed sites
             (see :mod:`fxcompress.lowering`).
         metadata: stored as ``fxcompress.<key>`` metadata_props (JSON values); ``fxcompress.check`` reads them.
-        dynamic_batch: make axis 0 of every input symbolic.
+        dynamic_axes: the input axes left symbolic in the ONNX graph (named ``batch`` for axis 0, ``dim<k>``
+            otherwise), as axis numbers for every input or one tuple per input; ``()`` fixes every shape. A module
+            captured by torch.export takes only the axes it was captured with (``optimize(..., dynamic_axes=)``).
+            Axes the model fixes are exported fixed, with a warning.
 
     Example:
         >>> export_onnx(torch.nn.Linear(4, 2), (torch.randn(1, 4),), "linear.onnx")
@@ -71,8 +74,8 @@ def export_onnx(
     if target not in ops.TARGETS:
         raise ExportError(f"unknown export target {target!r}; choose one of {ops.TARGETS}")
     module = lower_for_target(module, target) if isinstance(module, fx.GraphModule) else module
-    inputs = batch_of_two(tuple(example_inputs)) if dynamic_batch else tuple(example_inputs)
-    proto = _export_proto(module, inputs, target, dynamic_batch)
+    inputs = tuple(example_inputs)
+    proto = _export_proto(module, inputs, target, input_axes(inputs, dynamic_axes))
     meta = dict(metadata or {})
     meta.update(target=target)
     for key, value in meta.items():
@@ -94,30 +97,50 @@ def export_onnx(
     return path
 
 
-def _export_proto(module: torch.nn.Module, inputs: tuple, target: str, dynamic_batch: bool) -> onnx.ModelProto:
+def _export_proto(module: torch.nn.Module, inputs: tuple, target: str, axes: list[tuple[int, ...]]) -> onnx.ModelProto:
     # The exporter logs a warning per missing torchvision op and per deprecation on every call: noise to a user.
     # onnxscript's constant folder also logs each sub-graph it declines to fold (harmless).
     for name in ("torch.onnx._internal.exporter._registration", "onnxscript.optimizer._constant_folding"):
         logging.getLogger(name).setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _export_proto_inner(module, inputs, target, dynamic_batch)
+        return _export_proto_inner(module, inputs, target, axes)
 
 
-def _export_proto_inner(module: torch.nn.Module, inputs: tuple, target: str, dynamic_batch: bool) -> onnx.ModelProto:
+def _export_proto_inner(module: torch.nn.Module, inputs: tuple, target: str, axes: list[tuple[int, ...]]) -> onnx.ModelProto:
     kwargs = dict(dynamo=True, custom_translation_table=ops.translation_table(target), opset_version=ops.ONNX_OPSET,
                   optimize=True, verbose=False)
-    if dynamic_batch:
-        batch = torch.export.Dim("batch")
-        shapes = tuple({0: batch} if isinstance(t, torch.Tensor) and t.dim() else None for t in inputs)
+    # what was asked, then the batch axis alone, then fixed shapes: a model that fixes a size is exported fixed there
+    # rather than not at all
+    batch_only = [tuple(a for a in x if a == 0) for x in axes]
+    attempts = [x for x in (axes, batch_only) if any(x)]
+    if len(attempts) == 2 and attempts[0] == attempts[1]:
+        attempts.pop()
+    for wanted in attempts:
+        batch = torch.export.Dim("batch")  # one symbol: every input's batch is the same
+        shapes = tuple({a: batch if a == 0 else f"dim{a}" for a in x} or None for x in wanted)
         try:
-            return torch.onnx.export(module, inputs, dynamic_shapes=shapes, **kwargs).model_proto
-        except Exception as exc:  # a model that fixes its batch size: export static rather than not at all
-            log.warning("dynamic batch export failed (%s); exporting with the example batch size fixed", str(exc).splitlines()[0][:200])
+            return torch.onnx.export(module, batch_of_two(inputs, wanted), dynamic_shapes=shapes, **kwargs).model_proto
+        except Exception as exc:
+            log.warning("export with dynamic axes %s failed (%s); %s", _describe_axes(wanted), _root_cause(exc),
+                        "trying the batch axis alone" if wanted is not attempts[-1] else "exporting with fixed shapes")
     try:
         return torch.onnx.export(module, inputs, **kwargs).model_proto
     except Exception as exc:
         raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}") from exc
+
+
+def _describe_axes(axes: list[tuple[int, ...]]) -> str:
+    return ", ".join(f"input {i}: {x}" for i, x in enumerate(axes) if x)
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost exception's first line: torch.onnx wraps torch.export's reason (e.g. a constraint violation
+    naming the fixed size) in a generic "Failed to export" message."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 def read_metadata(model: onnx.ModelProto) -> dict[str, Any]:

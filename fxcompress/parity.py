@@ -67,6 +67,8 @@ class ParityReport:
             if "optimized_bytes_by_dtype" in w:
                 by = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in w["optimized_bytes_by_dtype"].items())
                 lines.append(f"weights after ORT graph optimization: {by}  (folded back to float: {w['folded_back']})")
+            if "fused_note" in w:
+                lines.append(w["fused_note"])
         if mem:
             lines.append(_pair_line("session RSS after load", mem, "rss_load_mb", "MiB"))
             lines.append(_pair_line("session RSS after runs", mem, "rss_run_mb", "MiB"))
@@ -219,8 +221,14 @@ def check(
     return report
 
 
+# ORT's CPU EP (1.32) fuses DequantizeLinear + MatMul into these at its default optimization level, with activations
+# quantized at run time (session.qdq_matmulnbits_accuracy_level, default 4): the weight-only lowering is then not
+# weight-only
+_RUN_TIME_QUANTIZED_OPS = ("MatMulNBits",)
+
+
 def _weights(proto: onnx.ModelProto, model: torch.nn.Module, path: Path, provider: str, failures: list[str]) -> dict[str, Any]:
-    from fxcompress.runtime import optimized_initializer_bytes
+    from fxcompress.runtime import optimized_graph
 
     by_dtype = initializer_bytes(proto)
     total, ref = sum(by_dtype.values()), state_bytes(model)
@@ -228,11 +236,18 @@ def _weights(proto: onnx.ModelProto, model: torch.nn.Module, path: Path, provide
     quantized = sum(v for k, v in by_dtype.items() if k in QUANTIZED_DTYPES)
     if quantized:
         try:
-            optimized = optimized_initializer_bytes(path, provider)
+            graph = optimized_graph(path, provider)
         except Exception as exc:  # the run above succeeded, so this is only the inspection failing
             w["optimized_bytes_by_dtype"], w["folded_back"] = {}, None
             w["optimized_note"] = f"could not save ORT's optimized graph: {exc}"
             return w
+        optimized = initializer_bytes(graph)
+        fused = _count_ops(graph, _RUN_TIME_QUANTIZED_OPS) - _count_ops(proto, _RUN_TIME_QUANTIZED_OPS)
+        if fused > 0:
+            w["fused_by_ort"] = fused
+            w["fused_note"] = (f"ONNX Runtime fused {fused} DequantizeLinear + MatMul pair(s) into MatMulNBits, which quantizes "
+                               "activations per block at run time (session.qdq_matmulnbits_accuracy_level, default 4): these "
+                               "layers did not run weight-only; set that session option to 1 for weight-only numerics (slower)")
         kept = sum(v for k, v in optimized.items() if k in QUANTIZED_DTYPES)
         grown = optimized.get("float32", 0) - by_dtype.get("float32", 0)
         folded = kept < 0.9 * quantized or grown > 0.5 * quantized
@@ -241,6 +256,10 @@ def _weights(proto: onnx.ModelProto, model: torch.nn.Module, path: Path, provide
             failures.append(f"ONNX Runtime folded quantized weights back to float: {fmt_bytes(quantized)} quantized in the file, "
                             f"{fmt_bytes(kept)} after optimization, float32 grew by {fmt_bytes(grown)}")
     return w
+
+
+def _count_ops(proto: onnx.ModelProto, op_types: tuple[str, ...]) -> int:
+    return sum(n.op_type in op_types for n in proto.graph.node)
 
 
 def _fp32_baseline(model: torch.nn.Module, inputs: tuple, provider: str, report: ParityReport, repeat: int) -> None:

@@ -108,20 +108,33 @@ def probe(model_path: str | os.PathLike, inputs: Sequence[tuple[np.ndarray, ...]
                        res["p50_ms"], res["p90_ms"], res.get("gpu_mem_mb"))
 
 
-def optimized_initializer_bytes(model_path: str | os.PathLike, provider: str = "auto") -> dict[str, int]:
-    """Initializer bytes by dtype of the graph ORT actually runs (after its graph optimizations).
+def optimized_graph(model_path: str | os.PathLike, provider: str = "auto"):
+    """The graph ORT actually runs (after its extended graph optimizations), as an ``onnx.ModelProto``.
 
-    This is how fold-back is caught: if ORT constant-folded ``DequantizeLinear(int8)`` into fp32, the optimized
-    graph has fp32 where the file had int8.
+    Example:
+        >>> ops = {n.op_type for n in optimized_graph("model.onnx").graph.node}
     """
     ort = import_ort()
     import onnx
-
-    from fxcompress.report import initializer_bytes
 
     with tempfile.TemporaryDirectory(prefix="fxc-opt-") as tmp:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         so.optimized_model_filepath = str(Path(tmp, "optimized.onnx"))
         ort.InferenceSession(str(model_path), so, providers=choose_providers(provider))
-        return initializer_bytes(onnx.load(so.optimized_model_filepath))
+        return onnx.load(so.optimized_model_filepath)
+
+
+def optimized_initializer_bytes(model_path: str | os.PathLike, provider: str = "auto") -> dict[str, int]:
+    """Initializer bytes by dtype of the graph ORT actually runs (after its graph optimizations).
+
+    This is how fold-back is caught: if ORT constant-folded ``DequantizeLinear(int8)`` into fp32, the optimized
+    graph has fp32 where the file had int8.
+
+    Example:
+        >>> optimized_initializer_bytes("model.onnx")["int8"] > 0
+        True
+    """
+    from fxcompress.report import initializer_bytes
+
+    return initializer_bytes(optimized_graph(model_path, provider))

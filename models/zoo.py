@@ -285,5 +285,7 @@ def minilm(max_length: int = 32) -> tuple[nn.Module, tuple, EvalData]:
 
 
 FACTORIES = {f.__name__: f for f in (mlp, big_mlp, digits_cnn, resnet_mini, tiny_transformer, minilm)}
+# Input axes that change size between calls, per bundled model (default: the batch axis): sentences vary in length.
+DYNAMIC_AXES = {"minilm": (0, 1)}
 # Calibration batches per bundled model (disjoint from its evaluation data), used by the CLI and benchmarks.
 CALIBRATION = {"digits_cnn": digits_calibration, "big_mlp": big_mlp_calibration, "minilm": minilm_calibration}

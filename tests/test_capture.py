@@ -61,3 +61,51 @@ def test_user_model_is_not_mutated():
     snap = state_snapshot(model)
     capture(model, torch.randn(2, 1, 5, 5))
     assert model.training and same_state(model, snap)
+
+
+def _tiny_transformer():
+    model = TinyTransformer(vocab=50, seq=8, dim=16, heads=2, depth=1).eval()
+    return model, torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+
+
+def test_dynamic_axes_keep_the_sequence_axis_symbolic():
+    model, ids = _tiny_transformer()
+    short = ids[:, :5]
+    with pytest.raises(Exception, match="8"):  # by default only the batch axis is symbolic: the length is fixed at 8
+        capture(model, ids).graph_module(short)
+    cap = capture(model, ids, dynamic_axes=(0, 1))
+    assert cap.method == "export"
+    torch.testing.assert_close(cap.graph_module(short), model(short))
+    torch.testing.assert_close(cap.graph_module(ids.repeat(3, 1)), model(ids.repeat(3, 1)))
+
+
+class _TwoInputs(nn.Module):
+    def forward(self, x, mask):
+        return (x * mask.unsqueeze(-1)).sum(1)
+
+
+@pytest.mark.parametrize("axes, message", [
+    ("01", "axis numbers"),
+    ([(0, 1)], "axes for 1 inputs but the model takes 2"),
+    ([(0, 1), (0, 2)], r"input 1 \(2 dims\) names axes \[2\]"),
+])
+def test_malformed_dynamic_axes_are_rejected(axes, message):
+    inputs = (torch.randn(2, 5, 3), torch.ones(2, 5))
+    with pytest.raises(InputError, match=message):
+        capture(_TwoInputs(), inputs, dynamic_axes=axes)
+
+
+def test_per_input_dynamic_axes_apply_to_their_own_input():
+    from fxcompress.capture import input_axes
+
+    inputs = (torch.randn(2, 5, 3), torch.ones(2, 5))
+    assert input_axes(inputs, (0, 1)) == [(0, 1), (0, 1)]
+    assert input_axes(inputs, (0, 2)) == [(0, 2), (0,)]  # an axis an input lacks is skipped in the shared form
+    assert input_axes(inputs, [(1, -1), ()]) == [(1, 2), ()]
+    assert input_axes(inputs, ()) == [(), ()]
+
+
+def test_a_dynamic_axis_of_size_one_is_refused_with_the_reason():
+    model, ids = _tiny_transformer()
+    with pytest.raises(InputError, match=r"size 1 on dynamic axes \[1\].*2 or more"):
+        capture(model, ids[:, :1], dynamic_axes=(0, 1))

@@ -42,6 +42,7 @@ def test_check_on_broken_artifact_exits_1(tmp_path, capsys):
         (["optimize", "mlp", "--recipe", "int8_static", "-o", "{d}/m.onnx"], "int8_static needs calibration data"),
         (["optimize", "mlp", "--recipe", "int8_static", "--calibration", "fxcompress.models.zoo:mlp", "-o", "{d}/m.onnx"],
          "must return a list of input tuples"),
+        (["optimize", "mlp", "--dynamic-axes", "0,seq", "-o", "{d}/m.onnx"], "comma-separated axis numbers"),
     ],
 )
 def test_bad_input_exits_2_with_message_and_writes_nothing(tmp_path, capsys, argv, message):
@@ -54,3 +55,10 @@ def test_bad_input_exits_2_with_message_and_writes_nothing(tmp_path, capsys, arg
 def test_console_script_is_installed():
     proc = subprocess.run([sys.executable, "-m", "fxcompress.cli", "list"], capture_output=True, text=True)
     assert proc.returncode == 0 and "int8" in proc.stdout and "minilm" in proc.stdout
+
+
+def test_bundled_models_take_their_own_dynamic_axes():
+    from fxcompress.cli import parse_axes
+
+    assert parse_axes(None, "minilm") == (0, 1) and parse_axes(None, "mlp") == (0,)
+    assert parse_axes("0,1", "mlp") == (0, 1) and parse_axes("", "minilm") == ()

@@ -8,6 +8,7 @@ import fxcompress
 from fxcompress.capture import capture
 from fxcompress.distill import distill_module, hidden_nodes, lr_factor
 from fxcompress.errors import InputError, RecipeError
+from fxcompress.models.zoo import TinyTransformer
 from fxcompress.ops import pack_nbits
 
 from helpers import init_dtypes, same_state, state_snapshot
@@ -299,3 +300,28 @@ def test_hidden_matching_skips_padded_tokens_when_data_carries_a_token_mask():
 
     assert first_loss(x, 1) == pytest.approx(first_loss(padded_elsewhere, 1), rel=1e-5)
     assert first_loss(x, None) < 0.8 * first_loss(padded_elsewhere, None)  # unmasked, padding counts
+
+
+def _variable_length_data():
+    """A torch.export-captured transformer and batches cut to different lengths (as batches of like-length
+    sentences are)."""
+    torch.manual_seed(0)
+    model = TinyTransformer(vocab=50, seq=8, dim=16, heads=2, depth=1).eval()
+    return model, [(torch.randint(0, 50, (4, length)),) for length in (8, 5, 6, 3)]
+
+
+def test_distill_on_batches_of_different_lengths_needs_the_length_axis_dynamic():
+    model, data = _variable_length_data()
+    cm = fxcompress.optimize(model, data[0], recipe="svd:rank=4")
+    assert cm.capture_method == "export"
+    with pytest.raises(InputError, match=r"input 0: axes \[1\].*dynamic_axes"):
+        fxcompress.distill(cm, model, data, steps=2)
+
+
+def test_distill_trains_a_module_captured_with_a_dynamic_length_on_cut_batches():
+    model, data = _variable_length_data()
+    cm = fxcompress.optimize(model, data[0], recipe="svd:rank=4", dynamic_axes=(0, 1))
+    before = _err(cm, model, data)
+    # hidden matching captures the teacher too, symbolic on the axes the data varies in
+    fxcompress.distill(cm, model, data, steps=40, lr=3e-3, hidden="norms")
+    assert _err(cm, model, data) < 0.7 * before

@@ -1,3 +1,5 @@
+import logging
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -9,6 +11,7 @@ import fxcompress
 from fxcompress import ops
 from fxcompress.errors import ExportError
 from fxcompress.export import read_metadata
+from fxcompress.models.zoo import TinyTransformer
 
 from helpers import init_dtypes, op_types
 
@@ -122,3 +125,50 @@ def test_unknown_target_is_rejected(compressed, tmp_path):
     with pytest.raises(ExportError, match="unknown export target 'tpu'"):
         compressed[2].export(tmp_path / "m.onnx", target="tpu")
     assert list(tmp_path.iterdir()) == []
+
+
+def _input_dims(path) -> list[list]:
+    return [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in onnx.load(str(path)).graph.input]
+
+
+def test_dynamic_axes_reach_the_onnx_inputs_and_ort_runs_other_lengths(tmp_path):
+    model = TinyTransformer(vocab=50, seq=8, dim=16, heads=2, depth=1).eval()
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    cm = fxcompress.optimize(model, ids, recipe="int8", dynamic_axes=(0, 1))
+    assert cm.capture_method == "export"  # torch.export keeps the length symbolic only when asked
+    path = cm.export(tmp_path / "m.onnx", target="cuda")
+    assert _input_dims(path) == [["batch", "dim1"]]
+    weight_only = ort.SessionOptions()  # else ORT's CPU EP fuses into MatMulNBits, quantizing activations
+    weight_only.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    sess = ort.InferenceSession(str(path), weight_only, providers=["CPUExecutionProvider"])
+    for batch, length in ((2, 8), (3, 5), (1, 2)):
+        x = ids.repeat(2, 1)[:batch, :length]
+        out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        np.testing.assert_allclose(out, cm(x).numpy(), atol=1e-4)
+    assert _input_dims(cm.export(tmp_path / "fixed.onnx", dynamic_axes=())) == [[2, 8]]
+
+
+class _FixedLength(nn.Module):
+    """Flattens (length, features) into a Linear of fixed width: the length cannot vary."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(x).reshape(x.shape[0], 5 * 8)
+
+
+def test_an_axis_the_model_fixes_is_exported_fixed_with_a_warning(tmp_path):
+    cm = fxcompress.optimize(_FixedLength(), torch.randn(2, 5, 8), recipe="int8", dynamic_axes=(0, 1))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("fxcompress.export")
+    logger.addHandler(handler)
+    try:
+        path = cm.export(tmp_path / "m.onnx")
+    finally:
+        logger.removeHandler(handler)
+    assert _input_dims(path) == [["batch", 5, 8]]  # the batch axis alone stays dynamic
+    assert any("input 0: (0, 1)" in r.getMessage() and "batch axis alone" in r.getMessage() for r in records)

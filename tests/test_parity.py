@@ -35,6 +35,15 @@ def test_good_artifact_passes_with_full_report(mlp_artifact):
     assert '"passed": true' in rep.to_json() and "parity PASSED" in rep.to_text()
 
 
+def test_the_report_says_when_ort_quantizes_activations_of_the_weight_only_lowering(mlp_artifact, tmp_path):
+    model, x, path = mlp_artifact  # target cuda: DequantizeLinear + MatMul, which ORT's CPU EP fuses into MatMulNBits
+    rep = check(model, path, x)
+    assert rep.weights["fused_by_ort"] >= 1 and "did not run weight-only" in rep.to_text()
+    dynamic = fxcompress.optimize(model, x, recipe="int8").export(tmp_path / "cpu.onnx", target="cpu")
+    rep = check(model, dynamic, x)  # DynamicQuantizeMatMul: nothing for ORT to fuse
+    assert "fused_by_ort" not in rep.weights and "weight-only" not in rep.to_text()
+
+
 def test_corrupted_file_fails_with_a_clear_message(mlp_artifact, tmp_path):
     model, x, path = mlp_artifact
     broken = tmp_path / "broken.onnx"

@@ -124,3 +124,18 @@ def test_minilm_attention_heads_prune_whole_and_run_on_ort(made, tmp_path):
     assert rep.metrics["max_abs"] <= 1e-4
     layer = cm.module.get_submodule("encoder.encoder.layer.3.attention")
     assert layer.self.value.weight.shape == (288, 384) and layer.output.dense.weight.shape == (384, 288)
+
+
+@pytest.mark.slow
+def test_minilm_with_a_dynamic_length_runs_on_ort_at_each_sentence_length(made, tmp_path):
+    model, example, ev = made("minilm")
+    cm = fxcompress.optimize(model, example, recipe="int8", dynamic_axes=zoo.DYNAMIC_AXES["minilm"])
+    path = cm.export(tmp_path / "m.onnx", target="cpu")
+    cut = []  # the evaluation batches cut to their longest sentence: 16 tokens or fewer instead of 32
+    for ids, mask in ev.inputs:
+        length = int(mask.sum(1).max())
+        cut.append((ids[:, :length].contiguous(), mask[:, :length].contiguous()))
+    assert len({ids.shape[1] for ids, _ in cut}) > 1
+    rep = fxcompress.check(model, path, example, eval_inputs=cut, fp32_baseline=False, provider="cpu")
+    assert rep.passed, rep.failures
+    assert rep.metrics["cosine"] >= 0.99
