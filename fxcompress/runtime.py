@@ -14,11 +14,14 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
 from fxcompress.errors import RuntimeMissingError
+
+if TYPE_CHECKING:
+    import onnx
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -108,7 +111,7 @@ def probe(model_path: str | os.PathLike, inputs: Sequence[tuple[np.ndarray, ...]
                        res["p50_ms"], res["p90_ms"], res.get("gpu_mem_mb"))
 
 
-def optimized_graph(model_path: str | os.PathLike, provider: str = "auto"):
+def optimized_graph(model_path: str | os.PathLike, provider: str = "auto") -> onnx.ModelProto:
     """The graph ORT actually runs (after its extended graph optimizations), as an ``onnx.ModelProto``.
 
     Example:
