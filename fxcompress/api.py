@@ -13,7 +13,7 @@ import torch
 from torch import fx, nn
 
 from fxcompress.calibration import Calibration
-from fxcompress.capture import DynamicAxes, capture, input_axes, normalize_inputs, run_reference
+from fxcompress.capture import DynamicAxes, capture, normalize_inputs, run_reference
 from fxcompress.errors import InputError, PassError
 from fxcompress.export import export_onnx
 from fxcompress.graph_edit import state_bytes
@@ -170,4 +170,4 @@ def optimize(
             stacklevel=2,
         )
     return CompressedModel(gm, records, configs, inputs, captured.method, before, state_bytes(gm), captured.fx_failure,
-                           input_axes(inputs, dynamic_axes))
+                           captured.dynamic_axes)

@@ -27,6 +27,7 @@ class Captured:
     graph_module: fx.GraphModule
     method: str  # "fx" or "export"
     fx_failure: str | None = None  # why symbolic_trace was not used, when method == "export"
+    dynamic_axes: list[tuple[int, ...]] | None = None  # per input, the axes that may change size
 
 
 # the axes of every input that may change size between calls, or one tuple of axes per input
@@ -56,7 +57,7 @@ def run_reference(model: nn.Module, inputs: Sequence[Any]) -> Any:
         )
         raise InputError(
             f"{type(model).__name__} cannot run on the example inputs ({shapes}): {type(exc).__name__}: "
-            f"{_first_line(exc)}. Pass inputs with the shapes and dtypes the model's forward expects."
+            f"{first_line(exc)}. Pass inputs with the shapes and dtypes the model's forward expects."
         ) from exc
 
 
@@ -70,7 +71,13 @@ def output_tensors(out: Any) -> list[torch.Tensor]:
     return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty).
+
+    Example:
+        >>> first_line(ValueError("bad shape\nat layer fc1")), first_line(KeyError())
+        ('bad shape', 'KeyError')
+    """
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -163,29 +170,29 @@ def capture(model: nn.Module, example_inputs: Any, dynamic_axes: DynamicAxes = (
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs)
-    input_axes(inputs, dynamic_axes)  # a malformed spec fails here, whichever capture runs
+    axes = input_axes(inputs, dynamic_axes)  # a malformed spec fails here, whichever capture runs
     work = copy.deepcopy(model).eval()
     expected = run_reference(work, inputs)
 
     try:
         gm = fx.symbolic_trace(work)
         if _outputs_match(run_reference(gm, inputs), expected):
-            return Captured(gm, "fx")
+            return Captured(gm, "fx", dynamic_axes=axes)
         fx_failure = "symbolic_trace produced a graph whose outputs differ from the model's"
     except InputError as exc:
         fx_failure = f"the traced graph fails on the example inputs: {exc}"
     except Exception as exc:  # symbolic tracing raises many exception types
-        fx_failure = f"{type(exc).__name__}: {_first_line(exc)}"
+        fx_failure = f"{type(exc).__name__}: {first_line(exc)}"
     log.info("torch.fx.symbolic_trace failed (%s); falling back to torch.export", fx_failure)
 
     try:
-        gm = _export_module(work, inputs, dynamic_axes)
+        gm = _export_module(work, inputs, axes)
     except InputError:
         raise
     except Exception as exc:
         raise CaptureError(
             f"cannot capture {type(model).__name__}: torch.fx.symbolic_trace failed ({fx_failure}) and "
-            f"torch.export failed ({type(exc).__name__}: {_first_line(exc)}). Make the data-dependent Python "
+            f"torch.export failed ({type(exc).__name__}: {first_line(exc)}). Make the data-dependent Python "
             "control flow named above tensor-shaped (e.g. torch.where / torch.cond), or pass a submodule that traces."
         ) from exc
-    return Captured(gm, "export", fx_failure)
+    return Captured(gm, "export", fx_failure, axes)

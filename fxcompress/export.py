@@ -20,7 +20,7 @@ import torch
 from torch import fx
 
 from fxcompress import ops
-from fxcompress.capture import DynamicAxes, batch_of_two, input_axes
+from fxcompress.capture import DynamicAxes, batch_of_two, first_line, input_axes
 from fxcompress.errors import ExportError
 from fxcompress.lowering import lower_for_target
 
@@ -127,7 +127,7 @@ def _export_proto_inner(module: torch.nn.Module, inputs: tuple, target: str, axe
     try:
         return torch.onnx.export(module, inputs, **kwargs).model_proto
     except Exception as exc:
-        raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}") from exc
+        raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {first_line(exc)}") from exc
 
 
 def _describe_axes(axes: list[tuple[int, ...]]) -> str:
@@ -139,8 +139,7 @@ def _root_cause(exc: BaseException) -> str:
     naming the fixed size) in a generic "Failed to export" message."""
     while exc.__cause__ is not None:
         exc = exc.__cause__
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+    return first_line(exc)[:300]
 
 
 def read_metadata(model: onnx.ModelProto) -> dict[str, Any]:

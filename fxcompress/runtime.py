@@ -112,7 +112,8 @@ def probe(model_path: str | os.PathLike, inputs: Sequence[tuple[np.ndarray, ...]
 
 
 def optimized_graph(model_path: str | os.PathLike, provider: str = "auto") -> onnx.ModelProto:
-    """The graph ORT actually runs (after its extended graph optimizations), as an ``onnx.ModelProto``.
+    """The graph ORT actually runs (after its extended graph optimizations), as an ``onnx.ModelProto``. Fold-back is
+    caught on it: if ORT constant-folded ``DequantizeLinear(int8)`` into fp32, it has fp32 where the file had int8.
 
     Example:
         >>> ops = {n.op_type for n in optimized_graph("model.onnx").graph.node}
@@ -127,17 +128,3 @@ def optimized_graph(model_path: str | os.PathLike, provider: str = "auto") -> on
         ort.InferenceSession(str(model_path), so, providers=choose_providers(provider))
         return onnx.load(so.optimized_model_filepath)
 
-
-def optimized_initializer_bytes(model_path: str | os.PathLike, provider: str = "auto") -> dict[str, int]:
-    """Initializer bytes by dtype of the graph ORT actually runs (after its graph optimizations).
-
-    This is how fold-back is caught: if ORT constant-folded ``DequantizeLinear(int8)`` into fp32, the optimized
-    graph has fp32 where the file had int8.
-
-    Example:
-        >>> optimized_initializer_bytes("model.onnx")["int8"] > 0
-        True
-    """
-    from fxcompress.report import initializer_bytes
-
-    return initializer_bytes(optimized_graph(model_path, provider))
