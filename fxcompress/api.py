@@ -68,7 +68,8 @@ class CompressedModel:
         Args:
             path: the ``.onnx`` file to write; nothing is left there if export fails.
             target: ``"cpu"`` (DynamicQuantizeMatMul for Linear: fastest on ORT's CPU EP at any batch),
-                ``"cpu-nbits"`` (MatMulNBits 8-bit: more accurate, fast at batch 1, slow at large batches) or
+                ``"cpu-nbits"`` (MatMulNBits 8-bit: more accurate, fast at batch 1, slow at large batches),
+                ``"cpu-weightonly"`` (MatMulNBits with fp32 activations: ORT computes what the torch module does) or
                 ``"cuda"`` (standard DequantizeLinear + MatMul: weight-only numerics, runs on every EP; ORT's CPU EP
                 fuses it into MatMulNBits, which quantizes activations per block, unless the session sets
                 ``session.qdq_matmulnbits_accuracy_level`` to 1).

@@ -118,13 +118,34 @@ def _hidden_loss(student: list[Tensor], teacher: list[Tensor], names: Sequence[s
     return torch.stack(losses).mean()
 
 
+_TRAINED_OP_INPUTS = ("x", "indices", "bias")  # what a compressed op passes gradients to (see fxcompress.ops)
+
+
+def _frozen_op_inputs(module: nn.Module) -> set[str]:
+    """Qualified names of the attributes that compressed ops read as codes, scales or zero points: they get no
+    gradient (the export writes them as they are), so they stay buffers instead of becoming idle parameters."""
+    if not isinstance(module, fx.GraphModule):
+        return set()
+    frozen = set()
+    for node in module.graph.nodes:
+        if node.op != "call_function" or getattr(node.target, "namespace", None) != "fxcompress":
+            continue
+        for arg, spec in zip(node.args, node.target._schema.arguments):
+            if isinstance(arg, fx.Node) and arg.op == "get_attr" and spec.name not in _TRAINED_OP_INPUTS:
+                frozen.add(str(arg.target))
+    return frozen
+
+
 def _make_trainable(module: nn.Module, trainable: Optional[Callable[[str], bool]] = None) -> list[tuple[nn.Module, str]]:
     """Turn floating-point buffers into parameters (factor weights are stored as buffers) and train those whose
-    qualified name ``trainable`` accepts (all by default); return the moved buffers to undo."""
+    qualified name ``trainable`` accepts (all by default); return the moved buffers to undo. A compressed op's
+    scales stay buffers."""
+    frozen = _frozen_op_inputs(module)
     moved = []
-    for mod in module.modules():
+    for prefix, mod in module.named_modules():
         for name, buf in list(mod._buffers.items()):
-            if buf is not None and buf.is_floating_point() and "running_" not in name:
+            qualified = f"{prefix}.{name}" if prefix else name
+            if buf is not None and buf.is_floating_point() and "running_" not in name and qualified not in frozen:
                 del mod._buffers[name]
                 mod._parameters[name] = nn.Parameter(buf.detach().clone())
                 moved.append((mod, name))

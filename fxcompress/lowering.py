@@ -6,6 +6,9 @@ rewrites a *copy* of the graph:
 * ``cpu``: Linear weights become uint8 with zero point 128 (exactly q + 128) for ``DynamicQuantizeMatMul``.
 * ``cpu-nbits``: Linear becomes ``linear_nbits`` (MatMulNBits, 8 bits, the per-channel scale repeated per block
   of K: an exact re-encoding); layers with K not a multiple of 16 fall back to the ``cpu`` form.
+* ``cpu-weightonly``: as ``cpu-nbits``, exported at accuracy_level 1 (fp32 activations); layers with K not a
+  multiple of 16 keep the ``cuda`` form, which ORT's CPU EP may still fuse into MatMulNBits at accuracy_level 4
+  (the parity report counts such fusions).
 * ``cuda``: unchanged (``DequantizeLinear + MatMul``).
 * static int8 (``conv_qdq`` / ``linear_qdq``) on both CPU targets: weights become uint8 with zero point 128 too,
   so ORT's QLinearConv / QLinearMatMul run U8U8 (U8S8 saturates on AVX2 without VNNI).
@@ -32,6 +35,7 @@ from fxcompress.pipeline import Tolerance
 TARGET_TOLERANCE = {
     "cpu": Tolerance(cosine_min=0.99, top1_agreement_min=0.97, accuracy_drop_max_pp=1.0),
     "cpu-nbits": Tolerance(cosine_min=0.995, top1_agreement_min=0.98, accuracy_drop_max_pp=1.0),
+    "cpu-weightonly": None,
     "cuda": None,
 }
 NBITS_BLOCK_SIZES = (128, 64, 32, 16)
@@ -54,7 +58,7 @@ def _offset_binary(q: torch.Tensor) -> torch.Tensor:
 
 
 def lower_for_target(gm: fx.GraphModule, target: str) -> fx.GraphModule:
-    """A copy of ``gm`` with compressed sites encoded for ``target`` ("cpu", "cpu-nbits" or "cuda").
+    """A copy of ``gm`` with compressed sites encoded for ``target`` (one of ``ops.TARGETS``).
 
     Example:
         >>> lowered = lower_for_target(cm.module, "cpu")
@@ -74,10 +78,10 @@ def lower_for_target(gm: fx.GraphModule, target: str) -> fx.GraphModule:
             continue
         qnode, snode = node.args[1], node.args[2]
         q = getattr(gm, str(qnode.target))
-        block = _block_size(q.shape[0]) if target == "cpu-nbits" else None
+        block = _block_size(q.shape[0]) if target in ("cpu-nbits", "cpu-weightonly") else None
         if block is not None:
             _to_nbits(gm, node, q, getattr(gm, str(snode.target)), block)
-        else:
+        elif target != "cpu-weightonly":  # (which keeps DequantizeLinear + MatMul: weight-only too)
             _to_uint8(gm, node, qnode, q, uint8_cache)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()

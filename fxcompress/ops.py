@@ -12,6 +12,10 @@ export target, an onnxscript translation that decides how ONNX Runtime executes 
   block of K instead of per tensor, so markedly more accurate on activation outliers and as fast at batch 1, but
   measured 2x slower than fp32 at batch 32 on an AVX2 CPU. Layers whose K is not a multiple of 16 keep the
   ``cpu`` lowering.
+* ``cpu-weightonly``: Linear -> ``com.microsoft.MatMulNBits`` (bits=8) with accuracy_level=1, and every MatMulNBits
+  (int4 too) at that level: activations stay fp32, so ORT computes what the torch module computes (weight-only
+  quantization) at a speed cost. ``cuda``'s ``DequantizeLinear + MatMul`` is not that on CPU: ORT's CPU EP fuses it
+  into MatMulNBits at its default accuracy_level 4.
 * ``cuda``: Linear -> ``DequantizeLinear + MatMul`` (standard ONNX, runs on every EP; int8 stays int8 in the file and
   in the session, dequantized per call).
 
@@ -31,7 +35,7 @@ from onnx.defs import OpSchema
 from onnxscript import opset21 as op
 from torch import Tensor
 
-TARGETS = ("cpu", "cpu-nbits", "cuda")
+TARGETS = ("cpu", "cpu-nbits", "cpu-weightonly", "cuda")
 ONNX_OPSET = 21
 MSFT = onnxscript.values.Opset("com.microsoft", 1)
 
@@ -122,6 +126,12 @@ def _(x, packed, scales, zero_points, bias, k, n, bits, block_size):
 def _linear_nbits(x, packed, scales, zero_points=None, bias=None, k=0, n=0, bits=8, block_size=32):
     # accuracy_level=4: activations quantized to int8 per block, the fast path measured on ORT's CPU EP.
     y = MSFT.MatMulNBits(x, packed, scales, zero_points, K=k, N=n, bits=bits, block_size=block_size, accuracy_level=4)
+    return op.Add(y, bias) if bias is not None else y
+
+
+def _linear_nbits_fp32(x, packed, scales, zero_points=None, bias=None, k=0, n=0, bits=8, block_size=32):
+    # accuracy_level=1: fp32 activations, the weights dequantized in the kernel (weight-only numerics)
+    y = MSFT.MatMulNBits(x, packed, scales, zero_points, K=k, N=n, bits=bits, block_size=block_size, accuracy_level=1)
     return op.Add(y, bias) if bias is not None else y
 
 
@@ -324,6 +334,8 @@ _COMMON = {
 _TRANSLATIONS: dict[str, dict[object, Callable]] = {
     "cpu": {**_COMMON, torch.ops.fxcompress.linear_q8.default: _linear_q8_cpu},
     "cpu-nbits": {**_COMMON, torch.ops.fxcompress.linear_q8.default: _linear_q8_cpu},
+    "cpu-weightonly": {**_COMMON, torch.ops.fxcompress.linear_nbits.default: _linear_nbits_fp32,
+                       torch.ops.fxcompress.linear_q8.default: _linear_q8_qdq},
     "cuda": {**_COMMON, torch.ops.fxcompress.linear_q8.default: _linear_q8_qdq},
 }
 
@@ -345,7 +357,7 @@ def all_custom_ops() -> list[object]:
 
 
 def translation_table(target: str) -> dict[object, Callable]:
-    """The onnxscript translations used when exporting for ``target`` ("cpu" or "cuda").
+    """The onnxscript translations used when exporting for ``target`` (one of :data:`TARGETS`).
 
     Example:
         >>> table = translation_table("cpu")

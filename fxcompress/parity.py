@@ -247,7 +247,8 @@ def _weights(proto: onnx.ModelProto, model: torch.nn.Module, path: Path, provide
             w["fused_by_ort"] = fused
             w["fused_note"] = (f"ONNX Runtime fused {fused} DequantizeLinear + MatMul pair(s) into MatMulNBits, which quantizes "
                                "activations per block at run time (session.qdq_matmulnbits_accuracy_level, default 4): these "
-                               "layers did not run weight-only; set that session option to 1 for weight-only numerics (slower)")
+                               "layers did not run weight-only; for weight-only numerics (slower) export with target "
+                               "'cpu-weightonly' (MatMulNBits at accuracy_level 1) or set that session option to 1")
         kept = sum(v for k, v in optimized.items() if k in QUANTIZED_DTYPES)
         grown = optimized.get("float32", 0) - by_dtype.get("float32", 0)
         folded = kept < 0.9 * quantized or grown > 0.5 * quantized

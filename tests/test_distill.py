@@ -110,6 +110,21 @@ def test_distill_after_int8_trains_the_float_weights_around_the_frozen_codes():
     assert _err(tuned, model, data) < before_err and tuned.bytes_after == cm.bytes_after
 
 
+def test_every_parameter_distill_trains_gets_a_gradient():
+    model, data = _setup()
+    cm = fxcompress.optimize(model, data[0], recipe="int8:exclude=4")  # the last Linear stays float
+    seen = []
+
+    def check(step: int, loss: float) -> None:
+        trained = {name: p for name, p in cm.module.named_parameters() if p.requires_grad}
+        seen.append(sorted(name for name, p in trained.items() if p.grad is None))
+        assert trained
+
+    fxcompress.distill(cm, model, data, steps=2, lr=1e-3, on_step=check)
+    assert seen == [[], []]  # the int8 layers' scales stay buffers: Adam would carry them as idle parameters
+    assert any("scale" in name and v.is_floating_point() for name, v in cm.module.named_buffers())
+
+
 def test_distill_after_int4_embeddings_adapts_the_rest_of_the_model_to_the_table():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(100, 64), nn.LayerNorm(64), nn.Linear(64, 8)).eval()

@@ -40,6 +40,7 @@ def compressed():
 EXPECTED_OPS = {
     "cpu": {"DynamicQuantizeMatMul", "Conv", "DequantizeLinear", "Gather"},
     "cpu-nbits": {"MatMulNBits", "Conv", "DequantizeLinear", "Gather"},
+    "cpu-weightonly": {"MatMulNBits", "Conv", "DequantizeLinear", "Gather"},
     "cuda": {"MatMul", "Conv", "DequantizeLinear", "Gather"},
 }
 
@@ -61,6 +62,24 @@ def test_lowering_ops_dtypes_and_ort_parity(compressed, tmp_path, target):
     ref = model(batch).detach().numpy()
     cos = (out * ref).sum(-1) / np.linalg.norm(out, axis=-1) / np.linalg.norm(ref, axis=-1)
     assert cos.mean() > 0.995
+
+
+@pytest.mark.parametrize("recipe", ["int8", "int4:block=16"])
+def test_weightonly_target_runs_fp32_activations_and_matches_torch(tmp_path, recipe):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 8)).eval()
+    x = torch.randn(4, 64) * torch.linspace(0.1, 8, 64)  # outlier channels: what activation quantization gets wrong
+    cm = fxcompress.optimize(model, x, recipe=recipe)
+    errors = {}
+    for target in ("cpu-weightonly", "cpu-nbits"):
+        proto = onnx.load(str(cm.export(tmp_path / f"{target}.onnx", target=target)))
+        levels = {a.i for n in proto.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+        assert levels == ({1} if target == "cpu-weightonly" else {4})
+        sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        errors[target] = float(np.abs(out - cm(x).detach().numpy()).max())
+    assert errors["cpu-weightonly"] < 1e-4  # the torch module's numerics
+    assert errors["cpu-nbits"] > 10 * errors["cpu-weightonly"]  # per-block int8 activations differ
 
 
 def test_metadata_carries_recipe_target_and_tolerance(compressed, tmp_path):

@@ -42,6 +42,9 @@ def test_the_report_says_when_ort_quantizes_activations_of_the_weight_only_lower
     dynamic = fxcompress.optimize(model, x, recipe="int8").export(tmp_path / "cpu.onnx", target="cpu")
     rep = check(model, dynamic, x)  # DynamicQuantizeMatMul: nothing for ORT to fuse
     assert "fused_by_ort" not in rep.weights and "weight-only" not in rep.to_text()
+    exact = fxcompress.optimize(model, x, recipe="int8").export(tmp_path / "w.onnx", target="cpu-weightonly")
+    rep = check(model, exact, x)  # MatMulNBits written at accuracy_level 1: fp32 activations, nothing fused
+    assert "fused_by_ort" not in rep.weights and rep.metrics["cosine"] > 0.999 and rep.passed
 
 
 def test_corrupted_file_fails_with_a_clear_message(mlp_artifact, tmp_path):
