@@ -18,13 +18,20 @@ OUT = Path(__file__).parent / "results"
 
 
 def cpu_name() -> str:
+    """The CPU's model name and the int8 instruction set its GEMMs get (VNNI or not changes which int8 kernel wins)."""
+    name, flags = "", set()
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if line.startswith("model name") and not name:
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor() or "unknown CPU"
+    isa = ("AVX-512 VNNI" if "avx512_vnni" in flags else "AVX-VNNI" if "avx_vnni" in flags
+           else "AVX2, no VNNI" if "avx2" in flags else "")
+    name = name or platform.processor() or "unknown CPU"
+    return f"{name}, {isa}" if isa else name
 
 
 def environment(device: str = "", provider: str = "CPUExecutionProvider") -> str:
@@ -43,8 +50,8 @@ def save_results(tag: str, text: str, data: dict) -> None:
 
 def write_tables(tag: str, title: str, env: str, models: Sequence[str], measure: Callable[[str], list[BenchRow]]) -> None:
     """Run ``measure(model)`` for each model and write results/<tag>.md (a table per model) and .json."""
-    script = Path(sys.argv[0]).name
-    sections, data = [f"# {title}\n\n{env}\n\nCommand: `python benchmarks/{script}`\n"], {"env": env}
+    command = " ".join([f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])  # with its flags: rerunnable as written
+    sections, data = [f"# {title}\n\n{env}\n\nCommand: `python {command}`\n"], {"env": env}
     for name in models:
         print(f"benchmarking {name} ...", file=sys.stderr)
         rows = measure(name)

@@ -10,10 +10,10 @@ rewrites a *copy* of the graph:
   multiple of 16 keep the ``cuda`` form, which ORT's CPU EP may still fuse into MatMulNBits at accuracy_level 4
   (the parity report counts such fusions).
 * ``cuda``: unchanged (``DequantizeLinear + MatMul``).
-* static int8 (``conv_qdq`` / ``linear_qdq``) on both CPU targets: weights become uint8 with zero point 128 too,
+* static int8 (``conv_qdq`` / ``linear_qdq``) on every CPU target: weights become uint8 with zero point 128 too,
   so ORT's QLinearConv / QLinearMatMul run U8U8 (U8S8 saturates on AVX2 without VNNI).
 
-Run-time activation quantization (both CPU lowerings) adds error beyond the weights', which is why each
+Run-time activation quantization (the ``cpu`` and ``cpu-nbits`` lowerings) adds error beyond the weights', which is why each
 target carries its own parity floor, combined with the recipe's.
 """
 
