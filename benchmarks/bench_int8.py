@@ -22,7 +22,7 @@ def main() -> None:
     args = ap.parse_args()
     write_tables(args.tag, "int8 on ONNX Runtime CPU", environment(), args.models.split(","),
                  lambda name: run_benchmark(zoo.FACTORIES[name], recipes=("int8",),
-                                            targets=("cpu", "cpu-nbits", "cpu-weightonly", "cuda"), batches=(1, 32),
+                                            targets=("cpu", "cpu-vnni", "cpu-nbits", "cpu-weightonly", "cuda"), batches=(1, 32),
                                             repeat=args.repeat, provider="cpu"))
 
 

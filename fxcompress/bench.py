@@ -121,7 +121,7 @@ def run_benchmark(
     factory: Callable[[], tuple],
     *,
     recipes: Sequence[str] = ("int8",),
-    targets: Sequence[str] = ("cpu", "cpu-nbits", "cpu-weightonly", "cuda"),
+    targets: Sequence[str] = ("cpu", "cpu-vnni", "cpu-nbits", "cpu-weightonly", "cuda"),
     batches: Sequence[int] = (1, 32),
     ort_quantize_dynamic: bool = True,
     ort_nbits: Sequence[str] = (),

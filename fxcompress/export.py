@@ -57,8 +57,8 @@ def export_onnx(
         module: a GraphModule made by :func:`fxcompress.optimize` (or any exportable module).
         example_inputs: positional inputs used for tracing.
         path: the ``.onnx`` file to write (its directory must exist).
-        target: ``"cpu"``, ``"cpu-nbits"``, ``"cpu-weightonly"`` or ``"cuda"``; picks the ONNX lowering of compressed sites
-            (see :mod:`fxcompress.lowering`).
+        target: one of ``ops.TARGETS`` (``"cpu"``, ``"cpu-vnni"``, ``"cpu-nbits"``, ``"cpu-weightonly"``,
+            ``"cuda"``); picks the ONNX lowering of compressed sites (see :mod:`fxcompress.lowering`).
         metadata: stored as ``fxcompress.<key>`` metadata_props (JSON values); ``fxcompress.check`` reads them.
         dynamic_axes: the input axes left symbolic in the ONNX graph (named ``batch`` for axis 0, ``dim<k>``
             otherwise), as axis numbers for every input or one tuple per input; ``()`` fixes every shape. A module

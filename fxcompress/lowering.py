@@ -4,6 +4,8 @@ Passes produce target-neutral ops (symmetric int8 per output channel). Before ex
 rewrites a *copy* of the graph:
 
 * ``cpu``: Linear weights become uint8 with zero point 128 (exactly q + 128) for ``DynamicQuantizeMatMul``.
+* ``cpu-vnni``: Linear weights stay signed int8 (no zero point) for ``DynamicQuantizeMatMul``'s U8S8 kernel, the
+  fast one on CPUs with VNNI.
 * ``cpu-nbits``: Linear becomes ``linear_nbits`` (MatMulNBits, 8 bits, the per-channel scale repeated per block
   of K: an exact re-encoding); layers with K not a multiple of 16 fall back to the ``cpu`` form.
 * ``cpu-weightonly``: as ``cpu-nbits``, exported at accuracy_level 1 (fp32 activations); layers with K not a
@@ -34,6 +36,7 @@ from fxcompress.pipeline import Tolerance
 # 0.993 (cpu) against 0.9995 for weight-only int8.
 TARGET_TOLERANCE = {
     "cpu": Tolerance(cosine_min=0.99, top1_agreement_min=0.97, accuracy_drop_max_pp=1.0),
+    "cpu-vnni": Tolerance(cosine_min=0.99, top1_agreement_min=0.97, accuracy_drop_max_pp=1.0),
     "cpu-nbits": Tolerance(cosine_min=0.995, top1_agreement_min=0.98, accuracy_drop_max_pp=1.0),
     "cpu-weightonly": None,
     "cuda": None,
@@ -81,7 +84,7 @@ def lower_for_target(gm: fx.GraphModule, target: str) -> fx.GraphModule:
         block = _block_size(q.shape[0]) if target in ("cpu-nbits", "cpu-weightonly") else None
         if block is not None:
             _to_nbits(gm, node, q, getattr(gm, str(snode.target)), block)
-        elif target != "cpu-weightonly":  # (which keeps DequantizeLinear + MatMul: weight-only too)
+        elif target not in ("cpu-weightonly", "cpu-vnni"):  # (those keep the signed codes)
             _to_uint8(gm, node, qnode, q, uint8_cache)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()

@@ -25,7 +25,7 @@ from fxcompress.export import read_metadata
 from fxcompress.graph_edit import state_bytes
 from fxcompress.pipeline import Tolerance
 from fxcompress.report import fmt_bytes, initializer_bytes, table
-from fxcompress.runtime import probe
+from fxcompress.runtime import cpu_has_vnni, probe
 
 QUANTIZED_DTYPES = ("int8", "uint8", "int4", "uint4")
 
@@ -175,6 +175,9 @@ def check(
     np_batches = [tuple(t.detach().cpu().numpy() for t in b) for b in batches]
     run = probe(path, np_batches, provider=provider, repeat=latency_repeat)
     report.provider = run.provider
+    if report.target == "cpu-vnni" and run.provider == "CPUExecutionProvider" and cpu_has_vnni() is False:
+        report.notes.append("target cpu-vnni (int8 weights, ORT's U8S8 kernel) on a CPU without VNNI: that kernel can "
+                            "saturate its int16 sums here; export with target 'cpu' (uint8 weights) for such CPUs")
     if run.load_error:
         failures.append(run.load_error)
         report.passed = False

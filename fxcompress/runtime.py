@@ -45,6 +45,22 @@ def import_ort():
     return onnxruntime
 
 
+def cpu_has_vnni() -> Optional[bool]:
+    """Whether this CPU has VNNI (AVX-512 VNNI or AVX-VNNI): ORT's U8S8 int8 GEMM, which the ``cpu-vnni`` target
+    uses, saturates its int16 sums without it. None where /proc/cpuinfo cannot tell (not Linux x86).
+
+    Example:
+        >>> cpu_has_vnni() in (True, False, None)
+        True
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    return None if flags is None else bool({"avx512_vnni", "avx_vnni"} & set(flags))
+
+
 def choose_providers(provider: str = "auto") -> list[str]:
     """Provider list for a session: ``auto`` takes CUDA when this onnxruntime build offers it, else CPU."""
     available = import_ort().get_available_providers()
