@@ -13,21 +13,19 @@ import onnxruntime
 import torch
 
 from fxcompress.bench import BenchRow, format_rows, rows_to_json
+from fxcompress.runtime import cpu_flags
 
 OUT = Path(__file__).parent / "results"
 
 
 def cpu_name() -> str:
     """The CPU's model name and the int8 instruction set its GEMMs get (VNNI or not changes which int8 kernel wins)."""
-    name, flags = "", set()
+    name = ""
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and not name:
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
+        name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
     except OSError:
         pass
+    flags = cpu_flags() or set()
     isa = ("AVX-512 VNNI" if "avx512_vnni" in flags else "AVX-VNNI" if "avx_vnni" in flags
            else "AVX2, no VNNI" if "avx2" in flags else "")
     name = name or platform.processor() or "unknown CPU"

@@ -126,16 +126,16 @@ def _(x, packed, scales, zero_points, bias, k, n, bits, block_size):
     return x.new_empty(*x.shape[:-1], n)
 
 
-def _linear_nbits(x, packed, scales, zero_points=None, bias=None, k=0, n=0, bits=8, block_size=32):
-    # accuracy_level=4: activations quantized to int8 per block, the fast path measured on ORT's CPU EP.
-    y = MSFT.MatMulNBits(x, packed, scales, zero_points, K=k, N=n, bits=bits, block_size=block_size, accuracy_level=4)
-    return op.Add(y, bias) if bias is not None else y
+def _matmul_nbits(accuracy_level: int) -> Callable:
+    """The MatMulNBits translation at ``accuracy_level``: 4 quantizes activations to int8 per block (the fast path
+    measured on ORT's CPU EP), 1 keeps them fp32 (weight-only numerics, the ``cpu-weightonly`` target)."""
 
+    def translate(x, packed, scales, zero_points=None, bias=None, k=0, n=0, bits=8, block_size=32):
+        y = MSFT.MatMulNBits(x, packed, scales, zero_points, K=k, N=n, bits=bits, block_size=block_size,
+                             accuracy_level=accuracy_level)
+        return op.Add(y, bias) if bias is not None else y
 
-def _linear_nbits_fp32(x, packed, scales, zero_points=None, bias=None, k=0, n=0, bits=8, block_size=32):
-    # accuracy_level=1: fp32 activations, the weights dequantized in the kernel (weight-only numerics)
-    y = MSFT.MatMulNBits(x, packed, scales, zero_points, K=k, N=n, bits=bits, block_size=block_size, accuracy_level=1)
-    return op.Add(y, bias) if bias is not None else y
+    return translate
 
 
 # --- Conv1d / Conv2d ---------------------------------------------------------------------------------------------
@@ -331,14 +331,14 @@ _register_contrib_schemas()
 _COMMON = {
     torch.ops.fxcompress.conv_q8.default: _conv_q8,
     torch.ops.fxcompress.embedding_q8.default: _embedding_q8,
-    torch.ops.fxcompress.linear_nbits.default: _linear_nbits,
+    torch.ops.fxcompress.linear_nbits.default: _matmul_nbits(accuracy_level=4),
     torch.ops.fxcompress.embedding_nbits.default: _embedding_nbits,
 }
 _TRANSLATIONS: dict[str, dict[object, Callable]] = {
     "cpu": {**_COMMON, torch.ops.fxcompress.linear_q8.default: _linear_q8_cpu},
     "cpu-vnni": {**_COMMON, torch.ops.fxcompress.linear_q8.default: _linear_q8_cpu},
     "cpu-nbits": {**_COMMON, torch.ops.fxcompress.linear_q8.default: _linear_q8_cpu},
-    "cpu-weightonly": {**_COMMON, torch.ops.fxcompress.linear_nbits.default: _linear_nbits_fp32,
+    "cpu-weightonly": {**_COMMON, torch.ops.fxcompress.linear_nbits.default: _matmul_nbits(accuracy_level=1),
                        torch.ops.fxcompress.linear_q8.default: _linear_q8_qdq},
     "cuda": {**_COMMON, torch.ops.fxcompress.linear_q8.default: _linear_q8_qdq},
 }

@@ -45,20 +45,30 @@ def import_ort():
     return onnxruntime
 
 
+def cpu_flags() -> Optional[set[str]]:
+    """The CPU's instruction-set flags from /proc/cpuinfo; None where it cannot tell (not Linux x86).
+
+    Example:
+        >>> "avx512_vnni" in (cpu_flags() or set())  # on a CPU with AVX-512 VNNI
+        True
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+
+
 def cpu_has_vnni() -> Optional[bool]:
     """Whether this CPU has VNNI (AVX-512 VNNI or AVX-VNNI): ORT's U8S8 int8 GEMM, which the ``cpu-vnni`` target
-    uses, saturates its int16 sums without it. None where /proc/cpuinfo cannot tell (not Linux x86).
+    uses, saturates its int16 sums without it. None where the flags cannot be read.
 
     Example:
         >>> cpu_has_vnni() in (True, False, None)
         True
     """
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
-    except OSError:
-        return None
-    return None if flags is None else bool({"avx512_vnni", "avx_vnni"} & set(flags))
+    flags = cpu_flags()
+    return None if flags is None else bool({"avx512_vnni", "avx_vnni"} & flags)
 
 
 def choose_providers(provider: str = "auto") -> list[str]:
