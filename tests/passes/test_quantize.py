@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 import fxcompress
+from fxcompress.errors import InputError, RecipeError
 from fxcompress.passes.quantize import quantize_per_channel, sqnr_db
 
 from helpers import cosine
@@ -112,3 +113,65 @@ def test_int8_dynamic_lowers_to_dynamic_quantize_matmul_with_uint8_weights(tmp_p
     path = cm.export(tmp_path / "m.onnx", target="cpu")
     assert op_types(path).count("DynamicQuantizeMatMul") == 2
     assert "int8" not in init_dtypes(path).values() and "uint8" in init_dtypes(path).values()
+
+
+def test_gptq_int8_keeps_the_grid_and_lowers_the_output_error():
+    from fxcompress.passes.quantize import quantize_per_channel_gptq
+
+    torch.manual_seed(0)
+    x = torch.randn(1024, 64) @ torch.randn(64, 64)  # correlated inputs: where GPTQ helps
+    w = torch.randn(32, 64)
+    h = 2 * x.t().double() @ x.double() / x.shape[0]
+    rtn_q, rtn_scale = quantize_per_channel(w)
+    for act_order in (False, True):
+        q, scale = quantize_per_channel_gptq(w, h, act_order=act_order)
+        assert q.dtype == torch.int8 and q.abs().max() <= 127 and torch.equal(scale, rtn_scale)
+        gptq_out, rtn_out = x @ (q.float() * scale[:, None]).t(), x @ (rtn_q.float() * rtn_scale[:, None]).t()
+        assert sqnr_db(x @ w.t(), gptq_out) > sqnr_db(x @ w.t(), rtn_out) + 1.0
+
+
+class Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 64), nn.Linear(64, 8)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def _correlated(seed: int, rows: int = 64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, 32, generator=g) @ torch.randn(32, 32, generator=torch.Generator().manual_seed(99))
+
+
+@pytest.mark.parametrize("target", ["cpu", "cpu-weightonly"])
+def test_int8_gptq_end_to_end_beats_rtn_and_exports_the_same_int8_layout(tmp_path, target):
+    import onnxruntime as ort
+
+    from helpers import init_dtypes
+
+    torch.manual_seed(0)
+    model = Mlp().eval()
+    calibration = [(_correlated(i),) for i in range(8)]
+    x = _correlated(100)
+    rtn = fxcompress.optimize(model, x, recipe="int8")
+    cm = fxcompress.optimize(model, x, recipe="int8:algo=gptq,act_order=true", calibration=calibration)
+    assert [r.reason for r in cm.records] == ["GPTQ, act_order"] * 2
+    assert cm.bytes_after == rtn.bytes_after
+    ref = model(x)
+    assert sqnr_db(ref, cm(x)) > sqnr_db(ref, rtn(x))
+    path = cm.export(tmp_path / "m.onnx", target=target)
+    assert {"int8", "uint8"} & set(init_dtypes(path).values())
+    (onnx_out,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
+    assert cosine(torch.from_numpy(onnx_out), cm(x).detach()) > 0.999
+
+
+def test_int8_gptq_needs_calibration_and_leaves_what_it_cannot_round_to_rtn():
+    with pytest.raises(InputError, match="int8 algo=gptq needs calibration data"):
+        fxcompress.optimize(Mlp().eval(), torch.randn(2, 32), recipe="int8:algo=gptq")
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    cm = fxcompress.optimize(model, x, recipe="int8:algo=gptq", calibration=[(torch.randn(72, 1, 8, 8),) for _ in range(8)])
+    assert [r.reason for r in cm.records] == ["round-to-nearest (GPTQ rounds Linear layers only)", "GPTQ"]
+    with pytest.raises(RecipeError, match="algo must be 'rtn' or 'gptq'"):
+        fxcompress.optimize(model, x, recipe="int8:algo=awq")
