@@ -19,6 +19,7 @@ from fxcompress.models import zoo
 INT4_EMB = "int4:kinds=embedding,block=64,clip=true"
 RECIPES = [
     ("int8 (reference)", "int8"),
+    ("int8 GPTQ act-order", "int8:algo=gptq,act_order=true"),
     ("int4 RTN b128 + int8 embeddings", "int8:kinds=embedding,int4:block=128"),
     ("int4 GPTQ b128 + int8 embeddings", "int8:kinds=embedding,int4:block=128,algo=gptq"),
     ("int4 GPTQ b128 act-order + int8 embeddings", "int8:kinds=embedding,int4:block=128,algo=gptq,act_order=true"),
@@ -26,8 +27,8 @@ RECIPES = [
     ("int4 RTN b128 clip + int4 embeddings", f"{INT4_EMB},int4:block=128,clip=true"),
     ("int4 GPTQ b128 act-order clip + int4 embeddings", f"{INT4_EMB},int4:block=128,algo=gptq,act_order=true,clip=true"),
     ("same, last encoder layer int8 (mixed by hand)", f"{INT4_EMB},int8:include=*layer.5.*,int4:block=128,algo=gptq,act_order=true,clip=true"),
-    ("same, int8 where sensitive, budget=0.15", f"{INT4_EMB},int4:block=128,algo=gptq,act_order=true,clip=true,budget=0.15"),
-    ("same, int8 where sensitive, budget=0.17", f"{INT4_EMB},int4:block=128,algo=gptq,act_order=true,clip=true,budget=0.17"),
+    ("same, int8 (GPTQ) where sensitive, budget=0.15", f"{INT4_EMB},int4:block=128,algo=gptq,act_order=true,clip=true,budget=0.15"),
+    ("same, int8 (GPTQ) where sensitive, budget=0.17", f"{INT4_EMB},int4:block=128,algo=gptq,act_order=true,clip=true,budget=0.17"),
 ]
 
 

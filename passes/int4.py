@@ -19,7 +19,8 @@ by RTN (with the clip search if asked): a lookup has no input activations for GP
 
 ``budget=b`` (e.g. 0.18) lets the selected Linear layers take up to b of their fp32 bytes: each layer's
 sensitivity is measured on the calibration data (model output error with only that layer int4-RTN), and the most
-sensitive layers per extra byte are kept int8 (per-channel, like the ``int8`` pass) while the budget allows.
+sensitive layers per extra byte are kept int8 (per-channel, like the ``int8`` pass; with ``algo=gptq`` their int8
+codes are chosen by GPTQ too) while the budget allows.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from fxcompress.errors import InputError
 from fxcompress.graph_edit import replace_site, set_site_weight
 from fxcompress.ops import pack_nbits
 from fxcompress.passes.gptq import LayerHessians, activation_order, gptq
-from fxcompress.passes.quantize import rewrite_int8, sqnr_db
+from fxcompress.passes.quantize import quantize_per_channel_gptq, rewrite_int8, sqnr_db
 from fxcompress.pipeline import LayerRecord, PassConfig, PassContext, PassResult, Tolerance, register_pass, select_sites
 from fxcompress.sites import nbytes
 
@@ -156,9 +157,13 @@ def dequantize(codes: Tensor, scale: Tensor, zp: Tensor, block: int) -> Tensor:
     return ((codes.reshape(n, -1, block) - zp.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(n, k)
 
 
-def _as_int8(gm: fx.GraphModule, site, cfg: "Int4Config", sensitivity: float) -> LayerRecord:
-    _, tensors, dq = rewrite_int8(gm, site)
-    return LayerRecord(site.name, site.kind, cfg.name, "int8", f"kept int8 by budget={cfg.budget} (int4 output error {sensitivity:.2e})",
+def _as_int8(gm: fx.GraphModule, site, cfg: "Int4Config", sensitivity: float, hessian: Tensor | None) -> LayerRecord:
+    """``site`` as the ``int8`` pass writes it, its codes by GPTQ when ``hessian`` is given."""
+    quantized = quantize_per_channel_gptq(site.weight, hessian, cfg.act_order, cfg.damp) if hessian is not None else None
+    _, tensors, dq = rewrite_int8(gm, site, quantized=quantized)
+    how = ", GPTQ" if quantized is not None else ""
+    return LayerRecord(site.name, site.kind, cfg.name, "int8",
+                       f"kept int8 by budget={cfg.budget} (int4 output error {sensitivity:.2e}){how}",
                        site.weight_bytes, nbytes(*tensors.values()), sqnr_db(site.weight, dq), "weight SQNR dB")
 
 
@@ -236,7 +241,7 @@ def quantize_int4(gm: fx.GraphModule, cfg: Int4Config, ctx: PassContext) -> Pass
             fit.append(site)
     linear = [s for s in fit if s.kind == "linear"]
     keep8 = _keep_int8(gm, linear, cfg, ctx.calibration) if cfg.budget else {}
-    gptq_sites = [s for s in linear if s.name not in keep8] if cfg.algo == "gptq" else []
+    gptq_sites = linear if cfg.algo == "gptq" else []  # (the layers kept int8 too: GPTQ on the int8 grid)
     if gptq_sites and ctx.calibration is None:
         raise InputError("int4 algo=gptq needs calibration data: optimize(..., calibration=[input_tuple, ...])")
     hessians = LayerHessians(gm, gptq_sites, ctx.calibration, cfg.sequential) if gptq_sites else None
@@ -246,7 +251,7 @@ def quantize_int4(gm: fx.GraphModule, cfg: Int4Config, ctx: PassContext) -> Pass
         ctx.progress(site.name)
         w = site.weight.to(torch.float32)
         if site.name in keep8:
-            records.append(_as_int8(gm, site, cfg, keep8[site.name]))
+            records.append(_as_int8(gm, site, cfg, keep8[site.name], hessians.pop(site) if site.name in gptq_names else None))
             continue
         algo = "gptq" if site.name in gptq_names else "rtn"
         if algo == "gptq":

@@ -85,7 +85,7 @@ def test_weightonly_target_runs_fp32_activations_and_matches_torch(tmp_path, rec
     assert errors["cpu-nbits"] > 10 * errors["cpu-weightonly"]  # per-block int8 activations differ
 
 
-def test_vnni_target_keeps_signed_int8_weights_and_says_when_the_cpu_lacks_vnni(compressed, tmp_path, monkeypatch):
+def test_vnni_target_keeps_signed_int8_weights_and_notes_which_encoding_suits_the_cpu(compressed, tmp_path, monkeypatch):
     model, ids, cm = compressed
     path = cm.export(tmp_path / "v.onnx", target="cpu-vnni")
     proto = onnx.load(str(path))
@@ -99,6 +99,11 @@ def test_vnni_target_keeps_signed_int8_weights_and_says_when_the_cpu_lacks_vnni(
     assert any("without VNNI" in n for n in rep.notes) and "without VNNI" in rep.to_text()
     monkeypatch.setattr("fxcompress.parity.cpu_has_vnni", lambda: True)
     assert not any("VNNI" in n for n in fxcompress.check(model, path, ids).notes)
+    # and the converse: a uint8 (cpu) artifact checked on a VNNI CPU points to the faster encoding
+    cpu_path = cm.export(tmp_path / "c.onnx", target="cpu")
+    assert any("target 'cpu-vnni'" in n for n in fxcompress.check(model, cpu_path, ids).notes)
+    monkeypatch.setattr("fxcompress.parity.cpu_has_vnni", lambda: False)
+    assert not any("VNNI" in n for n in fxcompress.check(model, cpu_path, ids).notes)
 
 
 def test_metadata_carries_recipe_target_and_tolerance(compressed, tmp_path):

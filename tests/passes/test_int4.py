@@ -180,6 +180,22 @@ def test_budget_keeps_the_most_sensitive_layers_int8_within_the_bytes():
     assert sqnr_db(model(x), cm(x)) > sqnr_db(model(x), all_int4(x))
 
 
+def test_budget_with_gptq_rounds_the_layers_it_keeps_int8_by_gptq_too():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
+    with torch.no_grad():
+        model[2].weight[:, :4] *= 20
+    mix = torch.randn(64, 64)
+    calib = [(torch.randn(96, 64) @ mix,) for _ in range(4)]
+    cm = fxcompress.optimize(model, calib[0], recipe="int4:block=32,algo=gptq,budget=0.22", calibration=calib)
+    kept = [r for r in cm.records if r.action == "int8"]
+    assert [r.layer for r in kept] == ["2"] and kept[0].reason.endswith(", GPTQ")
+    rtn_kept = fxcompress.optimize(model, calib[0], recipe="int4:block=32,budget=0.22", calibration=calib)
+    assert not [r for r in rtn_kept.records if r.action == "int8"][0].reason.endswith("GPTQ")
+    x = torch.randn(32, 64) @ mix
+    assert sqnr_db(model(x), cm(x)) > sqnr_db(model(x), rtn_kept(x))
+
+
 def test_budget_needs_calibration_and_a_sane_value():
     model = nn.Sequential(nn.Linear(64, 32)).eval()
     with pytest.raises(InputError, match="budget= needs calibration data"):
