@@ -7,6 +7,7 @@ step leaves no file behind.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -60,7 +61,7 @@ def export_onnx(
         target: one of ``ops.TARGETS`` (``"cpu"``, ``"cpu-vnni"``, ``"cpu-nbits"``, ``"cpu-weightonly"``,
             ``"cuda"``); picks the ONNX lowering of compressed sites (see :mod:`fxcompress.lowering`).
         metadata: stored as ``fxcompress.<key>`` metadata_props (JSON values); ``fxcompress.check`` reads them.
-        dynamic_axes: the input axes left symbolic in the ONNX graph (named ``batch`` for axis 0, ``dim<k>``
+        dynamic_axes: the input axes left symbolic in the ONNX graph (named ``batch`` for axis 0, ``<input>_dim<k>``
             otherwise), as axis numbers for every input or one tuple per input; ``()`` fixes every shape. A module
             captured by torch.export takes only the axes it was captured with (``optimize(..., dynamic_axes=)``).
             Axes the model fixes are exported fixed, with a warning.
@@ -118,7 +119,10 @@ def _export_proto_inner(module: torch.nn.Module, inputs: tuple, target: str, axe
         attempts.pop()
     for wanted in attempts:
         batch = torch.export.Dim("batch")  # one symbol: every input's batch is the same
-        shapes = tuple({a: batch if a == 0 else f"dim{a}" for a in x} or None for x in wanted)
+        # other axes are named per input: one name on two inputs would tell ONNX consumers they are equal (export
+        # still merges the symbols of axes the graph ties together, e.g. token ids and their attention mask)
+        shapes = tuple({a: batch if a == 0 else f"{name}_dim{a}" for a in x} or None
+                       for name, x in zip(_input_names(module, len(inputs)), wanted))
         try:
             return torch.onnx.export(module, batch_of_two(inputs, wanted), dynamic_shapes=shapes, **kwargs).model_proto
         except Exception as exc:
@@ -128,6 +132,17 @@ def _export_proto_inner(module: torch.nn.Module, inputs: tuple, target: str, axe
         return torch.onnx.export(module, inputs, **kwargs).model_proto
     except Exception as exc:
         raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {first_line(exc)}") from exc
+
+
+def _input_names(module: torch.nn.Module, count: int) -> list[str]:
+    """The names of the module's first ``count`` positional inputs (its placeholders, else its signature)."""
+    if isinstance(module, fx.GraphModule):
+        names = [n.name for n in module.graph.nodes if n.op == "placeholder"]
+    else:
+        params = inspect.signature(module.forward).parameters.values()
+        names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = names[:count]
+    return names + [f"input{i}" for i in range(len(names), count)]
 
 
 def _describe_axes(axes: list[tuple[int, ...]]) -> str:

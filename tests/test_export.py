@@ -187,7 +187,7 @@ def test_dynamic_axes_reach_the_onnx_inputs_and_ort_runs_other_lengths(tmp_path)
     cm = fxcompress.optimize(model, ids, recipe="int8", dynamic_axes=(0, 1))
     assert cm.capture_method == "export"  # torch.export keeps the length symbolic only when asked
     path = cm.export(tmp_path / "m.onnx", target="cuda")
-    assert _input_dims(path) == [["batch", "dim1"]]
+    assert _input_dims(path) == [["batch", "ids_dim1"]]
     weight_only = ort.SessionOptions()  # else ORT's CPU EP fuses into MatMulNBits, quantizing activations
     weight_only.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     sess = ort.InferenceSession(str(path), weight_only, providers=["CPUExecutionProvider"])
@@ -196,6 +196,26 @@ def test_dynamic_axes_reach_the_onnx_inputs_and_ort_runs_other_lengths(tmp_path)
         out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
         np.testing.assert_allclose(out, cm(x).numpy(), atol=1e-4)
     assert _input_dims(cm.export(tmp_path / "fixed.onnx", dynamic_axes=())) == [[2, 8]]
+
+
+class _TwoLengths(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x, y):
+        return torch.cat([self.a(x), self.b(y)], dim=1)
+
+
+def test_inputs_of_independent_lengths_get_distinct_axis_names(tmp_path):
+    x, y = torch.randn(2, 5, 8), torch.randn(2, 7, 8)
+    cm = fxcompress.optimize(_TwoLengths().eval(), (x, y), recipe="int8", dynamic_axes=(0, 1))
+    path = cm.export(tmp_path / "m.onnx", target="cuda")
+    assert _input_dims(path) == [["batch", "x_dim1", 8], ["batch", "y_dim1", 8]]  # one name would claim them equal
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x2, y2 = torch.randn(3, 4, 8), torch.randn(3, 9, 8)
+    (out,) = sess.run(None, {"x": x2.numpy(), "y": y2.numpy()})
+    assert out.shape == (3, 13, 8)
 
 
 class _FixedLength(nn.Module):
