@@ -172,7 +172,11 @@ def run_benchmark(
 
 
 def format_rows(rows: Sequence[BenchRow]) -> str:
-    """Markdown table of benchmark rows, with ratios to the fp32 row."""
+    """Markdown table of benchmark rows, with ratios to the fp32 row.
+
+    Example:
+        >>> print(format_rows(run_benchmark(zoo.mlp, recipes=("int8",), targets=("cpu",))))
+    """
     base = rows[0]
     batches = list(base.latency_ms)
     with_acc = any(r.accuracy is not None for r in rows)
@@ -198,4 +202,9 @@ def format_rows(rows: Sequence[BenchRow]) -> str:
 
 
 def rows_to_json(rows: Sequence[BenchRow]) -> list[dict[str, Any]]:
+    """Benchmark rows as JSON-ready dicts (what ``fxcompress bench --json`` writes).
+
+    Example:
+        >>> json.dumps(rows_to_json(run_benchmark(zoo.mlp, targets=("cpu",))))
+    """
     return [asdict(r) for r in rows]

@@ -117,7 +117,11 @@ def observe(gm: fx.GraphModule, nodes: dict[str, fx.Node], batches: Sequence[tup
 
 def observe_batch(gm: fx.GraphModule, nodes: dict[str, fx.Node], batches: Sequence[tuple], i: int,
                   on_value: Callable[[str, torch.Tensor], None]) -> None:
-    """:func:`observe` for batch ``i`` alone (errors name its index in ``batches``)."""
+    """:func:`observe` for batch ``i`` alone (errors name its index in ``batches``).
+
+    Example:
+        >>> observe_batch(gm, {"fc": site.input}, calibration, 0, lambda name, value: print(name, value.shape))
+    """
     watch: dict[fx.Node, list[str]] = {}
     for name, node in nodes.items():
         watch.setdefault(node, []).append(name)

@@ -35,7 +35,12 @@ DynamicAxes = Union[Sequence[int], Sequence[Sequence[int]]]
 
 
 def normalize_inputs(example_inputs: Any) -> tuple:
-    """Accept a tensor or a tuple/list of tensors and return a tuple."""
+    """Accept a tensor or a tuple/list of tensors and return a tuple.
+
+    Example:
+        >>> normalize_inputs(torch.randn(2, 3))[0].shape
+        torch.Size([2, 3])
+    """
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)) and example_inputs:
@@ -46,7 +51,11 @@ def normalize_inputs(example_inputs: Any) -> tuple:
 
 
 def run_reference(model: nn.Module, inputs: Sequence[Any]) -> Any:
-    """Run ``model`` on ``inputs`` without gradients; wrap failures in an InputError that says what to fix."""
+    """Run ``model`` on ``inputs`` without gradients; wrap failures in an InputError that says what to fix.
+
+    Example:
+        >>> outputs = run_reference(model, (torch.randn(4, 64),))
+    """
     try:
         with torch.no_grad():
             return model(*inputs)
@@ -125,7 +134,12 @@ def input_axes(inputs: tuple, dynamic_axes: DynamicAxes) -> list[tuple[int, ...]
 
 def batch_of_two(inputs: tuple, axes: DynamicAxes = (0,)) -> tuple:
     """torch.export specializes sizes 0 and 1, so trace a batch of at least 2 to keep the batch axis symbolic
-    (inputs whose axis 0 is not in ``axes`` are left alone)."""
+    (inputs whose axis 0 is not in ``axes`` are left alone).
+
+    Example:
+        >>> batch_of_two((torch.randn(1, 8),))[0].shape
+        torch.Size([2, 8])
+    """
     return tuple(t.repeat(2, *([1] * (t.dim() - 1))) if 0 in a and t.shape[0] == 1 else t
                  for t, a in zip(inputs, input_axes(inputs, axes)))
 

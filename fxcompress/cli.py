@@ -103,6 +103,12 @@ def _check(model, path: Path, example_inputs, eval_data, args, layers: Optional[
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
+    """``fxcompress optimize``: compress, export, and check if asked; the exit status.
+
+    Example:
+        >>> main(["optimize", "digits_cnn", "--recipe", "fold_bn,int8", "-o", "digits.onnx", "--check"])
+        0
+    """
     from fxcompress.api import optimize
 
     model, example_inputs, eval_data = _call_factory(args.model)
@@ -121,6 +127,12 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """``fxcompress check``: the parity report of an artifact; 1 when parity fails.
+
+    Example:
+        >>> main(["check", "digits_cnn", "digits.onnx", "--json", "report.json"])
+        0
+    """
     model, example_inputs, eval_data = _call_factory(args.model)
     if not Path(args.onnx).is_file():
         raise InputError(f"no such file: {args.onnx}")
@@ -128,6 +140,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """``fxcompress bench``: fp32 vs fxcompress vs ORT's quantizers, one table.
+
+    Example:
+        >>> main(["bench", "mlp", "--recipe", "int8", "--targets", "cpu,cpu-nbits"])
+        0
+    """
     from fxcompress.bench import format_rows, rows_to_json, run_benchmark
 
     rows = run_benchmark(load_factory(args.model), recipes=args.recipe, targets=args.targets.split(","),
@@ -140,6 +158,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    """``fxcompress list``: the passes and the bundled models.
+
+    Example:
+        >>> main(["list"])
+        0
+    """
     from fxcompress.models.zoo import FACTORIES
     from fxcompress.pipeline import available_passes
 
@@ -149,6 +173,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``fxcompress`` argument parser (subcommands optimize, check, bench, list).
+
+    Example:
+        >>> build_parser().parse_args(["list"]).command
+        'list'
+    """
     p = argparse.ArgumentParser(prog="fxcompress", description="Compress PyTorch models, export ONNX, prove parity on ONNX Runtime.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -195,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``fxcompress`` command line on ``argv``; 0 on success, 1 when parity fails, 2 on bad input.
+
+    Example:
+        >>> main(["optimize", "mlp", "-o", "mlp.onnx"])
+        0
+    """
     args = build_parser().parse_args(argv)
     if getattr(args, "recipe", None) is None and args.command == "bench":
         args.recipe = ["int8"]

@@ -158,7 +158,12 @@ def _root_cause(exc: BaseException) -> str:
 
 
 def read_metadata(model: onnx.ModelProto) -> dict[str, Any]:
-    """The ``fxcompress.*`` metadata of an exported model, JSON-decoded."""
+    """The ``fxcompress.*`` metadata of an exported model, JSON-decoded.
+
+    Example:
+        >>> read_metadata(onnx.load("model.onnx"))["target"]
+        'cpu'
+    """
     out = {}
     for p in model.metadata_props:
         if p.key.startswith(META_PREFIX):

@@ -16,7 +16,11 @@ from fxcompress.sites import Site, nbytes
 
 
 def add_constant(gm: fx.GraphModule, base: str, value: Tensor, before: fx.Node) -> fx.Node:
-    """Register ``value`` as a buffer of ``gm`` under a fresh name derived from ``base``; return its get_attr node."""
+    """Register ``value`` as a buffer of ``gm`` under a fresh name derived from ``base``; return its get_attr node.
+
+    Example:
+        >>> codes = add_constant(gm, "fc_codes", q, before=site.node)
+    """
     stem = re.sub(r"\W", "_", base).strip("_") or "const"
     name, i = stem, 0
     while hasattr(gm, name):
@@ -28,7 +32,11 @@ def add_constant(gm: fx.GraphModule, base: str, value: Tensor, before: fx.Node) 
 
 
 def replace_node(gm: fx.GraphModule, old: fx.Node, target: Any, args: tuple) -> fx.Node:
-    """Insert ``call_function(target, args)`` before ``old``, reroute ``old``'s users to it and erase ``old``."""
+    """Insert ``call_function(target, args)`` before ``old``, reroute ``old``'s users to it and erase ``old``.
+
+    Example:
+        >>> new = replace_node(gm, node, torch.ops.fxcompress.linear_q8.default, (x, q, s, None, b))
+    """
     with gm.graph.inserting_before(old):
         new = gm.graph.call_function(target, args)
     new.meta.update({k: v for k, v in old.meta.items() if k in ("val", "tensor_meta", "stack_trace", "nn_module_stack")})
@@ -43,6 +51,9 @@ def replace_site(gm: fx.GraphModule, site: Site, target: Any, tensors: dict[str,
 
     ``tensors`` become buffers named after the site (None stays None); ``shared`` passes get_attr nodes already
     made for a tied weight, so two sites that shared a weight share its compressed form too.
+
+    Example:
+        >>> replace_site(gm, site, torch.ops.fxcompress.linear_q8.default, {"qweight": q, "scale": s, "zero_point": None, "bias": b})
     """
     shared = shared or {}
     args: list[Any] = [site.input]
@@ -57,14 +68,23 @@ def replace_site(gm: fx.GraphModule, site: Site, target: Any, tensors: dict[str,
 
 
 def attr_owner(gm: fx.GraphModule, fqn: str) -> tuple[torch.nn.Module, str]:
-    """The module holding the attribute ``fqn`` and its local name: ``"a.b.weight"`` -> ``(gm.a.b, "weight")``."""
+    """The module holding the attribute ``fqn`` and its local name: ``"a.b.weight"`` -> ``(gm.a.b, "weight")``.
+
+    Example:
+        >>> attr_owner(gm, "encoder.fc.weight")
+        (Linear(...), 'weight')
+    """
     path, _, attr = fqn.rpartition(".")
     return (gm.get_submodule(path) if path else gm), attr
 
 
 def site_tensor(gm: fx.GraphModule, site: Site, which: str = "weight") -> tuple[torch.nn.Module, str]:
     """Where ``site``'s ``"weight"`` or ``"bias"`` is stored: (owning module, attribute name), whether the site is a
-    module call or a function reading get_attr nodes."""
+    module call or a function reading get_attr nodes.
+
+    Example:
+        >>> owner, attr = site_tensor(gm, site)
+    """
     if site.node.op == "call_module":
         return gm.get_submodule(str(site.node.target)), which
     index = (0 if site.kind == "embedding" else 1) if which == "weight" else 2
@@ -72,7 +92,11 @@ def site_tensor(gm: fx.GraphModule, site: Site, which: str = "weight") -> tuple[
 
 
 def replace_tensor(owner: torch.nn.Module, attr: str, value: Tensor) -> Tensor:
-    """Swap the parameter or buffer ``owner.attr`` for ``value``, keeping its kind and requires_grad; return the old one."""
+    """Swap the parameter or buffer ``owner.attr`` for ``value``, keeping its kind and requires_grad; return the old one.
+
+    Example:
+        >>> old = replace_tensor(*site_tensor(gm, site), rounded_weight)
+    """
     old = getattr(owner, attr)
     if isinstance(old, torch.nn.Parameter):
         owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=old.requires_grad)
@@ -112,7 +136,11 @@ def _drop_unused_attributes(gm: fx.GraphModule) -> None:
 
 
 def finalize(gm: fx.GraphModule) -> fx.GraphModule:
-    """End every pass: remove dead nodes, unused submodules and attributes, check the graph and recompile."""
+    """End every pass: remove dead nodes, unused submodules and attributes, check the graph and recompile.
+
+    Example:
+        >>> return PassResult(finalize(gm), changed=True, records=records)
+    """
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     _drop_unused_attributes(gm)
@@ -122,7 +150,12 @@ def finalize(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def state_bytes(module: torch.nn.Module) -> int:
-    """Bytes of every distinct parameter and buffer (tied tensors counted once)."""
+    """Bytes of every distinct parameter and buffer (tied tensors counted once).
+
+    Example:
+        >>> state_bytes(torch.nn.Linear(4, 2))
+        40
+    """
     seen: set[tuple] = set()
     total = 0
     for t in list(module.parameters()) + list(module.buffers()):

@@ -66,7 +66,12 @@ _STATIC_OPS = {torch.ops.fxcompress.conv_qdq.default: 0, torch.ops.fxcompress.li
 
 
 def tolerance_for(recipe_tolerance: Tolerance, target: str, quantized: bool) -> Tolerance:
-    """The parity floor of an artifact: the recipe's, loosened by the target's run-time quantization if any."""
+    """The parity floor of an artifact: the recipe's, loosened by the target's run-time quantization if any.
+
+    Example:
+        >>> tolerance_for(Tolerance(cosine_min=0.999), "cpu", quantized=True).cosine_min
+        0.99
+    """
     extra = LOWERINGS[target].tolerance if target in LOWERINGS else None
     return recipe_tolerance.loosest(extra) if quantized and extra is not None else recipe_tolerance
 

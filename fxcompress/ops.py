@@ -55,7 +55,11 @@ def _dequantize(qweight: Tensor, scale: Tensor, zero_point: Optional[Tensor], ax
 # --- Linear ------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fxcompress::linear_q8", mutates_args=())
 def linear_q8(x: Tensor, qweight: Tensor, scale: Tensor, zero_point: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
-    """y = x @ dequant(qweight) + bias, with qweight laid out [in_features, out_features] and one scale per column."""
+    """y = x @ dequant(qweight) + bias, with qweight laid out [in_features, out_features] and one scale per column.
+
+    Example:
+        >>> y = torch.ops.fxcompress.linear_q8(x, q.t().contiguous(), scale, None, bias)
+    """
     y = x @ _dequantize(qweight, scale, zero_point, axis=1).to(x.dtype)
     return y + bias if bias is not None else y
 
@@ -77,7 +81,12 @@ def _linear_q8_qdq(x, qweight, scale, zero_point=None, bias=None):
 
 # --- Linear as blockwise n-bit (com.microsoft.MatMulNBits) -------------------------------------------------------
 def unpack_nbits(packed: Tensor, bits: int, count: int) -> Tensor:
-    """Unpack uint8 storage into ``count`` unsigned codes per row (two 4-bit codes per byte, low nibble first)."""
+    """Unpack uint8 storage into ``count`` unsigned codes per row (two 4-bit codes per byte, low nibble first).
+
+    Example:
+        >>> unpack_nbits(torch.tensor([[33, 3]], dtype=torch.uint8), 4, 3)
+        tensor([[1., 2., 3.]])
+    """
     if bits == 8:
         codes = packed.reshape(packed.shape[0], -1)
     else:
@@ -86,7 +95,12 @@ def unpack_nbits(packed: Tensor, bits: int, count: int) -> Tensor:
 
 
 def pack_nbits(codes: Tensor, bits: int) -> Tensor:
-    """Inverse of :func:`unpack_nbits` for one row-major [rows, count] tensor of codes (odd counts padded)."""
+    """Inverse of :func:`unpack_nbits` for one row-major [rows, count] tensor of codes (odd counts padded).
+
+    Example:
+        >>> pack_nbits(torch.tensor([[1., 2., 3.]]), 4)
+        tensor([[33,  3]], dtype=torch.uint8)
+    """
     codes = codes.to(torch.uint8)
     if bits == 8:
         return codes
@@ -104,6 +118,9 @@ def linear_nbits(
 
     ``packed`` [N, K/block, block*bits/8] uint8 codes; ``scales`` [N * K/block]; ``zero_points`` [N, ceil(K/block *
     bits/8)] packed codes, or None for the symmetric default 2**(bits-1). W = (code - zero_point) * scale per block.
+
+    Example:
+        >>> y = torch.ops.fxcompress.linear_nbits(x, packed, scales, zero_points, bias, 64, 32, 4, 32)
     """
     y = x @ _nbits_weight(packed, scales, zero_points, k, n, bits, block_size).t().to(x.dtype)
     return y + bias if bias is not None else y
@@ -151,7 +168,11 @@ def conv_q8(
     dilation: list[int],
     groups: int,
 ) -> Tensor:
-    """Conv1d/Conv2d (chosen by weight rank) over a per-output-channel dequantized weight."""
+    """Conv1d/Conv2d (chosen by weight rank) over a per-output-channel dequantized weight.
+
+    Example:
+        >>> y = torch.ops.fxcompress.conv_q8(x, q, scale, None, bias, [1, 1], [1, 1], [1, 1], 1)
+    """
     conv = F.conv1d if qweight.dim() == 3 else F.conv2d
     w = _dequantize(qweight, scale, zero_point, axis=0).to(x.dtype)
     return conv(x, w, bias, stride, padding, dilation, groups)
@@ -175,7 +196,11 @@ def _conv_q8(x, qweight, scale, zero_point=None, bias=None, stride=(1,), padding
 # --- Embedding ---------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fxcompress::embedding_q8", mutates_args=())
 def embedding_q8(indices: Tensor, qweight: Tensor, scale: Tensor) -> Tensor:
-    """Row lookup in an int8 table with one scale per row; only the gathered rows are dequantized."""
+    """Row lookup in an int8 table with one scale per row; only the gathered rows are dequantized.
+
+    Example:
+        >>> rows = torch.ops.fxcompress.embedding_q8(token_ids, q, scale)
+    """
     return qweight[indices].to(torch.float32) * scale[indices].unsqueeze(-1)
 
 
@@ -197,6 +222,9 @@ def embedding_nbits(indices: Tensor, packed: Tensor, scales: Tensor, zero_points
     ``packed`` [rows, cols*bits/8] uint8 codes (low nibble first), ``scales`` [rows, cols/block], ``zero_points``
     [rows, ceil(cols/block*bits/8)] packed codes; row = (code - zero_point) * scale per block. Only gathered rows
     are unpacked.
+
+    Example:
+        >>> rows = torch.ops.fxcompress.embedding_nbits(token_ids, packed, scales, zero_points, 4, 64)
     """
     rows = packed[indices.reshape(-1)]
     cols = packed.shape[1] * 8 // bits
@@ -355,7 +383,12 @@ def register_translation(torch_op: object, fn: Callable, targets: tuple[str, ...
 
 
 def all_custom_ops() -> list[object]:
-    """Every op overload in the ``fxcompress`` torch library namespace (a test checks each has translations)."""
+    """Every op overload in the ``fxcompress`` torch library namespace (a test checks each has translations).
+
+    Example:
+        >>> torch.ops.fxcompress.linear_q8.default in all_custom_ops()
+        True
+    """
     names = sorted({n.split("::")[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names() if n.startswith("fxcompress::")})
     return [getattr(torch.ops.fxcompress, name).default for name in names]
 

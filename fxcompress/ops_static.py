@@ -46,7 +46,11 @@ def conv_qdq(
     qbias: Optional[Tensor], y_scale: Tensor, y_zero_point: Tensor, stride: list[int], padding: list[int],
     dilation: list[int], groups: int,
 ) -> Tensor:
-    """Conv1d/2d with uint8 input/output and per-channel 8-bit weights; ``qbias`` int32 at scale x_scale * w_scale."""
+    """Conv1d/2d with uint8 input/output and per-channel 8-bit weights; ``qbias`` int32 at scale x_scale * w_scale.
+
+    Example:
+        >>> y = torch.ops.fxcompress.conv_qdq(x, xs, xz, q, ws, None, qbias, ys, yz, [1, 1], [0, 0], [1, 1], 1)
+    """
     conv = F.conv1d if qweight.dim() == 3 else F.conv2d
     w = _dequantize(qweight, w_scale, w_zero_point, axis=0)
     bias = qbias.to(torch.float32) * x_scale * w_scale if qbias is not None else None
@@ -79,7 +83,11 @@ def linear_qdq(
     bias: Optional[Tensor], y_scale: Tensor, y_zero_point: Tensor,
 ) -> Tensor:
     """x @ W with uint8 input, int8 per-column weights ([K, N]) and a uint8 product; the float bias is added after
-    the product's quantization (the ``QLinearMatMul`` output), so the bias itself loses nothing."""
+    the product's quantization (the ``QLinearMatMul`` output), so the bias itself loses nothing.
+
+    Example:
+        >>> y = torch.ops.fxcompress.linear_qdq(x, xs, xz, q, ws, None, bias, ys, yz)
+    """
     y = fake_quant(x, x_scale, x_zero_point) @ _dequantize(qweight, w_scale, w_zero_point, axis=1)
     y = fake_quant(y, y_scale, y_zero_point)
     return y + bias if bias is not None else y

@@ -47,11 +47,19 @@ class ParityReport:
     notes: list[str] = field(default_factory=list)  # caveats the recipe stored in the artifact (e.g. dense sparsity)
 
     def to_json(self, indent: int = 2) -> str:
-        """The report as JSON (what ``fxcompress check --json`` writes)."""
+        """The report as JSON (what ``fxcompress check --json`` writes).
+
+        Example:
+            >>> Path("report.json").write_text(fxcompress.check(model, "model.onnx", x).to_json())
+        """
         return json.dumps(asdict(self), indent=indent, default=float)
 
     def to_text(self) -> str:
-        """A human summary: verdict, provider, metrics, bytes, memory, latency."""
+        """A human summary: verdict, provider, metrics, bytes, memory, latency.
+
+        Example:
+            >>> print(fxcompress.check(model, "model.onnx", x).to_text())
+        """
         m, w, mem, lat = self.metrics, self.weights, self.memory, self.latency
         rows = [[k, f"{v:.6g}" if isinstance(v, float) else str(v)] for k, v in m.items()]
         lines = [
@@ -93,7 +101,12 @@ def _pair_line(label: str, d: dict, key: str, unit: str) -> str:
 
 
 def outputs_to_numpy(x: Any) -> list[np.ndarray]:
-    """A model's (possibly nested) outputs as a flat list of arrays, in ONNX output order."""
+    """A model's (possibly nested) outputs as a flat list of arrays, in ONNX output order.
+
+    Example:
+        >>> [a.shape for a in outputs_to_numpy((torch.zeros(2, 3), [torch.zeros(4)]))]
+        [(2, 3), (4,)]
+    """
     flat, _ = torch.utils._pytree.tree_flatten(x)
     return [t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t) for t in flat]
 

@@ -35,7 +35,12 @@ class Tolerance:
     accuracy_drop_max_pp: float = 1.0
 
     def loosest(self, other: "Tolerance") -> "Tolerance":
-        """The looser floor of the two: a recipe is only as exact as its lossiest pass."""
+        """The looser floor of the two: a recipe is only as exact as its lossiest pass.
+
+        Example:
+            >>> Tolerance(cosine_min=0.999).loosest(Tolerance(cosine_min=0.98)).cosine_min
+            0.98
+        """
         return Tolerance(
             min(self.cosine_min, other.cosine_min),
             min(self.top1_agreement_min, other.top1_agreement_min),
@@ -60,7 +65,12 @@ class PassConfig:
     exclude: tuple[str, ...] = ()
 
     def selects(self, layer: str) -> Optional[str]:
-        """None when ``layer`` is selected, else the reason it is not."""
+        """None when ``layer`` is selected, else the reason it is not.
+
+        Example:
+            >>> Int8Config(exclude=("classifier",)).selects("classifier")
+            "excluded by pattern 'classifier'"
+        """
         if self.include and not any(fnmatch.fnmatch(layer, p) for p in self.include):
             return f"not matched by include={list(self.include)}"
         for p in self.exclude:
@@ -69,7 +79,12 @@ class PassConfig:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form, with the pass name under ``"pass"``."""
+        """JSON-ready form, with the pass name under ``"pass"``.
+
+        Example:
+            >>> Int8Config(kinds=("linear",)).to_dict()["kinds"]
+            ['linear']
+        """
         d = {"pass": self.name}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
@@ -143,7 +158,12 @@ def register_pass(config_cls: type[PassConfig]) -> Callable[[PassFn], PassFn]:
 
 
 def available_passes() -> list[str]:
-    """Names usable in a recipe."""
+    """Names usable in a recipe.
+
+    Example:
+        >>> "int8" in available_passes()
+        True
+    """
     import fxcompress.passes  # noqa: F401  (registers the built-in passes)
 
     return sorted(_REGISTRY)
@@ -240,7 +260,12 @@ def _split_text(recipe: str) -> list[str]:
 
 
 def recipe_tolerance(configs: Sequence[PassConfig]) -> Tolerance:
-    """The parity floor for a recipe: the loosest of its passes' floors."""
+    """The parity floor for a recipe: the loosest of its passes' floors.
+
+    Example:
+        >>> recipe_tolerance(parse_recipe("int8,int4")).cosine_min
+        0.98
+    """
     tol = EXACT
     for c in configs:
         tol = tol.loosest(type(c).tolerance)
@@ -280,12 +305,20 @@ class PassManager:
 
 
 def skipped_record(s: Skipped, pass_name: str) -> LayerRecord:
-    """The record for a look-alike node no pass can rewrite."""
+    """The record for a look-alike node no pass can rewrite.
+
+    Example:
+        >>> records = [skipped_record(s, cfg.name) for s in find_sites(gm)[1]]
+    """
     return LayerRecord(s.name, s.kind, pass_name, "skipped", s.reason)
 
 
 def select_sites(gm: fx.GraphModule, cfg: PassConfig, kinds: Iterable[str]) -> tuple[list[Site], list[LayerRecord]]:
-    """Sites of ``kinds`` selected by ``cfg``; every other candidate comes back as a skipped record with its reason."""
+    """Sites of ``kinds`` selected by ``cfg``; every other candidate comes back as a skipped record with its reason.
+
+    Example:
+        >>> sites, records = select_sites(gm, Int8Config(exclude=("classifier",)), ("linear",))
+    """
     sites, skipped = find_sites(gm)
     records = [skipped_record(s, cfg.name) for s in skipped]
     kinds = set(kinds)

@@ -24,7 +24,13 @@ class _Bar:
 
 @contextlib.contextmanager
 def progress_bar(enabled: bool, desc: str, total: int | None = None, unit: str = "pass") -> Iterator[_Bar]:
-    """Yield an object with ``.note(label)`` and ``.advance(label)``; a tqdm bar when ``enabled``."""
+    """Yield an object with ``.note(label)`` and ``.advance(label)``; a tqdm bar when ``enabled``.
+
+    Example:
+        >>> with progress_bar(True, "int8", total=2, unit="layer") as bar:
+        ...     bar.advance("fc1")
+        ...     bar.advance("fc2")
+    """
     if not enabled:
         yield _Bar(None)
         return

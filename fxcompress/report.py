@@ -46,6 +46,12 @@ def initializer_bytes(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def fmt_bytes(n: float) -> str:
+    """Bytes in binary units, three significant figures.
+
+    Example:
+        >>> fmt_bytes(1536)
+        '1.50 KiB'
+    """
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
@@ -54,14 +60,25 @@ def fmt_bytes(n: float) -> str:
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:
-    """Left-aligned text table."""
+    """Left-aligned text table.
+
+    Example:
+        >>> print(table([["fc", "int8"]], ["layer", "action"]))
+        layer  action
+        -----  ------
+        fc     int8
+    """
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
 def layer_table(cm: "CompressedModel") -> str:
-    """Per-layer table of what each pass did, then totals."""
+    """Per-layer table of what each pass did, then totals.
+
+    Example:
+        >>> print(layer_table(fxcompress.optimize(model, x, recipe="int8")))
+    """
     rows = []
     for r in cm.records:
         err = f"{r.error:.1f} dB" if r.error is not None else ""

@@ -72,7 +72,12 @@ def cpu_has_vnni() -> Optional[bool]:
 
 
 def choose_providers(provider: str = "auto") -> list[str]:
-    """Provider list for a session: ``auto`` takes CUDA when this onnxruntime build offers it, else CPU."""
+    """Provider list for a session: ``auto`` takes CUDA when this onnxruntime build offers it, else CPU.
+
+    Example:
+        >>> choose_providers("cpu")
+        ['CPUExecutionProvider']
+    """
     available = import_ort().get_available_providers()
     if provider == "auto":
         return [CUDA, CPU] if CUDA in available else [CPU]

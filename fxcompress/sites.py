@@ -66,7 +66,12 @@ _EMBEDDING_FNS = {F.embedding, aten.embedding.default}
 
 
 def nbytes(*tensors: Optional[Tensor]) -> int:
-    """Storage bytes of the given tensors; None counts as 0 (an absent bias)."""
+    """Storage bytes of the given tensors; None counts as 0 (an absent bias).
+
+    Example:
+        >>> nbytes(torch.zeros(4, dtype=torch.int8), None)
+        4
+    """
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
@@ -75,7 +80,11 @@ def _key(t: Tensor) -> tuple:
 
 
 def stored_tensor(gm: fx.GraphModule, node: Any) -> Optional[Tensor]:
-    """The tensor behind a get_attr node, or None when the argument is computed at run time."""
+    """The tensor behind a get_attr node, or None when the argument is computed at run time.
+
+    Example:
+        >>> weight = stored_tensor(gm, node.args[1])
+    """
     if isinstance(node, fx.Node) and node.op == "get_attr":
         value = gm
         for part in str(node.target).split("."):

@@ -42,14 +42,24 @@ def _seeded(seed: int) -> torch.Generator:
 
 # --- MLPs --------------------------------------------------------------------------------------------------------
 def mlp() -> tuple[nn.Module, tuple]:
-    """A 3-layer MLP classifier on 64 features (random weights), batch of 4."""
+    """A 3-layer MLP classifier on 64 features (random weights), batch of 4.
+
+    Example:
+        >>> model, example = mlp()
+        >>> model(*example).shape
+        torch.Size([4, 10])
+    """
     g = _seeded(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 10)).eval()
     return model, (torch.randn(4, 64, generator=g),)
 
 
 def big_mlp(batch: int = 1) -> tuple[nn.Module, tuple]:
-    """5 x Linear(4096, 4096) with ReLU: 84M parameters (336 MB fp32), the benchmark's weight-bound model."""
+    """5 x Linear(4096, 4096) with ReLU: 84M parameters (336 MB fp32), the benchmark's weight-bound model.
+
+    Example:
+        >>> model, example = big_mlp(batch=32)
+    """
     g = _seeded(0)
     layers: list[nn.Module] = []
     for i in range(5):
@@ -72,7 +82,11 @@ class DigitsCNN(nn.Module):
 
 
 def digits_data() -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(x_train, y_train, x_test, y_test) from sklearn's bundled 8x8 digits, a fixed 50/50 stratified split."""
+    """(x_train, y_train, x_test, y_test) from sklearn's bundled 8x8 digits, a fixed 50/50 stratified split.
+
+    Example:
+        >>> x_train, y_train, x_test, y_test = digits_data()
+    """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -101,7 +115,12 @@ def _trained_digits_state() -> dict[str, Tensor]:
 
 
 def digits_cnn() -> tuple[nn.Module, tuple, EvalData]:
-    """A Conv-BN-ReLU CNN trained for ~3 s on 898 digits; evaluated on the other 899 (real labels)."""
+    """A Conv-BN-ReLU CNN trained for ~3 s on 898 digits; evaluated on the other 899 (real labels).
+
+    Example:
+        >>> model, example, ev = digits_cnn()
+        >>> fxcompress.check(model, "digits.onnx", example, eval_inputs=ev.inputs, labels=ev.labels)
+    """
     model = DigitsCNN()
     model.load_state_dict(_trained_digits_state())
     _, _, x_test, y_test = digits_data()
@@ -110,13 +129,21 @@ def digits_cnn() -> tuple[nn.Module, tuple, EvalData]:
 
 
 def digits_calibration(batches: int = 4, batch: int = 64) -> list[tuple[Tensor]]:
-    """Calibration batches for the digits CNN from its training split (never the evaluation digits)."""
+    """Calibration batches for the digits CNN from its training split (never the evaluation digits).
+
+    Example:
+        >>> cm = fxcompress.optimize(model, example, recipe="fold_bn,int8_static", calibration=digits_calibration())
+    """
     x_train = digits_data()[0]
     return [(x_train[i * batch : (i + 1) * batch],) for i in range(batches)]
 
 
 def big_mlp_calibration(batches: int = 4, batch: int = 16) -> list[tuple[Tensor]]:
-    """Gaussian calibration batches for the random-weight 84M MLP (it has no real input distribution)."""
+    """Gaussian calibration batches for the random-weight 84M MLP (it has no real input distribution).
+
+    Example:
+        >>> cm = fxcompress.optimize(model, example, recipe="int4:algo=gptq", calibration=big_mlp_calibration())
+    """
     g = _seeded(1)
     return [(torch.randn(batch, 4096, generator=g),) for _ in range(batches)]
 
@@ -162,7 +189,12 @@ def _randomize_bn(model: nn.Module, g: torch.Generator) -> None:
 
 
 def resnet_mini() -> tuple[nn.Module, tuple]:
-    """A CIFAR-sized ResNet (residual adds, projection shortcuts, BatchNorm), random weights, batch of 2."""
+    """A CIFAR-sized ResNet (residual adds, projection shortcuts, BatchNorm), random weights, batch of 2.
+
+    Example:
+        >>> model, example = resnet_mini()
+        >>> cm = fxcompress.optimize(model, example, recipe="prune:ratio=0.5")
+    """
     g = _seeded(0)
     model = ResNetMini()
     _randomize_bn(model, g)
@@ -211,7 +243,12 @@ class TinyTransformer(nn.Module):
 
 
 def tiny_transformer() -> tuple[nn.Module, tuple]:
-    """A 2-block transformer encoder classifier over 32 tokens (random weights), batch of 4."""
+    """A 2-block transformer encoder classifier over 32 tokens (random weights), batch of 4.
+
+    Example:
+        >>> model, example = tiny_transformer()
+        >>> cm = fxcompress.optimize(model, example, recipe="prune:ratio=0.25")
+    """
     g = _seeded(0)
     return TinyTransformer().eval(), (torch.randint(0, 1000, (4, 32), generator=g),)
 
@@ -250,7 +287,13 @@ def _minilm_tokenizer():
 
 
 def tokenize(sentences: list[str], max_length: int = 32) -> tuple[Tensor, Tensor]:
-    """MiniLM token ids and attention mask, padded to ``max_length`` (the exported sequence length)."""
+    """MiniLM token ids and attention mask, padded to ``max_length`` (the exported sequence length).
+
+    Example:
+        >>> ids, mask = tokenize(["The cat sat on the mat."])
+        >>> ids.shape
+        torch.Size([1, 32])
+    """
     b = _minilm_tokenizer()(sentences, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     return b["input_ids"], b["attention_mask"]
 
@@ -266,14 +309,24 @@ def tokenize_batches(sentences: list[str], batch: int, max_length: int = 32) -> 
 
 
 def minilm_calibration(max_length: int = 32, batch: int = 8) -> Calibration:
-    """Calibration batches for MiniLM from sentences disjoint from the evaluation set; statistics skip padding."""
+    """Calibration batches for MiniLM from sentences disjoint from the evaluation set; statistics skip padding.
+
+    Example:
+        >>> cm = fxcompress.optimize(model, example, recipe="int4:algo=gptq", calibration=minilm_calibration())
+    """
     from fxcompress.models.sentences import CALIBRATION_SENTENCES
 
     return Calibration(tokenize_batches(CALIBRATION_SENTENCES, batch, max_length), token_mask=1)
 
 
 def minilm(max_length: int = 32) -> tuple[nn.Module, tuple, EvalData]:
-    """all-MiniLM-L6-v2 sentence embeddings (22.7M parameters), loaded offline; evaluated on 64 real sentences."""
+    """all-MiniLM-L6-v2 sentence embeddings (22.7M parameters), loaded offline; evaluated on 64 real sentences.
+
+    Example:
+        >>> model, example, ev = minilm()
+        >>> model(*example).shape
+        torch.Size([4, 384])
+    """
     from transformers import AutoModel, logging as hf_logging
 
     from fxcompress.models.sentences import SENTENCES

@@ -97,7 +97,11 @@ def _write_back(gm: fx.GraphModule, site: Site, weight: Tensor, bias: Tensor) ->
 
 
 def fold(weight: Tensor, bias: Optional[Tensor], bn: _BN) -> tuple[Tensor, Tensor]:
-    """Folded (weight, bias) for conv weight ``weight`` ([out, in/groups, *k]) followed by ``bn``."""
+    """Folded (weight, bias) for conv weight ``weight`` ([out, in/groups, *k]) followed by ``bn``.
+
+    Example:
+        >>> weight, bias = fold(conv.weight, conv.bias, bn)
+    """
     scale = torch.rsqrt(bn.var.double() + bn.eps)
     if bn.gamma is not None:
         scale = scale * bn.gamma.double()

@@ -64,7 +64,12 @@ def gptq(w: Tensor, hessian: Tensor, round_column: RoundColumn, order: Optional[
 
 def activation_order(hessian: Tensor) -> Tensor:
     """Columns by decreasing diag(H) (``act_order``): the inputs with the most energy are rounded first, while the
-    most columns are left to absorb their error."""
+    most columns are left to absorb their error.
+
+    Example:
+        >>> activation_order(torch.diag(torch.tensor([1.0, 3.0, 2.0])))
+        tensor([1, 2, 0])
+    """
     return torch.argsort(torch.diag(hessian), descending=True)
 
 

@@ -86,6 +86,11 @@ def block_params(w: Tensor, block: int, clip: bool = False) -> tuple[Tensor, Ten
     """(scale, zero_point) per block: shapes [N, K/block]; the grid always contains 0 exactly.
 
     With ``clip`` the range is shrunk by the factor of :data:`CLIP_GRID` with the least squared error per block.
+
+    Example:
+        >>> scale, zero_point = block_params(torch.randn(8, 64), 32)
+        >>> scale.shape
+        torch.Size([8, 2])
     """
     wb = w.reshape(w.shape[0], -1, block)
     lo, hi = wb.amin(-1).clamp(max=0), wb.amax(-1).clamp(min=0)
@@ -153,6 +158,11 @@ def quantize_gptq(w: Tensor, hessian: Tensor, block: int, act_order: bool = Fals
 
 
 def dequantize(codes: Tensor, scale: Tensor, zp: Tensor, block: int) -> Tensor:
+    """The weight [N, K] that int4 ``codes`` with per-block ``scale`` and zero point ``zp`` stand for.
+
+    Example:
+        >>> w_hat = dequantize(*quantize_rtn(w, 32), 32)
+    """
     n, k = codes.shape
     return ((codes.reshape(n, -1, block) - zp.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(n, k)
 

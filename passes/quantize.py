@@ -86,7 +86,12 @@ def quantize_per_channel(w: Tensor, axis: int = 0, bits: int = 8) -> tuple[Tenso
 
 
 def sqnr_db(reference: Tensor, approx: Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB (capped at 200 for exact reconstructions)."""
+    """Signal-to-quantization-noise ratio in dB (capped at 200 for exact reconstructions).
+
+    Example:
+        >>> round(sqnr_db(torch.ones(4), torch.ones(4) * 1.01), 1)
+        40.0
+    """
     noise = (reference.double() - approx.double()).pow(2).sum().item()
     signal = reference.double().pow(2).sum().item()
     if noise == 0:

@@ -78,7 +78,12 @@ def find_blocks(gm: fx.GraphModule, sites: Sequence[Site]) -> list[Block]:
 
 def activation(gm: fx.GraphModule, node: fx.Node) -> Callable[[Tensor], Tensor]:
     """The activation ``node`` computes, as a function of its input (its other arguments, e.g. GELU's
-    ``approximate``, kept)."""
+    ``approximate``, kept).
+
+    Example:
+        >>> act = activation(gm, gelu_node)
+        >>> hidden = act(first_linear(x))
+    """
     if node.op == "call_module":
         return gm.get_submodule(str(node.target))
     target, rest, kwargs = node.target, node.args[1:], dict(node.kwargs)
