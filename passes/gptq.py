@@ -41,9 +41,11 @@ def gptq(w: Tensor, hessian: Tensor, round_column: RoundColumn, order: Optional[
     w = w.to(torch.float64).clone()
     n, k = w.shape
     h = hessian.to(torch.float64).clone()
-    dead = torch.diag(h) == 0  # inputs never seen non-zero: their weights cannot matter
+    # Inputs the calibration never activated have zero rows in H: no error moves into or out of their columns, so
+    # they are rounded to nearest. (The reference GPTQ zeroes them; a deployment that activates them would then
+    # lose those weights without a trace.)
+    dead = torch.diag(h) == 0
     h[dead, dead] = 1
-    w[:, dead] = 0
     order = torch.arange(k) if order is None else order
     w, h = w[:, order], h[order][:, order]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=torch.float64)

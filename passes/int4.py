@@ -139,8 +139,7 @@ def quantize_gptq(w: Tensor, hessian: Tensor, block: int, act_order: bool = Fals
     codes = torch.zeros(n, k, dtype=torch.float64)
     static = act_order
     if static:  # block params from the float weights, so the block layout survives the permutation
-        live = torch.diag(hessian) != 0  # (an input never seen non-zero must not stretch its block's grid)
-        scale, zp = (t.to(torch.float64) for t in block_params(w * live, block, clip))
+        scale, zp = (t.to(torch.float64) for t in block_params(w, block, clip))
     else:
         scale, zp = torch.ones(n, k // block, dtype=torch.float64), torch.zeros(n, k // block, dtype=torch.float64)
 

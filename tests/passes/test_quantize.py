@@ -175,3 +175,14 @@ def test_int8_gptq_needs_calibration_and_leaves_what_it_cannot_round_to_rtn():
     assert [r.reason for r in cm.records] == ["round-to-nearest (GPTQ rounds Linear layers only)", "GPTQ"]
     with pytest.raises(RecipeError, match="algo must be 'rtn' or 'gptq'"):
         fxcompress.optimize(model, x, recipe="int8:algo=awq")
+
+
+@pytest.mark.parametrize("recipe", ["int8:algo=gptq", "int4:block=32,algo=gptq", "int4:block=32,algo=gptq,act_order=true"])
+def test_gptq_rounds_an_input_the_calibration_never_activated_instead_of_zeroing_it(recipe):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32)).eval()
+    calibration = [(torch.randn(64, 64) * (torch.arange(64) != 5),) for _ in range(8)]  # input 5 always 0
+    cm = fxcompress.optimize(model, calibration[0], recipe=recipe, calibration=calibration)
+    x = torch.zeros(1, 64)
+    x[0, 5] = 1.0  # at deployment, input 5 fires: its weights must still be there
+    assert cosine(cm(x), model(x)) > 0.98
