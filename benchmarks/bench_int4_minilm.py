@@ -20,6 +20,7 @@ INT4_EMB = "int4:kinds=embedding,block=64,clip=true"
 RECIPES = [
     ("int8 (reference)", "int8"),
     ("int8 GPTQ act-order", "int8:algo=gptq,act_order=true"),
+    ("int8, float where sensitive, budget=0.3", "int8:budget=0.3"),
     ("int4 RTN b128 + int8 embeddings", "int8:kinds=embedding,int4:block=128"),
     ("int4 GPTQ b128 + int8 embeddings", "int8:kinds=embedding,int4:block=128,algo=gptq"),
     ("int4 GPTQ b128 act-order + int8 embeddings", "int8:kinds=embedding,int4:block=128,algo=gptq,act_order=true"),

@@ -31,10 +31,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor, fx
 
-from fxcompress.capture import output_tensors
 from fxcompress.errors import InputError
-from fxcompress.graph_edit import replace_site, set_site_weight
+from fxcompress.graph_edit import replace_site
 from fxcompress.ops import pack_nbits
+from fxcompress.passes import budget
 from fxcompress.passes.gptq import LayerHessians, activation_order, gptq
 from fxcompress.passes.quantize import quantize_per_channel_gptq, rewrite_int8, sqnr_db
 from fxcompress.pipeline import LayerRecord, PassConfig, PassContext, PassResult, Tolerance, register_pass, select_sites
@@ -191,43 +191,24 @@ def _int4_bytes(n: int, k: int, block: int) -> int:
     return n * k // 2 + n * (k // block) * 4 + n * -(-(k // block) // 2)
 
 
-def _flat_outputs(out) -> list[Tensor]:
-    return [t.float() for t in output_tensors(out) if t.is_floating_point()]
-
-
 def layer_sensitivity(gm: fx.GraphModule, sites: list, block: int, batches) -> dict[str, float]:
     """Relative squared error of the model's outputs on ``batches`` when only that layer is int4 (RTN).
 
     Example:
         >>> sens = layer_sensitivity(gm, linear_sites, 128, calibration)
     """
-    with torch.no_grad():
-        reference = [_flat_outputs(gm(*b)) for b in batches]
-        power = sum(float(t.pow(2).sum()) for ref in reference for t in ref)
-        result = {}
-        for site in sites:
-            old = set_site_weight(gm, site, dequantize(*quantize_rtn(site.weight, block), block).to(site.weight.dtype))
-            try:
-                err = sum(float((o - r).pow(2).sum()) for b, ref in zip(batches, reference) for o, r in zip(_flat_outputs(gm(*b)), ref))
-            finally:
-                set_site_weight(gm, site, old)
-            result[site.name] = err / max(power, 1e-30)
-    return result
+    return budget.layer_sensitivity(gm, sites, lambda s: _rtn_round_trip(s, block), batches)
+
+
+def _rtn_round_trip(site, block: int) -> Tensor:
+    return dequantize(*quantize_rtn(site.weight, block), block)
 
 
 def _keep_int8(gm: fx.GraphModule, sites: list, cfg: "Int4Config", batches) -> dict[str, float]:
     """Names (-> sensitivity) of the Linear layers the byte budget keeps int8, most sensitive per extra byte first."""
-    if batches is None:
-        raise InputError("int4 budget= needs calibration data to measure layer sensitivity: optimize(..., calibration=[...])")
-    sens = layer_sensitivity(gm, sites, cfg.block, batches)
-    allowed = cfg.budget * sum(s.weight_bytes for s in sites) - sum(_int4_bytes(*s.weight.shape, cfg.block) + nbytes(s.bias) for s in sites)
-    extra = {s.name: s.weight.numel() + 4 * s.weight.shape[0] - _int4_bytes(*s.weight.shape, cfg.block) for s in sites}
-    keep = {}
-    for name in sorted(sens, key=lambda n: sens[n] / extra[n], reverse=True):
-        if extra[name] <= allowed:
-            allowed -= extra[name]
-            keep[name] = sens[name]
-    return keep
+    return budget.keep_finer(gm, sites, cfg.budget, lambda s: _rtn_round_trip(s, cfg.block),
+                             lambda s: _int4_bytes(*s.weight.shape, cfg.block) + nbytes(s.bias),
+                             lambda s: s.weight.numel() + 4 * s.weight.shape[0] + nbytes(s.bias), batches, cfg.name)
 
 
 @register_pass(Int4Config)

@@ -22,6 +22,7 @@ from torch import Tensor, fx
 
 from fxcompress.errors import InputError
 from fxcompress.graph_edit import replace_site
+from fxcompress.passes import budget
 from fxcompress.passes.gptq import LayerHessians, activation_order, gptq
 from fxcompress.pipeline import LayerRecord, PassConfig, PassContext, PassResult, Tolerance, register_pass, select_sites
 from fxcompress.sites import Site, nbytes
@@ -35,6 +36,8 @@ class Int8Config(PassConfig):
 
     ``kinds`` limits the layer kinds (recipe text: ``int8:kinds=linear+embedding``). ``algo=gptq`` rounds Linear
     weights by GPTQ on the calibration data (``act_order``, ``damp`` and ``sequential`` as for ``int4``).
+    ``budget=b`` (needs calibration) lets the selected layers take up to b of their fp32 bytes: the layers whose
+    int8 rounding costs the model's outputs the most per byte saved stay float (:mod:`fxcompress.passes.budget`).
     """
 
     name: ClassVar[str] = "int8"
@@ -44,6 +47,7 @@ class Int8Config(PassConfig):
     act_order: bool = False
     damp: float = 0.01
     sequential: bool = True
+    budget: float = 0.0
 
     def __post_init__(self) -> None:
         unknown = set(self.kinds) - set(QUANTIZABLE_KINDS)
@@ -53,6 +57,9 @@ class Int8Config(PassConfig):
             raise ValueError(f"algo must be 'rtn' or 'gptq', got {self.algo!r}")
         if not 0 < self.damp < 1:
             raise ValueError(f"damp must be in (0, 1), got {self.damp}")
+        if self.budget and not 0.25 < self.budget < 1:
+            raise ValueError(f"budget must be in (0.25, 1) (bytes of the selected layers vs fp32; int8 alone is ~0.25; "
+                             f"0 = all int8), got {self.budget}")
 
 
 @dataclass(frozen=True)
@@ -143,7 +150,7 @@ def rewrite_int8(gm: fx.GraphModule, site: Site, shared: Optional[dict[str, fx.N
         target, tensors = ops.conv_q8.default, {"qweight": q, "scale": scale, "zero_point": None, "bias": bias}
         extra = (c["stride"], c["padding"], c["dilation"], c["groups"])
     new = replace_site(gm, site, target, tensors, extra, shared=shared)
-    return new, tensors, q.to(torch.float32) * scale.reshape(-1, *([1] * (q.dim() - 1)))
+    return new, tensors, _dequantize(q, scale)
 
 
 @register_pass(Int8DynamicConfig)
@@ -157,7 +164,8 @@ def quantize_int8(gm: fx.GraphModule, cfg: Int8Config, ctx: PassContext) -> Pass
         'int8'
     """
     sites, records = select_sites(gm, cfg, cfg.kinds)
-    gptq_sites = _gptq_sites(sites) if cfg.algo == "gptq" else []
+    keep = _keep_float(gm, sites, cfg, ctx.calibration) if cfg.budget else {}
+    gptq_sites = [s for s in _single_reader(sites) if s.kind == "linear" and s.name not in keep] if cfg.algo == "gptq" else []
     if gptq_sites and ctx.calibration is None:
         raise InputError(f"{cfg.name} algo=gptq needs calibration data: optimize(..., calibration=[input_tuple, ...])")
     hessians = LayerHessians(gm, gptq_sites, ctx.calibration, cfg.sequential) if gptq_sites else None
@@ -165,6 +173,10 @@ def quantize_int8(gm: fx.GraphModule, cfg: Int8Config, ctx: PassContext) -> Pass
     done: dict[tuple, tuple[str, dict[str, fx.Node]]] = {}  # (weight storage, layout) -> first site, its nodes
     for site in sites:
         ctx.progress(site.name)
+        if site.name in keep:
+            records.append(LayerRecord(site.name, site.kind, cfg.name, "skipped", f"kept float by budget={cfg.budget} "
+                                       f"(int8 output error {keep[site.name]:.2e})", site.weight_bytes, site.weight_bytes))
+            continue
         layout = "conv" if site.kind.startswith("conv") else site.kind
         tie = done.get((site.weight_key, layout))
         quantized, how = None, _rtn_note(site, cfg, tie is not None)
@@ -181,10 +193,24 @@ def quantize_int8(gm: fx.GraphModule, cfg: Int8Config, ctx: PassContext) -> Pass
     return PassResult(gm, bool(sites), records)
 
 
-def _gptq_sites(sites: list[Site]) -> list[Site]:
-    """The Linear sites GPTQ may round: those whose weight no other selected site reads (GPTQ fits one reader's inputs)."""
+def _single_reader(sites: list[Site]) -> list[Site]:
+    """The sites whose weight no other selected site reads (GPTQ and the budget fit one reader's inputs)."""
     readers = Counter(s.weight_key for s in sites)
-    return [s for s in sites if s.kind == "linear" and readers[s.weight_key] == 1]
+    return [s for s in sites if readers[s.weight_key] == 1]
+
+
+def _dequantize(q: Tensor, scale: Tensor) -> Tensor:
+    return q.to(torch.float32) * scale.reshape(-1, *([1] * (q.dim() - 1)))
+
+
+def _keep_float(gm: fx.GraphModule, sites: list[Site], cfg: Int8Config, batches) -> dict[str, float]:
+    """Names (-> sensitivity) of the layers the byte budget leaves float."""
+
+    def int8_bytes(site: Site) -> int:  # codes, one fp32 scale per output channel, the bias
+        return site.weight.numel() + 4 * site.weight.shape[0] + nbytes(site.bias)
+
+    return budget.keep_finer(gm, _single_reader(sites), cfg.budget, lambda s: _dequantize(*quantize_per_channel(s.weight)),
+                             int8_bytes, lambda s: s.weight_bytes, batches, cfg.name)
 
 
 def _rtn_note(site: Site, cfg: Int8Config, tied: bool) -> str:

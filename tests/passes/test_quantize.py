@@ -186,3 +186,20 @@ def test_gptq_rounds_an_input_the_calibration_never_activated_instead_of_zeroing
     x = torch.zeros(1, 64)
     x[0, 5] = 1.0  # at deployment, input 5 fires: its weights must still be there
     assert cosine(cm(x), model(x)) > 0.98
+
+
+def test_int8_budget_keeps_the_most_sensitive_layer_float_within_the_bytes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
+    with torch.no_grad():
+        model[2].weight[:, 0] *= 300  # one huge column: the row scales it sets leave the rest of layer 2 on a coarse grid
+    calibration = [(torch.randn(64, 64),) for _ in range(4)]
+    cm = fxcompress.optimize(model, calibration[0], recipe="int8:budget=0.65", calibration=calibration)
+    actions = {r.layer: r.action for r in cm.records}
+    assert actions == {"0": "int8", "2": "skipped", "4": "int8"}
+    assert cm.records[1].reason.startswith("kept float by budget=0.65 (int8 output error")
+    fp32 = sum(r.bytes_before for r in cm.records)
+    assert sum(r.bytes_after for r in cm.records) <= 0.65 * fp32
+    all_int8 = fxcompress.optimize(model, calibration[0], recipe="int8")
+    x = torch.randn(16, 64)
+    assert sqnr_db(model(x), cm(x)) > sqnr_db(model(x), all_int8(x)) + 3
