@@ -165,9 +165,15 @@ def cmd_list(args: argparse.Namespace) -> int:
         0
     """
     from fxcompress.models.zoo import FACTORIES
-    from fxcompress.pipeline import available_passes
+    from fxcompress.pipeline import available_passes, pass_help
 
-    print("passes:", ", ".join(available_passes()))
+    print("passes (recipe: name:option=value,...; every pass also takes include= and exclude=, layer-name patterns "
+          "joined by +); options show their defaults:")
+    for name in available_passes():
+        summary, options = pass_help(name)
+        print(f"  {name:<13} {summary}")
+        if options:
+            print(f"  {'':<13} {options}")
     print("bundled models:", ", ".join(FACTORIES))
     return EXIT_OK
 

@@ -169,6 +169,27 @@ def available_passes() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def pass_help(name: str) -> tuple[str, str]:
+    """A pass's one-line description and its options with their defaults, written as recipe text (``include`` and
+    ``exclude``, which every pass takes, left out).
+
+    Example:
+        >>> pass_help("fold_bn")
+        ('Fold BatchNorm1d/2d (eval mode) into the preceding Conv1d/Conv2d.', '')
+    """
+    available_passes()
+    cls = _REGISTRY[name][0]
+    summary = " ".join((cls.__doc__ or "").split("\n\n")[0].split()).replace("``", "")
+    options = []
+    for f in dataclasses.fields(cls):
+        if f.name in ("include", "exclude"):
+            continue
+        value = getattr(cls(), f.name)
+        text = "+".join(map(str, value)) if isinstance(value, tuple) else str(value).lower() if isinstance(value, bool) else value
+        options.append(f"{f.name}={text}")
+    return summary, " ".join(options)
+
+
 def _coerce(cfg_cls: type[PassConfig], key: str, raw: str) -> Any:
     hints = typing.get_type_hints(cfg_cls)
     fields = {f.name for f in dataclasses.fields(cfg_cls)}

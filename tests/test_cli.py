@@ -62,3 +62,14 @@ def test_bundled_models_take_their_own_dynamic_axes():
 
     assert parse_axes(None, "minilm") == (0, 1) and parse_axes(None, "mlp") == (0,)
     assert parse_axes("0,1", "mlp") == (0, 1) and parse_axes("", "minilm") == ()
+
+
+def test_list_shows_every_pass_with_its_options_and_defaults(capsys):
+    from fxcompress.pipeline import available_passes
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in available_passes():
+        assert f"\n  {name} " in out
+    assert "algo=rtn act_order=false damp=0.01 sequential=true budget=0.0" in out  # int8's, as recipe text
+    assert "kinds=linear+conv1d+conv2d+embedding" in out and "bundled models: mlp" in out
