@@ -244,7 +244,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.func(args)
     except FxCompressError as exc:
-        print(f"fxcompress {args.command}: error: {exc}", file=sys.stderr)
+        hint = ""
+        if "calibration=[" in str(exc) and args.command in ("optimize", "bench"):  # the API's wording, said for the CLI
+            hint = "; on the command line: --calibration MODULE:FUNC, a function returning a list of input tuples"
+        print(f"fxcompress {args.command}: error: {exc}{hint}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

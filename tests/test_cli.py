@@ -40,6 +40,7 @@ def test_check_on_broken_artifact_exits_1(tmp_path, capsys):
         (["optimize", "mlp", "-o", "{d}/missing/m.onnx"], "does not exist"),
         (["check", "mlp", "{d}/absent.onnx"], "no such file"),
         (["optimize", "mlp", "--recipe", "int8_static", "-o", "{d}/m.onnx"], "int8_static needs calibration data"),
+        (["optimize", "mlp", "--recipe", "int8:algo=gptq", "-o", "{d}/m.onnx"], "on the command line: --calibration MODULE:FUNC"),
         (["optimize", "mlp", "--recipe", "int8_static", "--calibration", "fxcompress.models.zoo:mlp", "-o", "{d}/m.onnx"],
          "must return a list of input tuples"),
         (["optimize", "mlp", "--dynamic-axes", "0,seq", "-o", "{d}/m.onnx"], "comma-separated axis numbers"),

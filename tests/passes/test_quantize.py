@@ -144,8 +144,13 @@ def _correlated(seed: int, rows: int = 64) -> torch.Tensor:
     return torch.randn(rows, 32, generator=g) @ torch.randn(32, 32, generator=torch.Generator().manual_seed(99))
 
 
-@pytest.mark.parametrize("target", ["cpu", "cpu-weightonly"])
-def test_int8_gptq_end_to_end_beats_rtn_and_exports_the_same_int8_layout(tmp_path, target):
+@pytest.mark.parametrize("recipe, target, how", [
+    ("int8:algo=gptq,act_order=true", "cpu", "GPTQ, act_order"),
+    ("int8:algo=gptq,act_order=true", "cpu-weightonly", "GPTQ, act_order"),
+    ("int8:algo=gptq,sequential=false", "cpu", "GPTQ"),  # one-shot Hessians from the float model
+    ("int8_dynamic:algo=gptq", "cpu", "GPTQ"),
+])
+def test_int8_gptq_end_to_end_beats_rtn_and_exports_the_same_int8_layout(tmp_path, recipe, target, how):
     import onnxruntime as ort
 
     from helpers import init_dtypes
@@ -155,8 +160,8 @@ def test_int8_gptq_end_to_end_beats_rtn_and_exports_the_same_int8_layout(tmp_pat
     calibration = [(_correlated(i),) for i in range(8)]
     x = _correlated(100)
     rtn = fxcompress.optimize(model, x, recipe="int8")
-    cm = fxcompress.optimize(model, x, recipe="int8:algo=gptq,act_order=true", calibration=calibration)
-    assert [r.reason for r in cm.records] == ["GPTQ, act_order"] * 2
+    cm = fxcompress.optimize(model, x, recipe=recipe, calibration=calibration)
+    assert [r.reason for r in cm.records] == [how] * 2
     assert cm.bytes_after == rtn.bytes_after
     ref = model(x)
     assert sqnr_db(ref, cm(x)) > sqnr_db(ref, rtn(x))
