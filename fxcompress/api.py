@@ -79,7 +79,8 @@ class CompressedModel:
             target: ``"cpu"`` (DynamicQuantizeMatMul for Linear, uint8 weights: safe on every x86 CPU),
                 ``"cpu-vnni"`` (the same with int8 weights: ~2x faster GEMMs on CPUs with VNNI, saturates without),
                 ``"cpu-nbits"`` (MatMulNBits 8-bit: more accurate, fast at batch 1, slow at large batches),
-                ``"cpu-weightonly"`` (MatMulNBits with fp32 activations: ORT computes what the torch module does) or
+                ``"cpu-weightonly"`` (MatMulNBits with fp32 activations: ORT computes what the torch module does; slow on
+                CPU, up to 30x fp32 on 4096-wide layers, for checking accuracy) or
                 ``"cuda"`` (standard DequantizeLinear + MatMul: weight-only numerics, runs on every EP; ORT's CPU EP
                 fuses it into MatMulNBits, which quantizes activations per block, unless the session sets
                 ``session.qdq_matmulnbits_accuracy_level`` to 1).
