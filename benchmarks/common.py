@@ -18,17 +18,23 @@ from fxcompress.runtime import cpu_flags
 OUT = Path(__file__).parent / "results"
 
 
+def cpu_isa() -> str:
+    """The int8 instruction set this CPU's GEMMs get ("AVX-512 VNNI", "AVX-VNNI", "AVX2, no VNNI"; "" when unknown):
+    VNNI or not changes which int8 kernel wins."""
+    flags = cpu_flags() or set()
+    return ("AVX-512 VNNI" if "avx512_vnni" in flags else "AVX-VNNI" if "avx_vnni" in flags
+            else "AVX2, no VNNI" if "avx2" in flags else "")
+
+
 def cpu_name() -> str:
-    """The CPU's model name and the int8 instruction set its GEMMs get (VNNI or not changes which int8 kernel wins)."""
+    """The CPU's model name and its int8 instruction set (:func:`cpu_isa`)."""
     name = ""
     try:
         name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
     except OSError:
         pass
-    flags = cpu_flags() or set()
-    isa = ("AVX-512 VNNI" if "avx512_vnni" in flags else "AVX-VNNI" if "avx_vnni" in flags
-           else "AVX2, no VNNI" if "avx2" in flags else "")
     name = name or platform.processor() or "unknown CPU"
+    isa = cpu_isa()
     return f"{name}, {isa}" if isa else name
 
 

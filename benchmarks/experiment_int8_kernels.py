@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from common import cpu_name, environment, save_results
+from common import cpu_isa, environment, save_results
 
 K, N, RUNS = 384, 1536, 50
 
@@ -69,7 +69,7 @@ def main() -> None:
     lines += [f"| {r['rows']} | {r['u8u8_ms']:.3f} | {r['u8s8_ms']:.3f} | {r['u8u8_ms'] / r['u8s8_ms']:.2f} |" for r in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    isa = cpu_name().split(", ")[-1].lower().replace(" ", "-").replace(",", "")
+    isa = (cpu_isa() or "unknown-isa").lower().replace(",", "").replace(" ", "-")
     save_results(f"int8_kernels_{isa}", text, {"env": env, "rows": rows})
 
 

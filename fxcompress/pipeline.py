@@ -180,11 +180,12 @@ def pass_help(name: str) -> tuple[str, str]:
     available_passes()
     cls = _REGISTRY[name][0]
     summary = " ".join((cls.__doc__ or "").split("\n\n")[0].split()).replace("``", "")
+    defaults = cls()
     options = []
     for f in dataclasses.fields(cls):
         if f.name in ("include", "exclude"):
             continue
-        value = getattr(cls(), f.name)
+        value = getattr(defaults, f.name)
         text = "+".join(map(str, value)) if isinstance(value, tuple) else str(value).lower() if isinstance(value, bool) else value
         options.append(f"{f.name}={text}")
     return summary, " ".join(options)

@@ -36,7 +36,7 @@ from fxcompress.graph_edit import replace_site
 from fxcompress.ops import pack_nbits
 from fxcompress.passes import budget
 from fxcompress.passes.gptq import LayerHessians, activation_order, gptq
-from fxcompress.passes.quantize import quantize_per_channel_gptq, rewrite_int8, sqnr_db
+from fxcompress.passes.quantize import int8_bytes, quantize_per_channel_gptq, rewrite_int8, sqnr_db
 from fxcompress.pipeline import LayerRecord, PassConfig, PassContext, PassResult, Tolerance, register_pass, select_sites
 from fxcompress.sites import nbytes
 
@@ -208,7 +208,7 @@ def _keep_int8(gm: fx.GraphModule, sites: list, cfg: "Int4Config", batches) -> d
     """Names (-> sensitivity) of the Linear layers the byte budget keeps int8, most sensitive per extra byte first."""
     return budget.keep_finer(gm, sites, cfg.budget, lambda s: _rtn_round_trip(s, cfg.block),
                              lambda s: _int4_bytes(*s.weight.shape, cfg.block) + nbytes(s.bias),
-                             lambda s: s.weight.numel() + 4 * s.weight.shape[0] + nbytes(s.bias), batches, cfg.name)
+                             int8_bytes, batches, cfg.name)
 
 
 @register_pass(Int4Config)

@@ -203,12 +203,18 @@ def _dequantize(q: Tensor, scale: Tensor) -> Tensor:
     return q.to(torch.float32) * scale.reshape(-1, *([1] * (q.dim() - 1)))
 
 
+def int8_bytes(site: Site) -> int:
+    """What the ``int8`` pass stores for ``site``: the codes, one fp32 scale per output channel, the bias.
+
+    Example:
+        >>> int8_bytes(site)  # Linear(384, 384): 147,456 codes + 1,536 scale bytes + 1,536 bias bytes
+        150528
+    """
+    return site.weight.numel() + 4 * site.weight.shape[0] + nbytes(site.bias)
+
+
 def _keep_float(gm: fx.GraphModule, sites: list[Site], cfg: Int8Config, batches) -> dict[str, float]:
     """Names (-> sensitivity) of the layers the byte budget leaves float."""
-
-    def int8_bytes(site: Site) -> int:  # codes, one fp32 scale per output channel, the bias
-        return site.weight.numel() + 4 * site.weight.shape[0] + nbytes(site.bias)
-
     return budget.keep_finer(gm, _single_reader(sites), cfg.budget, lambda s: _dequantize(*quantize_per_channel(s.weight)),
                              int8_bytes, lambda s: s.weight_bytes, batches, cfg.name)
 
