@@ -24,7 +24,7 @@ import onnxruntime as ort
 import torch
 
 import fxcompress
-from fxcompress.distill import distill_module
+from fxcompress.algorithms.distill import distill_module
 from fxcompress.models import zoo
 
 from common import environment, save_results

@@ -13,7 +13,7 @@ import onnxruntime
 import torch
 
 from fxcompress.bench import BenchRow, format_rows, rows_to_json
-from fxcompress.runtime import cpu_flags
+from fxcompress.checker.runtime import cpu_flags
 
 OUT = Path(__file__).parent / "results"
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 
 import fxcompress
-from fxcompress.calibration import MIN_ROWS_PER_FEATURE, Calibration
+from fxcompress.algorithms.statistics import MIN_ROWS_PER_FEATURE
+from fxcompress.graph.calibration import Calibration
 from fxcompress.models import zoo
 
 from common import environment, save_results

@@ -46,8 +46,8 @@ from pathlib import Path
 import torch
 
 import fxcompress
-from fxcompress.calibration import Calibration
-from fxcompress.distill import distill_module
+from fxcompress.graph.calibration import Calibration
+from fxcompress.algorithms.distill import distill_module
 from fxcompress.models import zoo
 
 from common import environment, save_results

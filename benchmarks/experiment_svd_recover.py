@@ -70,10 +70,10 @@ from pathlib import Path
 import torch
 
 import fxcompress
-from fxcompress.calibration import Calibration
-from fxcompress.distill import distill_module
+from fxcompress.graph.calibration import Calibration
+from fxcompress.algorithms.distill import distill_module
 from fxcompress.models import zoo
-from fxcompress.passes.int4 import dequantize, quantize_rtn
+from fxcompress.algorithms.quant import dequantize_blocks as dequantize, quantize_rtn
 
 from common import environment, save_results
 from experiment_svd_distill import (CALIBRATION, EMBEDDINGS_INT4, HELD_OUT, QUANTIZE, RECIPE, artifact_report, corpus,

@@ -1,25 +1,34 @@
-"""The entry point: ``optimize(model, example_inputs, recipe)`` -> :class:`CompressedModel`."""
+"""The entry point: ``optimize(model, example_inputs, recipe)`` -> :class:`CompressedModel`, and ``distill`` to
+fine-tune one against its original."""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import fx, nn
 
-from fxcompress.calibration import Calibration
-from fxcompress.capture import DynamicAxes, capture, normalize_inputs, run_reference
+from fxcompress.algorithms.distill import DistillOptions, distill_module, varying_axes
 from fxcompress.errors import InputError, PassError
-from fxcompress.export import export_onnx
-from fxcompress.graph_edit import state_bytes
-from fxcompress.lowering import tolerance_for
-from fxcompress.pipeline import LayerRecord, PassConfig, PassContext, PassManager, RecipeLike, Tolerance, parse_recipe, recipe_tolerance
+from fxcompress.export.targets import Target, get_target
+from fxcompress.export.writer import export_onnx
+from fxcompress.graph.calibration import Calibration
+from fxcompress.graph.capture import capture
+from fxcompress.graph.edit import state_bytes
+from fxcompress.graph.inputs import DynamicAxes, input_axes, normalize_inputs, run_reference
 from fxcompress.progress import progress_bar
+from fxcompress.recipe.manager import PassManager
+from fxcompress.recipe.parse import RecipeLike, parse_recipe, recipe_tolerance
+from fxcompress.recipe.records import LayerRecord
+from fxcompress.recipe.registry import PassConfig, PassContext
+from fxcompress.recipe.tolerance import Tolerance
+from fxcompress.text import fmt_bytes, table
 
 log = logging.getLogger(__name__)
 
@@ -71,19 +80,15 @@ class CompressedModel:
         """
         return self.bytes_before / max(self.bytes_after, 1)
 
-    def export(self, path: str | os.PathLike, target: str = "cpu", dynamic_axes: Optional[DynamicAxes] = None) -> Path:
+    def export(self, path: str | os.PathLike, target: Union[str, Target] = "cpu",
+               dynamic_axes: Optional[DynamicAxes] = None) -> Path:
         """Write the compressed model as ONNX and return the path.
 
         Args:
             path: the ``.onnx`` file to write; nothing is left there if export fails.
-            target: ``"cpu"`` (DynamicQuantizeMatMul for Linear, uint8 weights: safe on every x86 CPU),
-                ``"cpu-vnni"`` (the same with int8 weights: ~2x faster GEMMs on CPUs with VNNI, saturates without),
-                ``"cpu-nbits"`` (MatMulNBits 8-bit: more accurate, fast at batch 1, slow at large batches),
-                ``"cpu-weightonly"`` (MatMulNBits with fp32 activations: ORT computes what the torch module does; slow on
-                CPU, up to 30x fp32 on 4096-wide layers, for checking accuracy) or
-                ``"cuda"`` (standard DequantizeLinear + MatMul: weight-only numerics, runs on every EP; ORT's CPU EP
-                fuses it into MatMulNBits, which quantizes activations per block, unless the session sets
-                ``session.qdq_matmulnbits_accuracy_level`` to 1).
+            target: an export target or its name: how compressed layers are lowered for the runtime's kernels
+                (``fxcompress list`` and :data:`fxcompress.export.targets.TARGETS` describe each; default ``"cpu"``,
+                safe on every x86 CPU).
             dynamic_axes: the input axes left symbolic in the ONNX graph; default: those given to
                 :func:`optimize`. ``()`` fixes every shape.
 
@@ -92,10 +97,10 @@ class CompressedModel:
             >>> cm.export("model.onnx").name
             'model.onnx'
         """
-        quantized = any(r.action.startswith("int") for r in self.records)
+        target = get_target(target)
         meta = {
             "recipe": [c.to_dict() for c in self.recipe],
-            "tolerance": tolerance_for(self.tolerance, target, quantized).__dict__,
+            "tolerance": target.tolerance(self.tolerance, self.records).__dict__,
             "bytes_before": self.bytes_before,
             "capture": self.capture_method,
             "notes": self.notes,
@@ -125,9 +130,20 @@ class CompressedModel:
         Example:
             >>> print(fxcompress.optimize(model, x, recipe="int8").summary())
         """
-        from fxcompress.report import layer_table
-
-        return layer_table(self)
+        rows = []
+        for r in self.records:
+            err = f"{r.error:.1f} dB" if r.error is not None else ""
+            what = r.action + (f" ({r.reason})" if r.reason else "")
+            rows.append([r.layer, r.kind, r.pass_name, what, fmt_bytes(r.bytes_before), fmt_bytes(r.bytes_after), err])
+        header = ["layer", "kind", "pass", "action", "before", "after", "weight SQNR"]
+        body = table(rows, header) if rows else "(no candidate layers)"
+        done = sum(1 for r in self.records if not r.skipped)
+        return (
+            f"{body}\n\ncaptured with {self.capture_method}; {done} layer rewrites, "
+            f"{sum(r.skipped for r in self.records)} skipped\n"
+            f"module bytes {fmt_bytes(self.bytes_before)} -> {fmt_bytes(self.bytes_after)} "
+            f"({self.compression_ratio:.2f}x smaller)"
+        )
 
 
 def optimize(
@@ -136,7 +152,7 @@ def optimize(
     recipe: RecipeLike = "int8",
     *,
     calibration: Optional[Iterable[Any]] = None,
-    progress: bool = False,
+    progress: Optional[bool] = None,
     dynamic_axes: DynamicAxes = (0,),
 ) -> CompressedModel:
     """Capture ``model``, run the recipe's rewrite passes and return the compressed module.
@@ -149,7 +165,8 @@ def optimize(
         recipe: pass names with options (``"fold_bn,int8"``), a config, or a list of either.
         calibration: input tuples for passes that look at activations; a :class:`Calibration` can also mark
             padding so that statistics skip it.
-        progress: show a progress bar over the layers being rewritten.
+        progress: a progress bar on stderr over the passes, naming the layer being rewritten; default: when stderr
+            is a terminal.
         dynamic_axes: the input axes that may change size between calls (default: the batch axis), as axis numbers
             for every input or one tuple per input: e.g. ``(0, 1)`` for a transformer's batch and sequence length,
             so that the module (and its export) takes any length and ``distill`` can train on batches cut to their
@@ -176,7 +193,8 @@ def optimize(
     captured = capture(model, inputs, dynamic_axes)
     gm = captured.graph_module
     before = state_bytes(gm)
-    with progress_bar(progress, desc="fxcompress", total=len(configs)) as bar:
+    show = sys.stderr.isatty() if progress is None else progress
+    with progress_bar(show, desc="fxcompress", total=len(configs)) as bar:
         ctx = PassContext(inputs, calib, progress=bar.note, teacher=model)
         records = PassManager(configs).run(gm, ctx, on_pass_done=bar.advance)
     try:  # the rewritten graph must still run on what the original ran on
@@ -192,3 +210,62 @@ def optimize(
         )
     return CompressedModel(gm, records, configs, inputs, captured.method, before, state_bytes(gm), captured.fx_failure,
                            captured.dynamic_axes)
+
+
+def _check_axes(compressed: CompressedModel, batches: Sequence[tuple]) -> None:
+    """A torch.export capture runs only on the sizes it was captured with outside its dynamic axes: say so before
+    training rather than fail inside the first step (symbolic_trace graphs take any shape)."""
+    if not batches or compressed.capture_method != "export":
+        return
+    captured = input_axes(compressed.example_inputs, compressed.dynamic_axes)
+    fixed = {i: sorted(set(v) - set(c)) for i, (v, c) in enumerate(zip(varying_axes(batches), captured))}
+    fixed = {i: axes for i, axes in fixed.items() if axes}
+    if fixed:
+        raise InputError("distill data varies in size on axes the compressed module was captured fixed ("
+                         + ", ".join(f"input {i}: axes {axes}" for i, axes in fixed.items())
+                         + f"; captured with dynamic_axes={captured}): pass those axes to optimize(..., dynamic_axes=...) "
+                         "too, or pad the batches to one size")
+
+
+def distill(
+    compressed: CompressedModel,
+    teacher: nn.Module,
+    data: Sequence[Any],
+    steps: int = 100,
+    *,
+    lr: float = 1e-4,
+    loss: str = "mse",
+    temperature: float = 1.0,
+    hidden: Union[None, str, Sequence[str]] = None,
+    hidden_weight: float = 1.0,
+    schedule: str = "constant",
+    trainable: Optional[Callable[[str], bool]] = None,
+    amp: Optional[bool] = None,
+    device: str = "auto",
+    progress: bool = False,
+    on_step: Optional[Callable[[int, float], None]] = None,
+) -> CompressedModel:
+    """Fine-tune ``compressed`` against ``teacher`` on ``data`` (input tuples); returns it, with a ``distill`` record
+    (loss first -> last) added. The teacher is never modified.
+
+    ``loss``: ``mse`` | ``kl`` | ``cosine``; ``hidden``: ``"norms"`` (every LayerNorm output) or node names to match
+    too, weighted by ``hidden_weight``; ``schedule``: ``constant`` | ``cosine``; ``trainable(name)`` picks the
+    tensors to train; ``on_step(step, loss)`` runs after each step (see
+    :func:`fxcompress.algorithms.distill.distill_module`).
+
+    Example:
+        >>> cm = fxcompress.optimize(model, x, recipe="svd:rank=8")
+        >>> cm = fxcompress.distill(cm, teacher=model, data=[(x,)], steps=5, lr=1e-3)
+        >>> cm.records[-1].action
+        'distilled'
+    """
+    try:
+        options = DistillOptions(steps=steps, lr=lr, loss=loss, temperature=temperature, hidden=hidden or (),
+                                 hidden_weight=hidden_weight, schedule=schedule)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    _check_axes(compressed, [normalize_inputs(b) for b in data])
+    history = distill_module(compressed.module, teacher, data, options, trainable=trainable, device=device, amp=amp,
+                             progress=progress, on_step=on_step)
+    compressed.records.append(LayerRecord("(whole model)", "model", "distill", "distilled", options.describe(history)))
+    return compressed

@@ -7,7 +7,6 @@ p50 latency per batch size, cosine similarity to the fp32 torch model and, for c
 
 from __future__ import annotations
 
-import functools
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,12 +16,14 @@ import numpy as np
 import onnx
 
 from fxcompress.api import optimize
-from fxcompress.capture import capture, normalize_inputs, run_reference
-from fxcompress.export import export_onnx
-from fxcompress.ops import TARGETS
-from fxcompress.parity import compare, outputs_to_numpy
-from fxcompress.report import fmt_bytes, initializer_bytes
-from fxcompress.runtime import import_ort, probe
+from fxcompress.checker.metrics import compare, outputs_to_numpy
+from fxcompress.checker.runtime import import_ort, probe
+from fxcompress.checker.weights import initializer_bytes
+from fxcompress.export.targets import target_names
+from fxcompress.export.writer import export_onnx
+from fxcompress.graph.capture import capture
+from fxcompress.graph.inputs import normalize_inputs, run_reference
+from fxcompress.text import fmt_bytes
 
 @dataclass
 class BenchRow:
@@ -122,7 +123,7 @@ def run_benchmark(
     factory: Callable[[], tuple],
     *,
     recipes: Sequence[str] = ("int8",),
-    targets: Sequence[str] = TARGETS,
+    targets: Optional[Sequence[str]] = None,
     batches: Sequence[int] = (1, 32),
     ort_quantize_dynamic: bool = True,
     ort_nbits: Sequence[str] = (),
@@ -131,15 +132,19 @@ def run_benchmark(
     provider: str = "auto",
     repeat: int = 20,
     workdir: Optional[str] = None,
+    progress: Callable[[str], None] = lambda line: None,
 ) -> list[BenchRow]:
-    """Benchmark fp32 vs each recipe x target vs ORT's quantizers on the model ``factory()`` returns.
+    """Benchmark fp32 vs each recipe x target (default: every target) vs ORT's quantizers on the model ``factory()``
+    returns.
 
     ``ort_nbits`` names the ORT MatMulNBitsQuantizer algorithms to add ("rtn", "gptq"), at ``nbits_block``;
-    ``calibration`` feeds both fxcompress recipes and ORT's GPTQ.
+    ``calibration`` feeds both fxcompress recipes and ORT's GPTQ; ``progress`` gets one line per variant before it is
+    built and measured (the CLI prints them).
 
     Example:
-        >>> rows = run_benchmark(zoo.mlp, batches=(1,))
-        >>> print(format_rows(rows))
+        >>> rows = run_benchmark(zoo.mlp, targets=("cpu",), batches=(1,), ort_quantize_dynamic=False, repeat=2)
+        >>> [r.variant for r in rows]
+        ['fp32', 'fxcompress int8 [cpu]']
     """
     made = factory()
     model, inputs = made[0], normalize_inputs(made[1])
@@ -147,13 +152,23 @@ def run_benchmark(
     labels = made[2].labels.numpy() if len(made) > 2 and made[2].labels is not None else None
     calib = [normalize_inputs(c) for c in calibration] if calibration is not None else None
     reference = [outputs_to_numpy(run_reference(model, b)) for b in eval_batches]
-    measure = functools.partial(_measure, batches=batches, inputs=inputs, eval_batches=eval_batches, reference=reference,
-                                provider=provider, repeat=repeat, labels=labels)
+    targets = list(targets or target_names())
+    total = 1 + len(recipes) * len(targets) + bool(ort_quantize_dynamic) + len(ort_nbits)
+    done = 0
+
+    def measure(name: str, path: Path) -> BenchRow:
+        nonlocal done
+        done += 1
+        progress(f"[{done}/{total}] measuring {name}")
+        return _measure(name, path, batches, inputs, eval_batches, reference, provider, repeat, labels)
+
     rows: list[BenchRow] = []
     with tempfile.TemporaryDirectory(prefix="fxc-bench-", dir=workdir) as tmp:
+        progress("exporting the fp32 model")
         fp32 = export_onnx(capture(model, inputs).graph_module, inputs, Path(tmp, "fp32.onnx"))
         rows.append(measure("fp32", fp32))
         for i, recipe in enumerate(recipes):
+            progress(f"compressing with recipe {recipe!r}")
             cm = optimize(model, inputs, recipe=recipe, calibration=calib)
             for target in targets:
                 path = cm.export(Path(tmp, f"recipe{i}-{target}.onnx"), target=target)

@@ -6,17 +6,17 @@ Exit codes: 0 success, 1 parity failed, 2 bad input (the message says which and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from fxcompress.errors import FxCompressError, InputError
-
-# fxcompress.ops.TARGETS, spelled out: importing ops would load torch for `--help` (tests keep the two equal)
-EXPORT_TARGETS = ("cpu", "cpu-vnni", "cpu-nbits", "cpu-weightonly", "cuda")
+from fxcompress.export.targets import TARGETS, target_names
 
 EXIT_OK, EXIT_PARITY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -34,6 +34,8 @@ def load_factory(spec: str) -> Callable[[], tuple]:
             return FACTORIES[spec]
         raise InputError(f"{spec!r} is neither MODULE:FACTORY nor a bundled model ({', '.join(FACTORIES)})")
     module_name, _, attr = spec.partition(":")
+    if "" not in sys.path and os.getcwd() not in sys.path:  # as `python -m` does: a module in the current folder
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -87,7 +89,7 @@ def _call_factory(spec: str):
 
 
 def _check(model, path: Path, example_inputs, eval_data, args, layers: Optional[list] = None) -> int:
-    from fxcompress.parity import check
+    from fxcompress.checker.parity import check
 
     print(f"checking {path} on ONNX Runtime ...", file=sys.stderr)
     report = check(model, path, example_inputs, eval_inputs=eval_data.inputs if eval_data else None,
@@ -118,7 +120,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     print(cm.summary())
     path = cm.export(args.output, target=args.target)
     print(f"\nwrote {path} (target {args.target})")
-    layers = [r.__dict__ for r in cm.records]
+    layers = [dataclasses.asdict(r) for r in cm.records]
     if not args.check:
         if args.json:
             Path(args.json).write_text(json.dumps({"layers": layers}, indent=2))
@@ -148,9 +150,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """
     from fxcompress.bench import format_rows, rows_to_json, run_benchmark
 
-    rows = run_benchmark(load_factory(args.model), recipes=args.recipe, targets=args.targets.split(","),
-                         batches=[int(b) for b in args.batches.split(",")], ort_quantize_dynamic=not args.no_ort,
-                         provider=args.provider, repeat=args.repeat, calibration=load_calibration(args.calibration, args.model))
+    targets = [t for t in args.targets.split(",") if t]
+    unknown = sorted(set(targets) - set(TARGETS))
+    if unknown:
+        raise InputError(f"--targets names unknown target(s) {unknown}; choose from {', '.join(TARGETS)}")
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        raise InputError(f"--batches takes comma-separated batch sizes (e.g. 1,32), got {args.batches!r}") from None
+    rows = run_benchmark(load_factory(args.model), recipes=args.recipe, targets=targets, batches=batches,
+                         ort_quantize_dynamic=not args.no_ort, provider=args.provider, repeat=args.repeat,
+                         calibration=load_calibration(args.calibration, args.model),
+                         progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_rows(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows_to_json(rows), indent=2))
@@ -165,7 +176,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         0
     """
     from fxcompress.models.zoo import FACTORIES
-    from fxcompress.pipeline import available_passes, pass_help
+    from fxcompress.recipe.registry import available_passes, pass_help
 
     print("passes (recipe: name:option=value,...; every pass also takes include= and exclude=, layer-name patterns "
           "joined by +); options show their defaults:")
@@ -174,6 +185,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"  {name:<13} {summary}")
         if options:
             print(f"  {'':<13} {options}")
+    print("export targets (--target):")
+    for target in TARGETS.values():
+        print(f"  {target.name:<15} {target.summary}")
     print("bundled models:", ", ".join(FACTORIES))
     return EXIT_OK
 
@@ -197,12 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("model", help="MODULE:FACTORY returning (model, example_inputs), or a bundled model name")
     o.add_argument("--recipe", default="int8", help="passes, e.g. 'fold_bn,int8' (see `fxcompress list`)")
     o.add_argument("-o", "--output", required=True, help="ONNX file to write")
-    o.add_argument("--target", default="cpu", choices=EXPORT_TARGETS,
-                   help="ONNX lowering of compressed layers")
+    o.add_argument("--target", default="cpu", choices=target_names(),
+                   help="ONNX lowering of compressed layers (see `fxcompress list`)")
     o.add_argument("--dynamic-axes", help="input axes that may change size, e.g. 0,1 for batch and sequence (default: "
                                           "0; a bundled model's own, e.g. 0,1 for minilm); empty: fixed shapes")
     o.add_argument("--check", action="store_true", help="run the parity checker on the result (exit 1 if it fails)")
-    o.add_argument("--no-progress", action="store_true")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
     o.add_argument("--calibration", help="MODULE:FUNC returning a list of input tuples (bundled models have "
                                          "default calibration batches)")
     common(o)
@@ -217,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="fp32 vs fxcompress vs ORT quantize_dynamic, one table")
     b.add_argument("model")
     b.add_argument("--recipe", action="append", default=None, help="repeatable; default int8")
-    b.add_argument("--targets", default=",".join(EXPORT_TARGETS))
+    b.add_argument("--targets", default=",".join(target_names()), help="comma-separated export targets")
     b.add_argument("--batches", default="1,32")
     b.add_argument("--repeat", type=int, default=20)
     b.add_argument("--no-ort", action="store_true", help="leave out ORT's quantize_dynamic")

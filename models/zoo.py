@@ -16,14 +16,16 @@ import copy
 import functools
 import math
 import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fxcompress.calibration import Calibration
+from fxcompress.graph.calibration import Calibration
 
 
 @dataclass
@@ -97,8 +99,36 @@ def digits_data() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return x[idx_train], y[idx_train], x[idx_test], y[idx_test]
 
 
+def _cache_dir() -> Path:
+    """Where trained zoo weights are kept between runs: ``$FXCOMPRESS_CACHE``, else ``$XDG_CACHE_HOME/fxcompress`` or
+    ``~/.cache/fxcompress``."""
+    if os.environ.get("FXCOMPRESS_CACHE"):
+        return Path(os.environ["FXCOMPRESS_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fxcompress"
+
+
 @functools.lru_cache(maxsize=1)
 def _trained_digits_state() -> dict[str, Tensor]:
+    """The digits CNN's trained weights: trained once (seeded, ~3-30 s on 2 cores), then read from the cache. The
+    file name carries the torch version, since another version may train to other weights."""
+    path = _cache_dir() / f"digits_cnn-v1-torch{torch.__version__.replace('+', '_')}.pt"
+    try:
+        return torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError):
+        pass
+    state = _train_digits()
+    try:  # atomic: a concurrent run never reads half a file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: train again next time
+    return state
+
+
+def _train_digits() -> dict[str, Tensor]:
     x, y, _, _ = digits_data()
     g = _seeded(0)
     model = DigitsCNN()

@@ -1,5 +1,6 @@
-"""Built-in rewrite passes, one technique per module; importing this package registers them."""
+"""The rewrite passes, one file per recipe word (``int8.py`` holds ``int8`` and its ``int8_dynamic`` variant).
 
-from fxcompress.passes import distill, factorize, fold_bn, half, int4, prune, quantize, sparsity, static_quant  # noqa: F401
-
-__all__ = ["distill", "factorize", "fold_bn", "half", "int4", "prune", "quantize", "sparsity", "static_quant"]
+Nothing is listed here: :func:`fxcompress.recipe.registry.available_passes` imports every module of this package, and
+each registers its passes with ``@register_pass``. A pass imports the stages before it (graph, ops, recipe,
+algorithms), never another pass.
+"""

@@ -15,9 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from fxcompress.graph_edit import attr_owner
-from fxcompress.pipeline import EXACT, LayerRecord, PassConfig, PassContext, PassResult, Tolerance, register_pass, select_sites
-from fxcompress.sites import Site, find_sites, nbytes, stored_tensor
+from fxcompress.graph.edit import attr_owner
+from fxcompress.graph.sites import Site, find_sites, nbytes, stored_tensor
+from fxcompress.recipe.manager import select_sites
+from fxcompress.recipe.records import LayerRecord, Numerics
+from fxcompress.recipe.registry import PassConfig, PassContext, PassResult, register_pass
+from fxcompress.recipe.tolerance import EXACT, Tolerance
 
 aten = torch.ops.aten
 
@@ -138,6 +141,7 @@ def fold_batch_norm(gm: fx.GraphModule, cfg: FoldBNConfig, ctx: PassContext) -> 
         _write_back(gm, site, weight, bias)
         bn.node.replace_all_uses_with(site.node)
         gm.graph.erase_node(bn.node)
-        records.append(LayerRecord(site.name, site.kind, cfg.name, "folded", f"absorbed {bn.node.name}", site.weight_bytes, nbytes(weight, bias)))
+        records.append(LayerRecord(site.name, site.kind, cfg.name, "folded", f"absorbed {bn.node.name}", site.weight_bytes,
+                                   nbytes(weight, bias), numerics=Numerics("float32")))
     return PassResult(gm, any(r.action == "folded" for r in records), records)
 

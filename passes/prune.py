@@ -30,11 +30,14 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fxcompress.calibration import observe
+from fxcompress.algorithms.statistics import observe
 from fxcompress.errors import InputError
-from fxcompress.graph_edit import attr_owner, replace_tensor, site_tensor
-from fxcompress.pipeline import LayerRecord, PassConfig, PassContext, PassResult, Tolerance, register_pass, select_sites
-from fxcompress.sites import Site, find_sites
+from fxcompress.graph.edit import attr_owner, replace_tensor, site_tensor
+from fxcompress.graph.sites import Site, find_sites
+from fxcompress.recipe.manager import select_sites
+from fxcompress.recipe.records import LayerRecord, Numerics
+from fxcompress.recipe.registry import PassConfig, PassContext, PassResult, register_pass
+from fxcompress.recipe.tolerance import Tolerance
 
 aten = torch.ops.aten
 
@@ -449,7 +452,8 @@ def prune_channels(gm: fx.GraphModule, cfg: PruneConfig, ctx: PassContext) -> Pa
                 removed = sorted(set(range(g.size)) - set(keep[id(g)].tolist()))
                 note = f"{g.size} -> {len(keep[id(g)])} channels" + (f" (coupled with {', '.join(n for n in names if n != s.name)})" if len(names) > 1 else "")
                 records.append(LayerRecord(s.name, s.kind, cfg.name, "pruned", note, before.get(s.name, 0), after.get(s.name, 0),
-                                           extra={"removed_channels": removed, "kept_channels": keep[id(g)].tolist()}))
+                                           extra={"removed_channels": removed, "kept_channels": keep[id(g)].tolist()},
+                                           numerics=Numerics("float32")))
             else:
                 reason = g.refused[0] if g.refused else ("a single channel cannot be pruned" if g.size == 1 else
                                                          "kept whole: every channel ranked above the global threshold")

@@ -17,9 +17,12 @@ from typing import ClassVar
 import torch
 from torch import Tensor, fx
 
-from fxcompress.graph_edit import set_site_weight
-from fxcompress.passes.quantize import sqnr_db
-from fxcompress.pipeline import LayerRecord, PassConfig, PassContext, PassResult, Tolerance, register_pass, select_sites
+from fxcompress.algorithms.quant import sqnr_db
+from fxcompress.graph.edit import set_site_weight
+from fxcompress.recipe.manager import select_sites
+from fxcompress.recipe.records import LayerRecord, Numerics
+from fxcompress.recipe.registry import PassConfig, PassContext, PassResult, register_pass
+from fxcompress.recipe.tolerance import Tolerance
 
 DENSE_NOTE = "weights zeroed, tensor stays dense: no bytes or speed saved in ONNX / ORT"
 
@@ -87,7 +90,7 @@ def _sparsify(gm: fx.GraphModule, cfg: PassConfig, ctx: PassContext, make_mask) 
         zeros = 1 - why.float().mean().item()
         records.append(LayerRecord(site.name, site.kind, cfg.name, "sparse", f"{zeros:.0%} zeros; {DENSE_NOTE}",
                                    site.weight_bytes, site.weight_bytes, sqnr_db(w, sparse), "weight SQNR dB",
-                                   extra={"zero_fraction": zeros, "dense_storage": True}))
+                                   extra={"zero_fraction": zeros, "dense_storage": True}, numerics=Numerics("float32")))
     return PassResult(gm, changed, records)
 
 

@@ -4,8 +4,8 @@ import onnxruntime as ort
 import torch
 
 from fxcompress.bench import format_rows, gemm_to_matmul, run_benchmark
-from fxcompress.capture import capture
-from fxcompress.export import export_onnx
+from fxcompress.graph.capture import capture
+from fxcompress.export.writer import export_onnx
 from fxcompress.models import zoo
 
 from helpers import op_types

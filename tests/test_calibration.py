@@ -11,9 +11,11 @@ import torch
 from torch import nn
 
 import fxcompress
-from fxcompress.calibration import Calibration, input_hessians, metric_roots, paired_moments
-from fxcompress.capture import capture
-from fxcompress.sites import find_sites
+from fxcompress.algorithms.kfac import metric_roots
+from fxcompress.algorithms.statistics import input_hessians, paired_moments
+from fxcompress.graph.calibration import Calibration
+from fxcompress.graph.capture import capture
+from fxcompress.graph.sites import find_sites
 
 
 class MaskedEncoder(nn.Module):

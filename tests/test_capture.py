@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from fxcompress.capture import capture
+from fxcompress.graph.capture import capture
 from fxcompress.errors import CaptureError, InputError
 from fxcompress.models.zoo import TinyTransformer
 
@@ -96,7 +96,7 @@ def test_malformed_dynamic_axes_are_rejected(axes, message):
 
 
 def test_per_input_dynamic_axes_apply_to_their_own_input():
-    from fxcompress.capture import input_axes
+    from fxcompress.graph.inputs import input_axes
 
     inputs = (torch.randn(2, 5, 3), torch.ones(2, 5))
     assert input_axes(inputs, (0, 1)) == [(0, 1), (0, 1)]

@@ -66,7 +66,7 @@ def test_bundled_models_take_their_own_dynamic_axes():
 
 
 def test_list_shows_every_pass_with_its_options_and_defaults(capsys):
-    from fxcompress.pipeline import available_passes
+    from fxcompress.recipe.registry import available_passes
 
     assert main(["list"]) == 0
     out = capsys.readouterr().out

@@ -5,11 +5,11 @@ import torch
 from torch import nn
 
 import fxcompress
-from fxcompress.capture import capture
-from fxcompress.distill import distill_module, hidden_nodes, lr_factor
+from fxcompress.graph.capture import capture
+from fxcompress.algorithms.distill import DistillOptions, distill_module, hidden_nodes, lr_factor
 from fxcompress.errors import InputError, RecipeError
 from fxcompress.models.zoo import TinyTransformer
-from fxcompress.ops import pack_nbits
+from fxcompress.ops.packing import pack_nbits
 
 from helpers import init_dtypes, same_state, state_snapshot
 
@@ -179,7 +179,7 @@ def test_hidden_norms_adds_the_relative_mse_of_every_layernorm_output_to_the_los
     model, data = _normed()
     cm = fxcompress.optimize(model, data[0], recipe="svd:rank=4")
     assert len(hidden_nodes(cm.module, capture(model, data[0]).graph_module, "norms")) == 2
-    first = lambda **kw: distill_module(copy.deepcopy(cm.module), model, data[:1], steps=1, **kw)[0]  # loss before any step
+    first = lambda **kw: distill_module(copy.deepcopy(cm.module), model, data[:1], DistillOptions(steps=1, **kw))[0]  # before a step
     expected = sum(torch.nn.functional.mse_loss(s, t).item() / t.pow(2).mean().item()
                    for s, t in zip(_norm_outputs(cm.module, data[0]), _norm_outputs(model, data[0]))) / 2
     assert expected > 1e-3
@@ -210,7 +210,7 @@ def test_hidden_matching_errors_name_the_node():
     with pytest.raises(InputError, match="found no LayerNorm"):
         fxcompress.distill(cm, model, data, steps=1, hidden="norms")
     with pytest.raises(InputError, match="must be the compressed GraphModule"):
-        distill_module(copy.deepcopy(model), model, data, steps=1, hidden="norms")
+        distill_module(copy.deepcopy(model), model, data, DistillOptions(steps=1, hidden="norms"))
     pruned = fxcompress.optimize(model, data[0], recipe="prune:ratio=0.5", calibration=data)
     relu = next(n.name for n in pruned.module.graph.nodes if n.op == "call_module" and "1" == n.target)
     with pytest.raises(InputError, match=f"hidden node '{relu}' has shape \\(32, 32\\) in the student but \\(32, 64\\)"):
@@ -226,7 +226,7 @@ def test_cosine_schedule_warms_up_decays_to_zero_and_reports_every_step():
     assert factors == sorted(factors, reverse=True)
     cm = fxcompress.optimize(model, data[0], recipe="svd:rank=4")
     seen = []
-    history = distill_module(cm.module, model, data, steps=40, lr=3e-3, schedule="cosine",
+    history = distill_module(cm.module, model, data, DistillOptions(steps=40, lr=3e-3, schedule="cosine"),
                              on_step=lambda step, loss: seen.append((step, loss)))
     assert seen == list(enumerate(history, start=1))
     assert history[-1] < history[0]
@@ -311,7 +311,7 @@ def test_hidden_matching_skips_padded_tokens_when_data_carries_a_token_mask():
         data = [(inputs, mask)]
         student = copy.deepcopy(cm.module)
         return distill_module(student, model, fxcompress.Calibration(data, token_mask=token_mask) if token_mask is not None else data,
-                              steps=1, lr=1e-9, loss="mse", hidden="norms")[0]
+                              DistillOptions(steps=1, lr=1e-9, loss="mse", hidden="norms"))[0]
 
     assert first_loss(x, 1) == pytest.approx(first_loss(padded_elsewhere, 1), rel=1e-5)
     assert first_loss(x, None) < 0.8 * first_loss(padded_elsewhere, None)  # unmasked, padding counts

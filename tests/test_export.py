@@ -8,10 +8,12 @@ import torch
 from torch import nn
 
 import fxcompress
-from fxcompress import ops
+from fxcompress.export.targets import TARGETS, get_target, target_names
+from fxcompress.export.writer import translation_table
+from fxcompress.ops.registry import all_custom_ops
 from fxcompress.errors import ExportError
-from fxcompress.export import read_metadata
-from fxcompress.runtime import cpu_has_vnni
+from fxcompress.export.writer import read_metadata
+from fxcompress.checker.runtime import cpu_has_vnni
 from fxcompress.models.zoo import TinyTransformer
 
 from helpers import init_dtypes, op_types
@@ -47,7 +49,7 @@ EXPECTED_OPS = {
 }
 
 
-@pytest.mark.parametrize("target", ops.TARGETS)
+@pytest.mark.parametrize("target", list(TARGETS))
 def test_lowering_ops_dtypes_and_ort_parity(compressed, tmp_path, target):
     model, ids, cm = compressed
     path = cm.export(tmp_path / "m.onnx", target=target)
@@ -94,15 +96,15 @@ def test_vnni_target_keeps_signed_int8_weights_and_notes_which_encoding_suits_th
     assert weights and all(w.data_type == onnx.TensorProto.INT8 for w in weights)  # U8S8, not q + 128 as uint8
     assert all(len(n.input) < 4 or not n.input[3] for n in proto.graph.node if n.op_type == "DynamicQuantizeMatMul")
     assert read_metadata(proto)["tolerance"]["cosine_min"] == 0.99  # activations quantized per tensor, as "cpu"
-    monkeypatch.setattr("fxcompress.parity.cpu_has_vnni", lambda: False)
+    monkeypatch.setattr("fxcompress.checker.parity.cpu_has_vnni", lambda: False)
     rep = fxcompress.check(model, path, ids)
     assert any("without VNNI" in n for n in rep.notes) and "without VNNI" in rep.to_text()
-    monkeypatch.setattr("fxcompress.parity.cpu_has_vnni", lambda: True)
+    monkeypatch.setattr("fxcompress.checker.parity.cpu_has_vnni", lambda: True)
     assert not any("VNNI" in n for n in fxcompress.check(model, path, ids).notes)
     # and the converse: a uint8 (cpu) artifact checked on a VNNI CPU points to the faster encoding
     cpu_path = cm.export(tmp_path / "c.onnx", target="cpu")
     assert any("target 'cpu-vnni'" in n for n in fxcompress.check(model, cpu_path, ids).notes)
-    monkeypatch.setattr("fxcompress.parity.cpu_has_vnni", lambda: False)
+    monkeypatch.setattr("fxcompress.checker.parity.cpu_has_vnni", lambda: False)
     assert not any("VNNI" in n for n in fxcompress.check(model, cpu_path, ids).notes)
 
 
@@ -116,30 +118,42 @@ def test_metadata_carries_recipe_target_and_tolerance(compressed, tmp_path):
 
 
 def test_every_custom_op_has_a_translation_for_every_target():
-    custom = ops.all_custom_ops()
-    assert len(custom) >= 4
-    for target in ops.TARGETS:
-        missing = [o for o in custom if o not in ops.translation_table(target)]
-        assert not missing, f"{target}: no ONNX translation for {missing}"
+    custom = all_custom_ops()
+    assert len(custom) >= 7
+    for target in TARGETS.values():
+        missing = [o for o in custom if o not in translation_table(target)]
+        assert not missing, f"{target.name}: no ONNX translation for {missing}"
 
 
-def test_every_target_has_a_lowering_and_a_cli_choice():
-    from fxcompress.cli import EXPORT_TARGETS
-    from fxcompress.lowering import LOWERINGS
+def test_the_cli_choices_are_the_registry_and_every_variant_a_target_names_exists():
+    from fxcompress.cli import build_parser
+    from fxcompress.ops.registry import compressed_ops
 
-    assert tuple(LOWERINGS) == ops.TARGETS == EXPORT_TARGETS
+    optimize = build_parser()._subparsers._group_actions[0].choices["optimize"]
+    choices = next(a.choices for a in optimize._actions if a.dest == "target")
+    assert list(choices) == target_names() == list(TARGETS)
+    ops = compressed_ops()
+    for target in TARGETS.values():
+        for op, variant in target.variants:
+            assert variant in ops[op].translations, f"{target.name}: {op} has no translation {variant!r}"
+        assert target.int8_linear in ("uint8", "int8", "nbits", "keep") and target.nbits_fallback in ("uint8", "keep")
+
+
+def test_unknown_target_names_the_choices():
+    with pytest.raises(ExportError, match="unknown export target 'gpu'; choose one of cpu, cpu-vnni"):
+        get_target("gpu")
 
 
 def test_reference_nbits_op_matches_per_channel_op():
-    from fxcompress.lowering import lower_for_target
+    from fxcompress.export.lowering import lower_for_target
 
     model = nn.Sequential(nn.Linear(64, 16)).eval()
     x = torch.randn(3, 64)
     cm = fxcompress.optimize(model, x, recipe="int8")
-    lowered = lower_for_target(cm.module, "cpu-nbits")
+    lowered = lower_for_target(cm.module, get_target("cpu-nbits"))
     assert any(n.target is torch.ops.fxcompress.linear_nbits.default for n in lowered.graph.nodes)
     torch.testing.assert_close(lowered(x), cm(x), rtol=1e-5, atol=1e-5)  # exact re-encoding
-    torch.testing.assert_close(lower_for_target(cm.module, "cpu")(x), cm(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lower_for_target(cm.module, get_target("cpu"))(x), cm(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -160,7 +174,7 @@ def test_unwritable_output_fails_before_export_and_leaves_nothing(compressed, tm
 
 
 def test_failed_export_leaves_no_partial_file(compressed, tmp_path, monkeypatch):
-    import fxcompress.export as ex
+    import fxcompress.export.writer as ex
 
     def broken(*a, **k):
         raise ExportError("simulated failure")

@@ -15,10 +15,10 @@ def test_wheel_installs_only_under_fxcompress(tmp_path):
     tops = {n.split("/")[0] for n in zipfile.ZipFile(wheel).namelist()}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"fxcompress"}
     names = zipfile.ZipFile(wheel).namelist()
-    assert "fxcompress/passes/quantize.py" in names and "fxcompress/models/zoo.py" in names
+    assert "fxcompress/passes/int8.py" in names and "fxcompress/models/zoo.py" in names
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)], check=True, capture_output=True)
-    probe = "import fxcompress, fxcompress.passes.quantize, fxcompress.models.zoo; print(fxcompress.__file__)"
+    probe = "import fxcompress, fxcompress.passes.int8, fxcompress.models.zoo; print(fxcompress.__file__)"
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": ""},
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -9,8 +9,9 @@ from torch import nn
 
 import fxcompress
 from fxcompress.errors import RuntimeMissingError
-from fxcompress.parity import check, compare
-from fxcompress.pipeline import Tolerance
+from fxcompress.checker.metrics import compare
+from fxcompress.checker.parity import check
+from fxcompress.recipe.tolerance import Tolerance
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +123,7 @@ def test_compare_metrics():
 
 
 def test_missing_onnxruntime_says_which_extra(monkeypatch):
-    from fxcompress.runtime import import_ort
+    from fxcompress.checker.runtime import import_ort
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(RuntimeMissingError, match=r"fxcompress\[cpu\].*fxcompress\[gpu\]"):

@@ -3,8 +3,10 @@ import torch
 from torch import fx, nn
 
 from fxcompress.errors import PassError, RecipeError
-from fxcompress.passes.quantize import Int8Config
-from fxcompress.pipeline import PassContext, PassManager, parse_recipe, recipe_tolerance
+from fxcompress.passes.int8 import Int8Config
+from fxcompress.recipe.manager import PassManager
+from fxcompress.recipe.parse import parse_recipe, recipe_tolerance
+from fxcompress.recipe.registry import PassContext
 
 
 def test_text_recipe_with_options():
@@ -44,7 +46,7 @@ def test_recipe_tolerance_is_the_loosest_pass():
 
 
 def test_failing_pass_is_named_with_what_ran_before(monkeypatch):
-    import fxcompress.pipeline as pl
+    import fxcompress.recipe.registry as pl
 
     def boom(gm, cfg, ctx):
         raise RuntimeError("kaboom")

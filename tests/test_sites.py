@@ -2,8 +2,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxcompress.capture import capture
-from fxcompress.sites import find_sites
+from fxcompress.graph.capture import capture
+from fxcompress.graph.sites import find_sites
 
 
 class Functional(nn.Module):

@@ -4,13 +4,14 @@ import torch
 from torch import nn
 
 import fxcompress
-from fxcompress.calibration import Calibration, output_gauss_newton
-from fxcompress.capture import capture
+from fxcompress.algorithms.kfac import output_gauss_newton
+from fxcompress.graph.calibration import Calibration
+from fxcompress.graph.capture import capture
 from fxcompress.errors import InputError, RecipeError
-from fxcompress.passes.factorize import SVDConfig, refit_target, svd_factors, tucker2
-from fxcompress.passes.svd_blocks import find_blocks, held_out_rows, refit_block
-from fxcompress.passes.quantize import sqnr_db
-from fxcompress.sites import find_sites
+from fxcompress.passes.svd import SVDConfig, refit_target, svd_factors, tucker2
+from fxcompress.algorithms.block_refit import find_blocks, held_out_rows, refit_block
+from fxcompress.algorithms.quant import sqnr_db
+from fxcompress.graph.sites import find_sites
 
 from helpers import op_types
 
@@ -106,7 +107,7 @@ def test_spatial_svd_full_rank_is_exact_and_runs_on_ort(tmp_path):
     x = torch.randn(2, 8, 9, 9)
     cm = fxcompress.optimize(model, x, recipe="svd:rank=24,kinds=conv2d,conv=spatial")  # full rank: min(8*3, 16*3)
     assert cm.records[0].skipped  # full rank saves nothing
-    from fxcompress.passes.factorize import spatial_svd
+    from fxcompress.passes.svd import spatial_svd
 
     v, h = spatial_svd(model[0].weight.detach(), SVDConfig(rank=24), "0")
     torch.testing.assert_close(torch.einsum("rikz,orzl->oikl", v, h), model[0].weight.detach(), atol=1e-4, rtol=1e-4)

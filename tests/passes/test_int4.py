@@ -5,9 +5,9 @@ from torch import nn
 
 import fxcompress
 from fxcompress.errors import InputError, RecipeError
-from fxcompress.ops import pack_nbits, unpack_nbits
-from fxcompress.passes.int4 import dequantize, quantize_gptq, quantize_rtn
-from fxcompress.passes.quantize import sqnr_db
+from fxcompress.ops.packing import pack_nbits, unpack_nbits
+from fxcompress.algorithms.quant import dequantize_blocks as dequantize, quantize_gptq, quantize_rtn
+from fxcompress.algorithms.quant import sqnr_db
 
 from helpers import cosine, op_types
 
@@ -62,10 +62,15 @@ def test_int4_module_and_onnx_agree(tmp_path, recipe):
     assert cosine(out, cm(x)) > 0.995  # ORT quantizes activations per block (accuracy_level 4)
 
 
-def test_layer_whose_k_does_not_fit_the_block_is_skipped_with_reason():
-    model = nn.Sequential(nn.Linear(48, 8)).eval()
-    cm = fxcompress.optimize(model, torch.randn(2, 48), recipe="int4:block=32")
-    assert cm.records[0].skipped and "48 is not a multiple of block 32" in cm.records[0].reason
+def test_a_layer_the_block_does_not_divide_takes_a_smaller_block_and_one_no_block_divides_is_skipped(tmp_path):
+    model = nn.Sequential(nn.Linear(48, 40), nn.ReLU(), nn.Linear(40, 8)).eval()
+    x = torch.randn(2, 48)
+    cm = fxcompress.optimize(model, x, recipe="int4:block=32")
+    first, second = sorted(cm.records, key=lambda r: r.layer)
+    assert first.action == "int4-rtn" and first.reason == "block 16 (block 32 does not divide in_features 48)"
+    assert second.skipped and "in_features 40 is not a multiple of 16" in second.reason
+    out = ort.InferenceSession(str(cm.export(tmp_path / "m.onnx"))).run(None, {"input": x.numpy()})[0]
+    assert cosine(torch.from_numpy(out), cm(x)) > 0.995
 
 
 @pytest.mark.parametrize("recipe, message", [
@@ -159,8 +164,9 @@ def test_bad_int4_kinds():
 
 
 def test_budget_keeps_the_most_sensitive_layers_int8_within_the_bytes():
-    from fxcompress.passes.int4 import layer_sensitivity
-    from fxcompress.sites import find_sites
+    from fxcompress.algorithms.quant import dequantize_blocks, quantize_rtn
+    from fxcompress.algorithms.sensitivity import layer_sensitivity
+    from fxcompress.graph.sites import find_sites
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
@@ -168,7 +174,7 @@ def test_budget_keeps_the_most_sensitive_layers_int8_within_the_bytes():
         model[2].weight[:, :4] *= 20  # outlier columns: int4 blocks around them lose the rest of the row
     calib = [(torch.randn(32, 64),) for _ in range(2)]
     gm = torch.fx.symbolic_trace(model)
-    sens = layer_sensitivity(gm, find_sites(gm)[0], 32, calib)
+    sens = layer_sensitivity(gm, find_sites(gm)[0], lambda s: dequantize_blocks(*quantize_rtn(s.weight, 32), 32), calib)
     assert max(sens, key=sens.get) == "2"
     cm = fxcompress.optimize(model, calib[0], recipe="int4:block=32,budget=0.22", calibration=calib)
     actions = {r.layer: r.action for r in cm.records}

@@ -4,7 +4,7 @@ from torch import nn
 
 import fxcompress
 from fxcompress.errors import InputError, RecipeError
-from fxcompress.passes.quantize import quantize_per_channel, sqnr_db
+from fxcompress.algorithms.quant import quantize_per_channel, sqnr_db
 
 from helpers import cosine
 
@@ -116,7 +116,7 @@ def test_int8_dynamic_lowers_to_dynamic_quantize_matmul_with_uint8_weights(tmp_p
 
 
 def test_gptq_int8_keeps_the_grid_and_lowers_the_output_error():
-    from fxcompress.passes.quantize import quantize_per_channel_gptq
+    from fxcompress.algorithms.quant import quantize_per_channel_gptq
 
     torch.manual_seed(0)
     x = torch.randn(1024, 64) @ torch.randn(64, 64)  # correlated inputs: where GPTQ helps

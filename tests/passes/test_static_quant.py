@@ -6,7 +6,7 @@ from torch import nn
 
 import fxcompress
 from fxcompress.errors import InputError, RecipeError
-from fxcompress.ops_static import fake_quant
+from fxcompress.ops.static import fake_quant
 
 from helpers import init_dtypes, op_types
 

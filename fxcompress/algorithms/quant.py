@@ -1,0 +1,206 @@
+"""The quantization grids and their rounding: int8 per output channel, int4 per block; round-to-nearest and GPTQ.
+
+``int8``: symmetric, q = round(w / s) clipped to [-127, 127] with s = max|w_c| / 127 per output channel c (rows of
+Linear/Embedding weights, output channels of Conv). -128 is left unused so the grid is symmetric and q -> q + 128
+re-encodes it exactly as uint8 for the CPU kernel. An all-zero channel gets s = 1 and q = 0 rather than a division by
+zero.
+
+``int4``: asymmetric per block of ``block`` consecutive input features of an output row:
+s = (max(w, 0) - min(w, 0)) / 15, z = round(-min / s), code = clamp(round(w / s) + z, 0, 15), w ~= (code - z) * s.
+``clip`` searches, per block, a shrink factor of the [min, max] range that minimises the block's squared error.
+
+GPTQ (:mod:`fxcompress.algorithms.gptq`) chooses the codes of either grid against the calibration inputs' Hessian.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fxcompress.algorithms.gptq import activation_order, gptq
+from fxcompress.graph.sites import Site, nbytes
+
+INT4_BITS = 4
+INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)
+CLIP_GRID = tuple(1.0 - 0.03 * i for i in range(11))  # shrink factors 1.0 .. 0.7 tried by clip=true
+
+
+# --- int8 per output channel -----------------------------------------------------------------------------------
+def quantize_per_channel(w: Tensor, axis: int = 0, bits: int = 8) -> tuple[Tensor, Tensor]:
+    """Symmetric per-channel quantization along ``axis``: returns (int8 q, fp32 scale) with w ~= q * scale.
+
+    Example:
+        >>> q, s = quantize_per_channel(torch.tensor([[0.5, -1.0], [0.0, 0.0]]))
+        >>> q.tolist(), s.tolist()
+        ([[64, -127], [0, 0]], [0.007874015718698502, 1.0])
+    """
+    qmax = 2 ** (bits - 1) - 1
+    w32 = w.detach().to(torch.float32)
+    dims = [d for d in range(w32.dim()) if d != axis]
+    amax = w32.abs().amax(dim=dims) if dims else w32.abs()
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    shape = [1] * w32.dim()
+    shape[axis] = -1
+    q = torch.clamp(torch.round(w32 / scale.reshape(shape)), -qmax, qmax).to(torch.int8)
+    return q, scale
+
+
+def dequantize_per_channel(q: Tensor, scale: Tensor) -> Tensor:
+    """The float weight that int8 ``q`` with one ``scale`` per output channel (axis 0) stands for.
+
+    Example:
+        >>> dequantize_per_channel(*quantize_per_channel(torch.tensor([[0.5, -1.0]])))
+        tensor([[ 0.5000, -1.0000]])
+    """
+    return q.to(torch.float32) * scale.reshape(-1, *([1] * (q.dim() - 1)))
+
+
+def quantize_per_channel_gptq(w: Tensor, hessian: Tensor, act_order: bool = False, damp: float = 0.01
+                              ) -> tuple[Tensor, Tensor]:
+    """:func:`quantize_per_channel`'s grid (axis 0, int8), codes chosen by GPTQ against the input Hessian ``hessian``.
+
+    Example:
+        >>> x = torch.randn(256, 16)
+        >>> q, s = quantize_per_channel_gptq(torch.randn(4, 16), 2 * x.T @ x / 256)
+        >>> q.dtype, s.shape
+        (torch.int8, torch.Size([4]))
+    """
+    _, scale = quantize_per_channel(w, axis=0)
+    step = scale.to(torch.float64)
+
+    def round_column(col: int, pending: Tensor) -> Tensor:
+        return torch.clamp(torch.round(pending[:, 0] / step), -127, 127) * step
+
+    rounded = gptq(w, hessian, round_column, activation_order(hessian) if act_order else None, damp)
+    return torch.round(rounded / step.unsqueeze(1)).to(torch.int8), scale
+
+
+def int8_bytes(site: Site) -> int:
+    """What the ``int8`` pass stores for ``site``: the codes, one fp32 scale per output channel, the bias.
+
+    Example:
+        >>> int8_bytes(site)  # Linear(384, 384): 147,456 codes + 1,536 scale bytes + 1,536 bias bytes
+        150528
+    """
+    return site.weight.numel() + 4 * site.weight.shape[0] + nbytes(site.bias)
+
+
+def sqnr_db(reference: Tensor, approx: Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (capped at 200 for exact reconstructions).
+
+    Example:
+        >>> round(sqnr_db(torch.ones(4), torch.ones(4) * 1.01), 1)
+        40.0
+    """
+    noise = (reference.double() - approx.double()).pow(2).sum().item()
+    signal = reference.double().pow(2).sum().item()
+    if noise == 0:
+        return 200.0
+    return 10 * math.log10(max(signal, 1e-300) / noise)
+
+
+
+# --- int4 per block -------------------------------------------------------------------------------------------
+def _grid(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    qmax = 2**INT4_BITS - 1
+    scale = (hi - lo) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, torch.clamp(torch.round(-lo / scale), 0, qmax)
+
+
+def block_params(w: Tensor, block: int, clip: bool = False) -> tuple[Tensor, Tensor]:
+    """(scale, zero_point) per block: shapes [N, K/block]; the grid always contains 0 exactly.
+
+    With ``clip`` the range is shrunk by the factor of :data:`CLIP_GRID` with the least squared error per block.
+
+    Example:
+        >>> scale, zero_point = block_params(torch.randn(8, 64), 32)
+        >>> scale.shape
+        torch.Size([8, 2])
+    """
+    wb = w.reshape(w.shape[0], -1, block)
+    lo, hi = wb.amin(-1).clamp(max=0), wb.amax(-1).clamp(min=0)
+    best_scale, best_zp = _grid(lo, hi)
+    if not clip:
+        return best_scale, best_zp
+    best_err = torch.full_like(best_scale, float("inf"))
+    for f in CLIP_GRID:
+        scale, zp = _grid(lo * f, hi * f)
+        s, z = scale.unsqueeze(-1), zp.unsqueeze(-1)
+        err = ((_codes(wb, s, z) - z) * s - wb).pow(2).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale, best_zp = torch.where(better, scale, best_scale), torch.where(better, zp, best_zp)
+    return best_scale, best_zp
+
+
+def _codes(w: Tensor, scale: Tensor, zp: Tensor) -> Tensor:
+    return torch.clamp(torch.round(w / scale) + zp, 0, 2**INT4_BITS - 1)
+
+
+def quantize_rtn(w: Tensor, block: int, clip: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Round-to-nearest: (codes [N, K], scale [N, K/block], zero_point [N, K/block]).
+
+    Example:
+        >>> codes, s, z = quantize_rtn(torch.randn(8, 64), 32)
+        >>> codes.shape, s.shape
+        (torch.Size([8, 64]), torch.Size([8, 2]))
+    """
+    w = w.to(torch.float32)
+    scale, zp = block_params(w, block, clip)
+    n, k = w.shape
+    codes = _codes(w.reshape(n, -1, block), scale.unsqueeze(-1), zp.unsqueeze(-1)).reshape(n, k)
+    return codes, scale, zp
+
+
+def quantize_gptq(w: Tensor, hessian: Tensor, block: int, act_order: bool = False, damp: float = 0.01,
+                  clip: bool = False, lazy: int = 128) -> tuple[Tensor, Tensor, Tensor]:
+    """GPTQ with blockwise asymmetric int4; same outputs as :func:`quantize_rtn`.
+
+    Example:
+        >>> codes, s, z = quantize_gptq(w, input_hessian, 32, act_order=True)
+    """
+    w = w.to(torch.float64)
+    n, k = w.shape
+    codes = torch.zeros(n, k, dtype=torch.float64)
+    static = act_order
+    if static:  # block params from the float weights, so the block layout survives the permutation
+        scale, zp = (t.to(torch.float64) for t in block_params(w, block, clip))
+    else:
+        scale, zp = torch.ones(n, k // block, dtype=torch.float64), torch.zeros(n, k // block, dtype=torch.float64)
+
+    def round_column(col: int, pending: Tensor) -> Tensor:
+        g = col // block
+        if not static and col % block == 0:  # first column of a block: fit its params on the updated weights
+            s, z = block_params(pending[:, :block], block, clip)
+            scale[:, g], zp[:, g] = s[:, 0].double(), z[:, 0].double()
+        codes[:, col] = _codes(pending[:, 0], scale[:, g], zp[:, g])
+        return (codes[:, col] - zp[:, g]) * scale[:, g]
+
+    order = activation_order(hessian) if act_order else None
+    gptq(w, hessian, round_column, order, damp, lazy=-(-max(lazy, block) // block) * block)  # whole blocks per batch
+    return codes.float(), scale.float(), zp.float()
+
+
+def dequantize_blocks(codes: Tensor, scale: Tensor, zp: Tensor, block: int) -> Tensor:
+    """The weight [N, K] that int4 ``codes`` with per-block ``scale`` and zero point ``zp`` stand for.
+
+    Example:
+        >>> w_hat = dequantize_blocks(*quantize_rtn(w, 32), 32)
+    """
+    n, k = codes.shape
+    return ((codes.reshape(n, -1, block) - zp.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(n, k)
+
+
+def int4_bytes(n: int, k: int, block: int) -> int:
+    """Bytes of an [n, k] int4 weight in blocks of ``block``: packed codes, fp32 scales, packed zero points.
+
+    Example:
+        >>> int4_bytes(384, 384, 128)  # 73,728 code bytes + 4,608 scale bytes + 768 zero-point bytes
+        79104
+    """
+    return n * k // 2 + n * (k // block) * 4 + n * -(-(k // block) // 2)
+
+

@@ -1,0 +1,81 @@
+"""The parity report: everything :func:`fxcompress.check` measured, as text for people and JSON for machines."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from fxcompress.text import fmt_bytes, table
+
+
+@dataclass
+class ParityReport:
+    """Everything :func:`check` measured; ``passed`` is False whenever ``failures`` is non-empty."""
+
+    passed: bool
+    failures: list[str]
+    artifact: str
+    provider: Optional[str]
+    target: Optional[str]
+    tolerance: dict[str, float]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    weights: dict[str, Any] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)
+    latency: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # caveats the recipe stored in the artifact (e.g. dense sparsity)
+
+    def to_json(self, indent: int = 2) -> str:
+        """The report as JSON (what ``fxcompress check --json`` writes).
+
+        Example:
+            >>> Path("report.json").write_text(fxcompress.check(model, "model.onnx", x).to_json())
+        """
+        return json.dumps(asdict(self), indent=indent, default=float)
+
+    def to_text(self) -> str:
+        """A human summary: verdict, provider, metrics, bytes, memory, latency.
+
+        Example:
+            >>> print(fxcompress.check(model, "model.onnx", x).to_text())
+        """
+        m, w, mem, lat = self.metrics, self.weights, self.memory, self.latency
+        rows = [[k, f"{v:.6g}" if isinstance(v, float) else str(v)] for k, v in m.items()]
+        lines = [
+            f"parity {'PASSED' if self.passed else 'FAILED'}: {self.artifact}",
+            f"ONNX Runtime provider that ran: {self.provider}   (export target: {self.target})",
+            "",
+            table(rows, ["metric", "value"]) if rows else "(no metrics: the artifact did not run)",
+        ]
+        if w:
+            by = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in w["onnx_bytes_by_dtype"].items())
+            lines += ["", f"weights in file: {fmt_bytes(w['onnx_bytes'])} ({by}); fp32 model {fmt_bytes(w['reference_bytes'])}; "
+                          f"ratio {w['ratio']:.3f}"]
+            if "optimized_bytes_by_dtype" in w:
+                by = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in w["optimized_bytes_by_dtype"].items())
+                lines.append(f"weights after ORT graph optimization: {by}  (folded back to float: {w['folded_back']})")
+            if "fused_note" in w:
+                lines.append(w["fused_note"])
+        if mem:
+            lines.append(_pair_line("session RSS after load", mem, "rss_load_mb", "MiB"))
+            lines.append(_pair_line("session RSS after runs", mem, "rss_run_mb", "MiB"))
+            lines.append(_pair_line("session RSS peak", mem, "rss_peak_mb", "MiB"))
+            if mem.get("gpu_mem_mb") is not None:
+                lines.append(_pair_line("GPU memory", mem, "gpu_mem_mb", "MiB"))
+        if lat:
+            lines.append(_pair_line(f"latency p50 (batch {lat.get('batch')})", lat, "p50_ms", "ms"))
+        if self.notes:
+            lines += ["", "notes:"] + [f"  - {n}" for n in self.notes]
+        if self.failures:
+            lines += ["", "failures:"] + [f"  - {f}" for f in self.failures]
+        return "\n".join(lines)
+
+
+def _pair_line(label: str, d: dict, key: str, unit: str) -> str:
+    v, ref = d.get(key), d.get(f"fp32_{key}")
+    text = f"{label}: {v:.3g} {unit}" if v is not None else f"{label}: n/a"
+    if ref and v is not None:
+        text += f"   (fp32 artifact {ref:.3g} {unit}; ratio {v / ref:.2f})"
+    return text
+
+

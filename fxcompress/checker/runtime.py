@@ -1,0 +1,161 @@
+"""ONNX Runtime access: imported lazily, provider chosen explicitly, measurements taken in a clean subprocess.
+
+``onnxruntime`` and ``onnxruntime-gpu`` install the same module, so fxcompress depends on neither; install the
+``[cpu]`` or ``[gpu]`` extra. Memory is measured in a fresh process because a session's RSS growth is only
+meaningful against a baseline that holds no torch and no other session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import numpy as np
+
+from fxcompress.errors import RuntimeMissingError
+
+if TYPE_CHECKING:
+    import onnx
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def import_ort():
+    """Import onnxruntime or explain how to get it.
+
+    Example:
+        >>> ort = import_ort()
+        >>> "CPUExecutionProvider" in ort.get_available_providers()
+        True
+    """
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise RuntimeMissingError(
+            "onnxruntime is not installed. Install exactly one of: pip install 'fxcompress[cpu]' "
+            "(onnxruntime) or pip install 'fxcompress[gpu]' (onnxruntime-gpu)."
+        ) from exc
+    return onnxruntime
+
+
+def cpu_flags() -> Optional[set[str]]:
+    """The CPU's instruction-set flags from /proc/cpuinfo; None where it cannot tell (not Linux x86).
+
+    Example:
+        >>> "avx512_vnni" in (cpu_flags() or set())  # on a CPU with AVX-512 VNNI
+        True
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+
+
+def cpu_has_vnni() -> Optional[bool]:
+    """Whether this CPU has VNNI (AVX-512 VNNI or AVX-VNNI): ORT's U8S8 int8 GEMM, which the ``cpu-vnni`` target
+    uses, saturates its int16 sums without it. None where the flags cannot be read.
+
+    Example:
+        >>> cpu_has_vnni() in (True, False, None)
+        True
+    """
+    flags = cpu_flags()
+    return None if flags is None else bool({"avx512_vnni", "avx_vnni"} & flags)
+
+
+def choose_providers(provider: str = "auto") -> list[str]:
+    """Provider list for a session: ``auto`` takes CUDA when this onnxruntime build offers it, else CPU.
+
+    Example:
+        >>> choose_providers("cpu")
+        ['CPUExecutionProvider']
+    """
+    available = import_ort().get_available_providers()
+    if provider == "auto":
+        return [CUDA, CPU] if CUDA in available else [CPU]
+    name = {"cpu": CPU, "cuda": CUDA}.get(provider, provider)
+    if name not in available:
+        raise RuntimeMissingError(f"execution provider {name} is not available in this onnxruntime; available: {available}")
+    return [name] if name == CPU else [name, CPU]
+
+
+@dataclass
+class ProbeResult:
+    """What one fresh-process session measured."""
+
+    provider: str
+    outputs: list[list[np.ndarray]] = field(repr=False)
+    rss_base_mb: float
+    rss_load_mb: float  # growth from creating the session
+    rss_run_mb: float  # growth after running every input (arena included)
+    rss_peak_mb: float  # high-water mark over load and runs (transient copies made while loading included)
+    latency_ms_p50: Optional[float]
+    latency_ms_p90: Optional[float]
+    gpu_mem_mb: Optional[float] = None
+    load_error: Optional[str] = None
+
+    @classmethod
+    def failed(cls, provider: str, error: str) -> "ProbeResult":
+        """The result of a model ONNX Runtime could not load or run: nothing measured, the reason kept."""
+        return cls(provider, [], 0, 0, 0, 0, None, None, load_error=error)
+
+
+def probe(model_path: str | os.PathLike, inputs: Sequence[tuple[np.ndarray, ...]], *, provider: str = "auto",
+          warmup: int = 3, repeat: int = 20, timeout: float = 900, threads: int = 0) -> ProbeResult:
+    """Load ``model_path`` in a fresh Python process, run ``inputs`` and time the first of them.
+
+    A model that ONNX Runtime cannot load or run comes back with ``load_error`` set, never as an exception,
+    so the parity checker can report it as a failure.
+
+    Example:
+        >>> r = probe("model.onnx", [(np.zeros((1, 16), np.float32),)])
+        >>> r.provider
+        'CPUExecutionProvider'
+    """
+    providers = choose_providers(provider)
+    with tempfile.TemporaryDirectory(prefix="fxc-probe-") as tmp:
+        arrays = {f"b{i}_{j}": a for i, batch in enumerate(inputs) for j, a in enumerate(batch)}
+        np.savez(Path(tmp, "in.npz"), **arrays)
+        spec = dict(model=str(model_path), inputs=str(Path(tmp, "in.npz")), n=len(inputs), outputs=str(Path(tmp, "out.npz")),
+                    providers=providers, warmup=warmup, repeat=repeat, threads=threads)
+        Path(tmp, "spec.json").write_text(json.dumps(spec))
+        proc = subprocess.run([sys.executable, "-m", "fxcompress.checker.probe_main", str(Path(tmp, "spec.json"))],
+                              capture_output=True, text=True, timeout=timeout)
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            return ProbeResult.failed(providers[0], "; ".join(tail) or f"exit {proc.returncode}")
+        res = json.loads(lines[-1])
+        if res.get("error"):
+            return ProbeResult.failed(res.get("provider", providers[0]), res["error"])
+        with np.load(Path(tmp, "out.npz")) as z:
+            outputs = [[z[f"b{i}_{k}"] for k in range(res["n_outputs"])] for i in range(len(inputs))]
+    return ProbeResult(res["provider"], outputs, res["rss_base_mb"], res["rss_load_mb"], res["rss_run_mb"], res["rss_peak_mb"],
+                       res["p50_ms"], res["p90_ms"], res.get("gpu_mem_mb"))
+
+
+def optimized_graph(model_path: str | os.PathLike, provider: str = "auto") -> onnx.ModelProto:
+    """The graph ORT actually runs (after its extended graph optimizations), as an ``onnx.ModelProto``. Fold-back is
+    caught on it: if ORT constant-folded ``DequantizeLinear(int8)`` into fp32, it has fp32 where the file had int8.
+
+    Example:
+        >>> ops = {n.op_type for n in optimized_graph("model.onnx").graph.node}
+    """
+    ort = import_ort()
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="fxc-opt-") as tmp:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = str(Path(tmp, "optimized.onnx"))
+        ort.InferenceSession(str(model_path), so, providers=choose_providers(provider))
+        return onnx.load(so.optimized_model_filepath)
+

@@ -1,0 +1,104 @@
+"""What an artifact stores and what ONNX Runtime makes of it: initializer bytes by dtype, and whether ORT's graph
+optimizations folded quantized weights back to float or fused layers into kernels that change their numerics."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from fxcompress.checker.runtime import optimized_graph
+from fxcompress.text import fmt_bytes
+
+QUANTIZED_DTYPES = ("int8", "uint8", "int4", "uint4")
+# ORT's CPU EP (1.32) fuses DequantizeLinear + MatMul into these at its default optimization level, with activations
+# quantized at run time (session.qdq_matmulnbits_accuracy_level, default 4): the weight-only lowering is then not
+# weight-only
+RUN_TIME_QUANTIZED_OPS = ("MatMulNBits",)
+FUSED_NOTE = (
+    "ONNX Runtime fused {fused} DequantizeLinear + MatMul pair(s) into MatMulNBits, which quantizes activations per block "
+    "at run time (session.qdq_matmulnbits_accuracy_level, default 4): these layers did not run weight-only; for "
+    "weight-only numerics (slower) export with target 'cpu-weightonly' (MatMulNBits at accuracy_level 1) or set that "
+    "session option to 1"
+)
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n * itemsize
+
+
+def initializer_bytes(model: onnx.ModelProto) -> dict[str, int]:
+    """Bytes of every initializer and Constant tensor, grouped by dtype name (``"int8"``, ``"float32"``...).
+
+    Example:
+        >>> initializer_bytes(onnx.load("model.onnx"))
+        {'float32': 1280, 'uint8': 16384}
+    """
+    out: dict[str, int] = defaultdict(int)
+
+    def add(t: onnx.TensorProto) -> None:
+        out[onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name] += _tensor_bytes(t)
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for t in graph.initializer:
+            add(t)
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    add(attr.t)
+                elif attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g)
+
+    walk(model.graph)
+    return dict(sorted(out.items()))
+
+
+def count_ops(proto: onnx.ModelProto, op_types: tuple[str, ...]) -> int:
+    """How many nodes of the main graph are one of ``op_types``.
+
+    Example:
+        >>> count_ops(onnx.load("model.onnx"), ("DynamicQuantizeMatMul",))
+        2
+    """
+    return sum(n.op_type in op_types for n in proto.graph.node)
+
+
+def weight_report(proto: onnx.ModelProto, reference_bytes: int, path: Path, provider: str, failures: list[str]) -> dict[str, Any]:
+    """Initializer bytes by dtype against the fp32 model's ``reference_bytes``; for a quantized artifact also the
+    bytes after ORT's graph optimizations, a failure when ORT folded quantized weights back to float, and a note when
+    it fused layers into run-time-quantized kernels.
+
+    Example:
+        >>> weight_report(onnx.load("model.onnx"), 1_000_000, Path("model.onnx"), "cpu", failures=[])["ratio"]
+        0.25
+    """
+    by_dtype = initializer_bytes(proto)
+    total = sum(by_dtype.values())
+    w: dict[str, Any] = {"onnx_bytes_by_dtype": by_dtype, "onnx_bytes": total, "reference_bytes": reference_bytes,
+                         "ratio": total / max(reference_bytes, 1)}
+    quantized = sum(v for k, v in by_dtype.items() if k in QUANTIZED_DTYPES)
+    if not quantized:
+        return w
+    try:
+        graph = optimized_graph(path, provider)
+    except Exception as exc:  # the artifact already ran, so only the inspection failed
+        w.update(optimized_bytes_by_dtype={}, folded_back=None, optimized_note=f"could not save ORT's optimized graph: {exc}")
+        return w
+    optimized = initializer_bytes(graph)
+    fused = count_ops(graph, RUN_TIME_QUANTIZED_OPS) - count_ops(proto, RUN_TIME_QUANTIZED_OPS)
+    if fused > 0:
+        w.update(fused_by_ort=fused, fused_note=FUSED_NOTE.format(fused=fused))
+    kept = sum(v for k, v in optimized.items() if k in QUANTIZED_DTYPES)
+    grown = optimized.get("float32", 0) - by_dtype.get("float32", 0)
+    folded = kept < 0.9 * quantized or grown > 0.5 * quantized
+    w.update(optimized_bytes_by_dtype=optimized, folded_back=folded)
+    if folded:
+        failures.append(f"ONNX Runtime folded quantized weights back to float: {fmt_bytes(quantized)} quantized in the file, "
+                        f"{fmt_bytes(kept)} after optimization, float32 grew by {fmt_bytes(grown)}")
+    return w

@@ -1,0 +1,57 @@
+"""Calibration data: batches of model inputs, and which of their positions are padding."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from fxcompress.errors import InputError
+
+
+class Calibration(list):
+    """Calibration batches (a list of input tuples) that can say which positions are padding.
+
+    ``token_mask`` is the index of the input holding a [batch, seq] mask (1 = real token, 0 = padding, e.g. a
+    tokenizer's attention_mask). Statistics then skip padded positions: with short sentences padded to a fixed
+    length most rows are padding, and their activations would otherwise dominate the Hessians and ranges that
+    GPTQ, activation-aware SVD, static int8 and activation pruning are fitted to.
+
+    Example:
+        >>> calib = Calibration([(ids, mask) for ids, mask in batches], token_mask=1)
+        >>> cm = fxcompress.optimize(model, example, recipe="int4:algo=gptq", calibration=calib)
+    """
+
+    def __init__(self, batches: Iterable[tuple] = (), token_mask: Optional[int] = None) -> None:
+        super().__init__(batches)
+        self.token_mask = token_mask
+
+
+def real_rows(value: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``value`` without its padded positions, as [tokens, *rest], when its leading dims are the mask's.
+
+    Example:
+        >>> real_rows(torch.zeros(2, 3, 8), torch.tensor([[1, 1, 0], [1, 0, 0]])).shape
+        torch.Size([3, 8])
+    """
+    if mask is None or value.dim() <= mask.dim() or tuple(value.shape[: mask.dim()]) != tuple(mask.shape):
+        return value
+    return value[mask.bool()]
+
+
+def batch_mask(batches: Sequence[tuple], i: int, batch: tuple) -> Optional[torch.Tensor]:
+    """Batch ``i``'s [batch, seq] padding mask when ``batches`` is a :class:`Calibration` with a token mask.
+
+    Example:
+        >>> batch_mask(Calibration([(ids, mask)], token_mask=1), 0, (ids, mask)) is mask
+        True
+    """
+    token_mask = getattr(batches, "token_mask", None)
+    if token_mask is None:
+        return None
+    if not (token_mask < len(batch) and isinstance(batch[token_mask], torch.Tensor) and batch[token_mask].dim() == 2):
+        raise InputError(f"calibration token_mask={token_mask} must name a [batch, seq] tensor input; "
+                         f"batch {i} has {len(batch)} inputs")
+    return batch[token_mask]
+
+

@@ -1,0 +1,111 @@
+"""Capture a model as an fx GraphModule: torch.fx.symbolic_trace first, torch.export as the fallback.
+
+Both paths give a GraphModule whose compressible layers are found by :mod:`fxcompress.graph.sites`, so passes never
+care which capture ran. The user's model is deep-copied first: fx shares submodules with the traced model,
+and a pass that edits a weight in place must never reach the caller's module.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from fxcompress.errors import CaptureError, InputError
+from fxcompress.graph.inputs import (DynamicAxes, batch_of_two, first_line, input_axes, normalize_inputs,
+                                     run_reference)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Captured:
+    """A captured graph plus how it was obtained."""
+
+    graph_module: fx.GraphModule
+    method: str  # "fx" or "export"
+    fx_failure: str | None = None  # why symbolic_trace was not used, when method == "export"
+    dynamic_axes: list[tuple[int, ...]] | None = None  # per input, the axes that may change size
+
+
+def _outputs_match(a: Any, b: Any) -> bool:
+    flat_a, _ = torch.utils._pytree.tree_flatten(a)
+    flat_b, _ = torch.utils._pytree.tree_flatten(b)
+    if len(flat_a) != len(flat_b):
+        return False
+    return all(
+        torch.allclose(x, y, rtol=1e-4, atol=1e-5) if isinstance(x, torch.Tensor) else x == y
+        for x, y in zip(flat_a, flat_b)
+    )
+
+
+def _export_module(model: nn.Module, inputs: tuple, axes: DynamicAxes = (0,)) -> fx.GraphModule:
+    """torch.export with symbolic ``axes`` where the model allows them (Dim.AUTO never fails on one: it specializes
+    instead, and the captured module then accepts only the example's size there)."""
+    traced = batch_of_two(inputs, axes)
+    per_input = input_axes(traced, axes)
+    for i, (t, a) in enumerate(zip(traced, per_input)):
+        ones = [axis for axis in a if axis and t.shape[axis] == 1]
+        if ones:
+            raise InputError(f"input {i} has size 1 on dynamic axes {ones}: torch.export treats sizes 0 and 1 as constants; "
+                             "give example inputs with a size of 2 or more there")
+    shapes = tuple({axis: torch.export.Dim.AUTO for axis in a} or None for a in per_input)
+    return torch.export.export(model, traced, dynamic_shapes=shapes, strict=False).module()
+
+
+def capture(model: nn.Module, example_inputs: Any, dynamic_axes: DynamicAxes = (0,)) -> Captured:
+    """Capture ``model`` into a GraphModule that computes what it computes on ``example_inputs``.
+
+    Args:
+        model: the module to capture; it is deep-copied and put in eval mode, never modified.
+        example_inputs: a tensor or a tuple of positional tensors.
+        dynamic_axes: the axes that may change size between calls (default: the batch axis), as axis numbers for
+            every input or one tuple per input. symbolic_trace graphs take any size anyway; torch.export keeps
+            these axes symbolic where the model allows it (e.g. ``(0, 1)``: batch and sequence length).
+
+    Returns:
+        A :class:`Captured` with the graph and the method that produced it ("fx" or "export").
+
+    Raises:
+        InputError: the model cannot run on ``example_inputs``.
+        CaptureError: neither symbolic tracing nor torch.export can capture the model; the message names
+            the construct each one stopped at.
+
+    Example:
+        >>> cap = capture(nn.Sequential(nn.Linear(4, 2)), torch.randn(1, 4))
+        >>> cap.method
+        'fx'
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    inputs = normalize_inputs(example_inputs)
+    axes = input_axes(inputs, dynamic_axes)  # a malformed spec fails here, whichever capture runs
+    work = copy.deepcopy(model).eval()
+    expected = run_reference(work, inputs)
+
+    try:
+        gm = fx.symbolic_trace(work)
+        if _outputs_match(run_reference(gm, inputs), expected):
+            return Captured(gm, "fx", dynamic_axes=axes)
+        fx_failure = "symbolic_trace produced a graph whose outputs differ from the model's"
+    except InputError as exc:
+        fx_failure = f"the traced graph fails on the example inputs: {exc}"
+    except Exception as exc:  # symbolic tracing raises many exception types
+        fx_failure = f"{type(exc).__name__}: {first_line(exc)}"
+    log.info("torch.fx.symbolic_trace failed (%s); falling back to torch.export", fx_failure)
+
+    try:
+        gm = _export_module(work, inputs, axes)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise CaptureError(
+            f"cannot capture {type(model).__name__}: torch.fx.symbolic_trace failed ({fx_failure}) and "
+            f"torch.export failed ({type(exc).__name__}: {first_line(exc)}). Make the data-dependent Python "
+            "control flow named above tensor-shaped (e.g. torch.where / torch.cond), or pass a submodule that traces."
+        ) from exc
+    return Captured(gm, "export", fx_failure, axes)

@@ -1,0 +1,166 @@
+"""The few graph edits every pass shares: add a constant, swap a site for a new node, and clean up after.
+
+Edits follow torch.fx's subgraph rewriter: insert before the old node, ``replace_all_uses_with``, erase, then
+:func:`finalize` (dead code, unused submodules and attributes, lint, recompile) once per pass.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import Tensor, fx
+
+from fxcompress.graph.sites import Site, nbytes
+
+
+def add_constant(gm: fx.GraphModule, base: str, value: Tensor, before: fx.Node) -> fx.Node:
+    """Register ``value`` as a buffer of ``gm`` under a fresh name derived from ``base``; return its get_attr node.
+
+    Example:
+        >>> codes = add_constant(gm, "fc_codes", q, before=site.node)
+    """
+    stem = re.sub(r"\W", "_", base).strip("_") or "const"
+    name, i = stem, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{stem}_{i}"
+    gm.register_buffer(name, value.detach().contiguous())
+    with gm.graph.inserting_before(before):
+        return gm.graph.get_attr(name)
+
+
+def replace_node(gm: fx.GraphModule, old: fx.Node, target: Any, args: tuple) -> fx.Node:
+    """Insert ``call_function(target, args)`` before ``old``, reroute ``old``'s users to it and erase ``old``.
+
+    Example:
+        >>> new = replace_node(gm, node, torch.ops.fxcompress.linear_q8.default, (x, q, s, None, b))
+    """
+    with gm.graph.inserting_before(old):
+        new = gm.graph.call_function(target, args)
+    new.meta.update({k: v for k, v in old.meta.items() if k in ("val", "tensor_meta", "stack_trace", "nn_module_stack")})
+    old.replace_all_uses_with(new)
+    gm.graph.erase_node(old)
+    return new
+
+
+def replace_site(gm: fx.GraphModule, site: Site, target: Any, tensors: dict[str, Tensor | None], extra: tuple = (),
+                 shared: dict[str, fx.Node] | None = None) -> fx.Node:
+    """Replace ``site`` by ``target(site.input, *tensors.values(), *extra)``.
+
+    ``tensors`` become buffers named after the site (None stays None); ``shared`` passes get_attr nodes already
+    made for a tied weight, so two sites that shared a weight share its compressed form too.
+
+    Example:
+        >>> replace_site(gm, site, torch.ops.fxcompress.linear_q8.default, {"qweight": q, "scale": s, "zero_point": None, "bias": b})
+    """
+    shared = shared or {}
+    args: list[Any] = [site.input]
+    for key, value in tensors.items():
+        if key in shared:
+            args.append(shared[key])
+        elif value is None:
+            args.append(None)
+        else:
+            args.append(add_constant(gm, f"{site.name}_{key}", value, site.node))
+    return replace_node(gm, site.node, target, tuple(args) + tuple(extra))
+
+
+def attr_owner(gm: fx.GraphModule, fqn: str) -> tuple[torch.nn.Module, str]:
+    """The module holding the attribute ``fqn`` and its local name: ``"a.b.weight"`` -> ``(gm.a.b, "weight")``.
+
+    Example:
+        >>> attr_owner(gm, "encoder.fc.weight")
+        (Linear(...), 'weight')
+    """
+    path, _, attr = fqn.rpartition(".")
+    return (gm.get_submodule(path) if path else gm), attr
+
+
+def site_tensor(gm: fx.GraphModule, site: Site, which: str = "weight") -> tuple[torch.nn.Module, str]:
+    """Where ``site``'s ``"weight"`` or ``"bias"`` is stored: (owning module, attribute name), whether the site is a
+    module call or a function reading get_attr nodes.
+
+    Example:
+        >>> owner, attr = site_tensor(gm, site)
+    """
+    if site.node.op == "call_module":
+        return gm.get_submodule(str(site.node.target)), which
+    index = (0 if site.kind == "embedding" else 1) if which == "weight" else 2
+    return attr_owner(gm, str(site.node.args[index].target))
+
+
+def replace_tensor(owner: torch.nn.Module, attr: str, value: Tensor) -> Tensor:
+    """Swap the parameter or buffer ``owner.attr`` for ``value``, keeping its kind and requires_grad; return the old one.
+
+    Example:
+        >>> old = replace_tensor(*site_tensor(gm, site), rounded_weight)
+    """
+    old = getattr(owner, attr)
+    if isinstance(old, torch.nn.Parameter):
+        owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+    else:
+        owner._buffers[attr] = value
+    return old
+
+
+def set_site_weight(gm: fx.GraphModule, site: Site, value: Tensor) -> Tensor:
+    """Store ``value`` as ``site``'s weight (module parameter or graph attribute) in place; return the old tensor.
+
+    Example:
+        >>> old = set_site_weight(gm, site, torch.zeros_like(site.weight))
+        >>> set_site_weight(gm, site, old)   # undo
+    """
+    return replace_tensor(*site_tensor(gm, site), value)
+
+
+def _drop_unused_attributes(gm: fx.GraphModule) -> None:
+    """Delete parameters/buffers nothing reads any more, so exports and byte counts stop carrying them."""
+    read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+
+    def live(fqn: str) -> bool:
+        if fqn in read or any(fqn.startswith(r + ".") for r in read):
+            return True
+        parts = fqn.split(".")
+        return any(".".join(parts[:i]) in called for i in range(1, len(parts)))
+
+    for fqn in [n for n, _ in gm.named_parameters(remove_duplicate=False)] + [n for n, _ in gm.named_buffers(remove_duplicate=False)]:
+        if not live(fqn):
+            owner, attr = attr_owner(gm, fqn)
+            if attr in owner._parameters:
+                del owner._parameters[attr]
+            elif attr in owner._buffers:
+                del owner._buffers[attr]
+
+
+def finalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """End every pass: remove dead nodes, unused submodules and attributes, check the graph and recompile.
+
+    Example:
+        >>> return PassResult(finalize(gm), changed=True, records=records)
+    """
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    _drop_unused_attributes(gm)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def state_bytes(module: torch.nn.Module) -> int:
+    """Bytes of every distinct parameter and buffer (tied tensors counted once).
+
+    Example:
+        >>> state_bytes(torch.nn.Linear(4, 2))
+        40
+    """
+    seen: set[tuple] = set()
+    total = 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            total += nbytes(t)
+    return total
