@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from common import environment, save_results
 
 import fxcompress
-from fxcompress.algorithms.distill import distill_module
+from fxcompress.algorithms.distill import DistillOptions, distill_module
 from fxcompress.models import zoo
 
-from common import environment, save_results
 RECOVERY = dict(steps=300, lr=1e-3, loss="kl")
 
 
@@ -58,20 +58,39 @@ def digits(tmp: Path) -> list[dict]:
     base_params = _params(model)
     rows = []
     with torch.no_grad():
-        rows.append(dict(variant="fp32", params=1.0, bytes=1.0, accuracy=_accuracy([model(*b) for b in ev.inputs], ev.labels)))
+        rows.append(
+            dict(variant="fp32", params=1.0, bytes=1.0, accuracy=_accuracy([model(*b) for b in ev.inputs], ev.labels))
+        )
     distill = ",".join(f"{k}={v}" for k, v in RECOVERY.items())
     for label, recipe in [
         ("fxcompress prune 50% (L2), no recovery", "fold_bn,prune:ratio=0.5"),
         ("fxcompress prune 50% (L2) + distill", f"fold_bn,prune:ratio=0.5,distill:{distill}"),
-        ("fxcompress prune 50% (activation) + distill", f"fold_bn,prune:ratio=0.5,importance=activation,distill:{distill}"),
-        ("fxcompress prune 50% (activation) + distill + int8", f"fold_bn,prune:ratio=0.5,importance=activation,distill:{distill},int8"),
-        ("fxcompress prune 50% (activation) + distill + int8_static", f"fold_bn,prune:ratio=0.5,importance=activation,distill:{distill},int8_static"),
+        (
+            "fxcompress prune 50% (activation) + distill",
+            f"fold_bn,prune:ratio=0.5,importance=activation,distill:{distill}",
+        ),
+        (
+            "fxcompress prune 50% (activation) + distill + int8",
+            f"fold_bn,prune:ratio=0.5,importance=activation,distill:{distill},int8",
+        ),
+        (
+            "fxcompress prune 50% (activation) + distill + int8_static",
+            f"fold_bn,prune:ratio=0.5,importance=activation,distill:{distill},int8_static",
+        ),
     ]:
         print(label, file=sys.stderr)
         cm = fxcompress.optimize(model, example, recipe=recipe, calibration=train)
         path = cm.export(tmp / "d.onnx", target="cpu")
-        rows.append(dict(variant=label, recipe=recipe, params=_params(cm.module) / base_params, bytes=cm.bytes_after / cm.bytes_before,
-                         onnx_bytes=path.stat().st_size, accuracy=_accuracy(_ort_outputs(path, ev.inputs), ev.labels)))
+        rows.append(
+            dict(
+                variant=label,
+                recipe=recipe,
+                params=_params(cm.module) / base_params,
+                bytes=cm.bytes_after / cm.bytes_before,
+                onnx_bytes=path.stat().st_size,
+                accuracy=_accuracy(_ort_outputs(path, ev.inputs), ev.labels),
+            )
+        )
     rows.append(_torch_pruning(model, example, ev, train, base_params))
     return rows
 
@@ -80,14 +99,24 @@ def _torch_pruning(model, example, ev, train, base_params) -> dict:
     import torch_pruning as tp
 
     pruned = copy.deepcopy(model)
-    pruner = tp.pruner.MagnitudePruner(pruned, example, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=0.5,
-                                       ignored_layers=[pruned.fc2])
+    pruner = tp.pruner.MagnitudePruner(
+        pruned,
+        example,
+        importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=0.5,
+        ignored_layers=[pruned.fc2],
+    )
     pruner.step()
-    distill_module(pruned, model, train, **RECOVERY)
+    distill_module(pruned, model, train, DistillOptions(**RECOVERY))
     with torch.no_grad():
         acc = _accuracy([pruned(*b) for b in ev.inputs], ev.labels)
-    return dict(variant=f"Torch-Pruning {tp.__version__} MagnitudePruner 50% (L2) + same distill", params=_params(pruned) / base_params,
-                bytes=_params(pruned) / base_params, accuracy=acc, note="accuracy in torch")
+    return dict(
+        variant=f"Torch-Pruning {tp.__version__} MagnitudePruner 50% (L2) + same distill",
+        params=_params(pruned) / base_params,
+        bytes=_params(pruned) / base_params,
+        accuracy=acc,
+        note="accuracy in torch",
+    )
 
 
 def structure(tmp: Path) -> list[dict]:
@@ -100,9 +129,23 @@ def structure(tmp: Path) -> list[dict]:
             diff = float(np.abs(_ort_outputs(path, [example])[0] - cm(*example).numpy()).max())
             pruned = [r.layer for r in cm.records if r.action == "pruned"]
             # one line per kind of refusal: node names like add_3 (add.Tensor) collapse to add (add.Tensor)
-            refused = sorted({re.sub(r"\b([a-z]+)_\d+ \(", r"\1 (", r.reason) for r in cm.records if r.pass_name == "prune" and r.skipped})
-            rows.append(dict(model=name, ratio=ratio, bytes=cm.bytes_after / cm.bytes_before, pruned_layers=len(pruned),
-                             refused=refused, ort_vs_torch_max_abs=diff))
+            refused = sorted(
+                {
+                    re.sub(r"\b([a-z]+)_\d+ \(", r"\1 (", r.reason)
+                    for r in cm.records
+                    if r.pass_name == "prune" and r.skipped
+                }
+            )
+            rows.append(
+                dict(
+                    model=name,
+                    ratio=ratio,
+                    bytes=cm.bytes_after / cm.bytes_before,
+                    pruned_layers=len(pruned),
+                    refused=refused,
+                    ort_vs_torch_max_abs=diff,
+                )
+            )
     return rows
 
 
@@ -119,21 +162,32 @@ def minilm(tmp: Path) -> list[dict]:
         ("SVD 50% FFN, aware + int8 + int4 embeddings", f"svd:ratio=0.5,aware=true,{ffn},{emb4},int8"),
         ("SVD 50% FFN, output-aware", f"svd:ratio=0.5,aware=output,{ffn}"),
         ("SVD 50% FFN, output-aware, global ranks", f"svd:ratio=0.5,aware=output,allocate=global,{ffn}"),
-        ("SVD 50% FFN, output-aware, global ranks + int8 + int4 embeddings",
-         f"svd:ratio=0.5,aware=output,allocate=global,{ffn},{emb4},int8"),
+        (
+            "SVD 50% FFN, output-aware, global ranks + int8 + int4 embeddings",
+            f"svd:ratio=0.5,aware=output,allocate=global,{ffn},{emb4},int8",
+        ),
         ("SVD 75% FFN, plain", f"svd:ratio=0.75,{ffn}"),
         ("SVD 75% FFN, activation-aware", f"svd:ratio=0.75,aware=true,{ffn}"),
         ("SVD 75% FFN, aware + int8 + int4 embeddings", f"svd:ratio=0.75,aware=true,{ffn},{emb4},int8"),
-        ("prune 25% of the heads (3 of 12 per layer), activation importance",
-         "prune:ratio=0.25,importance=activation,include=*.attention.self.*"),
+        (
+            "prune 25% of the heads (3 of 12 per layer), activation importance",
+            "prune:ratio=0.25,importance=activation,include=*.attention.self.*",
+        ),
         ("prune 25% of the heads and 25% of the FFN neurons", "prune:ratio=0.25,importance=activation"),
     ]:
         print(label, file=sys.stderr)
         cm = fxcompress.optimize(model, example, recipe=recipe, calibration=calibration)
         path = cm.export(tmp / "m.onnx", target="cpu-nbits")
         rep = fxcompress.check(model, path, example, eval_inputs=ev.inputs, fp32_baseline=False, provider="cpu")
-        rows.append(dict(variant=label, recipe=recipe, bytes=rep.weights["ratio"], cosine=rep.metrics["cosine"],
-                         cosine_min=rep.metrics["cosine_min"]))
+        rows.append(
+            dict(
+                variant=label,
+                recipe=recipe,
+                bytes=rep.weights["ratio"],
+                cosine=rep.metrics["cosine"],
+                cosine_min=rep.metrics["cosine_min"],
+            )
+        )
     return rows
 
 
@@ -142,20 +196,38 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         data = {"env": env, "digits": digits(tmp), "structure": structure(tmp), "minilm": minilm(tmp)}
-    lines = [f"# Pruning, factorization, distillation\n\n{env}\n\nCommand: `python benchmarks/bench_compress.py`\n",
-             "## digits CNN: 50% channel pruning, recovery, int8; Torch-Pruning on the same model and budget\n",
-             f"Recovery = {RECOVERY['steps']} Adam steps (lr {RECOVERY['lr']}, {RECOVERY['loss']} on logits) on the 898 training digits. "
-             "Accuracy on the 899 held-out digits, on ORT CPU for fxcompress artifacts.\n",
-             "| variant | weight elements (x fp32) | bytes (x fp32) | accuracy % | drop pp |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# Pruning, factorization, distillation\n\n{env}\n\nCommand: `python benchmarks/bench_compress.py`\n",
+        "## digits CNN: 50% channel pruning, recovery, int8; Torch-Pruning on the same model and budget\n",
+        f"Recovery = {RECOVERY['steps']} Adam steps (lr {RECOVERY['lr']}, {RECOVERY['loss']} on logits) "
+        "on the 898 training digits. "
+        "Accuracy on the 899 held-out digits, on ORT CPU for fxcompress artifacts.\n",
+        "| variant | weight elements (x fp32) | bytes (x fp32) | accuracy % | drop pp |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     base = data["digits"][0]["accuracy"]
-    lines += [f"| {r['variant']} | {r['params']:.3f} | {r['bytes']:.3f} | {r['accuracy']:.2f} | {base - r['accuracy']:.2f} |" for r in data["digits"]]
-    lines += ["\n## Pruning structure (fold_bn,prune) on ResNet-mini and the tiny transformer\n",
-              "| model | ratio | bytes (x fp32) | pruned layers | refused because | ORT vs torch max abs |", "| --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['model']} | {r['ratio']} | {r['bytes']:.3f} | {r['pruned_layers']} | {'; '.join(r['refused'])} | {r['ort_vs_torch_max_abs']:.2e} |"
-              for r in data["structure"]]
-    lines += ["\n## MiniLM: SVD of the FFN Linears, head pruning (64 real sentences, ORT CPU, cpu-nbits export)\n",
-              "| variant | whole-model bytes (x fp32) | cosine mean | worst |", "| --- | --- | --- | --- |"]
-    lines += [f"| {r['variant']} | {r['bytes']:.3f} | {r['cosine']:.4f} | {r['cosine_min']:.4f} |" for r in data["minilm"]]
+    lines += [
+        f"| {r['variant']} | {r['params']:.3f} | {r['bytes']:.3f} | {r['accuracy']:.2f} | {base - r['accuracy']:.2f} |"
+        for r in data["digits"]
+    ]
+    lines += [
+        "\n## Pruning structure (fold_bn,prune) on ResNet-mini and the tiny transformer\n",
+        "| model | ratio | bytes (x fp32) | pruned layers | refused because | ORT vs torch max abs |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r['model']} | {r['ratio']} | {r['bytes']:.3f} | {r['pruned_layers']} | {'; '.join(r['refused'])} | "
+        f"{r['ort_vs_torch_max_abs']:.2e} |"
+        for r in data["structure"]
+    ]
+    lines += [
+        "\n## MiniLM: SVD of the FFN Linears, head pruning (64 real sentences, ORT CPU, cpu-nbits export)\n",
+        "| variant | whole-model bytes (x fp32) | cosine mean | worst |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r['variant']} | {r['bytes']:.3f} | {r['cosine']:.4f} | {r['cosine_min']:.4f} |" for r in data["minilm"]
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     save_results("compress", text, data)

@@ -24,19 +24,37 @@ BATCHES = {"minilm": (1, 16), "big_mlp": (1, 32)}
 
 def gpu_name() -> str:
     try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown GPU"
 
 
 def main() -> None:
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        sys.exit(f"CUDAExecutionProvider is not available (providers: {onnxruntime.get_available_providers()}); "
-                 "install onnxruntime-gpu on a machine with an NVIDIA GPU. Nothing was written.")
-    write_tables("gpu", "fxcompress on ONNX Runtime CUDA EP", environment(gpu_name(), "CUDAExecutionProvider"), list(BATCHES),
-                 lambda name: run_benchmark(zoo.FACTORIES[name], recipes=RECIPES, targets=("cuda",), batches=BATCHES[name],
-                                            provider="cuda", ort_quantize_dynamic=False, calibration=zoo.CALIBRATION[name]()))
+        sys.exit(
+            f"CUDAExecutionProvider is not available (providers: {onnxruntime.get_available_providers()}); "
+            "install onnxruntime-gpu on a machine with an NVIDIA GPU. Nothing was written."
+        )
+    write_tables(
+        "gpu",
+        "fxcompress on ONNX Runtime CUDA EP",
+        environment(gpu_name(), "CUDAExecutionProvider"),
+        list(BATCHES),
+        lambda name: run_benchmark(
+            zoo.FACTORIES[name],
+            recipes=RECIPES,
+            targets=("cuda",),
+            batches=BATCHES[name],
+            provider="cuda",
+            ort_quantize_dynamic=False,
+            calibration=zoo.CALIBRATION[name](),
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -20,9 +20,19 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--tag", default="int8_cpu")
     args = ap.parse_args()
-    write_tables(args.tag, "int8 on ONNX Runtime CPU", environment(), args.models.split(","),
-                 lambda name: run_benchmark(zoo.FACTORIES[name], recipes=("int8",), batches=(1, 32),  # every target
-                                            repeat=args.repeat, provider="cpu"))
+    write_tables(
+        args.tag,
+        "int8 on ONNX Runtime CPU",
+        environment(),
+        args.models.split(","),
+        lambda name: run_benchmark(
+            zoo.FACTORIES[name],
+            recipes=("int8",),
+            batches=(1, 32),  # every target
+            repeat=args.repeat,
+            provider="cpu",
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -18,9 +18,14 @@ from fxcompress.bench import run_benchmark
 from fxcompress.models import zoo
 
 SUITES = {
-    "big_mlp": dict(recipes=("int8_dynamic", "int4:block=32", "int4:block=32,algo=gptq"), ort_nbits=("rtn", "gptq"), batches=(1, 32)),
-    "digits_cnn": dict(recipes=("fold_bn,int8", "fold_bn,int8_static", "fold_bn,int8:kinds=conv2d,int4:block=32"), ort_nbits=(),
-                       batches=(1, 128)),
+    "big_mlp": dict(
+        recipes=("int8_dynamic", "int4:block=32", "int4:block=32,algo=gptq"), ort_nbits=("rtn", "gptq"), batches=(1, 32)
+    ),
+    "digits_cnn": dict(
+        recipes=("fold_bn,int8", "fold_bn,int8_static", "fold_bn,int8:kinds=conv2d,int4:block=32"),
+        ort_nbits=(),
+        batches=(1, 128),
+    ),
     "minilm": dict(recipes=("fp16", "int8_dynamic"), ort_nbits=(), batches=(1, 16)),
 }
 
@@ -33,10 +38,21 @@ def main() -> None:
 
     def measure(name: str):
         s = SUITES[name]
-        return run_benchmark(zoo.FACTORIES[name], recipes=s["recipes"], targets=("cpu",), batches=s["batches"], repeat=args.repeat,
-                             provider="cpu", ort_nbits=s["ort_nbits"], nbits_block=32, calibration=zoo.CALIBRATION[name]())
+        return run_benchmark(
+            zoo.FACTORIES[name],
+            recipes=s["recipes"],
+            targets=("cpu",),
+            batches=s["batches"],
+            repeat=args.repeat,
+            provider="cpu",
+            ort_nbits=s["ort_nbits"],
+            nbits_block=32,
+            calibration=zoo.CALIBRATION[name](),
+        )
 
-    write_tables("quant_suite", "Quantization suite on ONNX Runtime CPU", environment(), args.models.split(","), measure)
+    write_tables(
+        "quant_suite", "Quantization suite on ONNX Runtime CPU", environment(), args.models.split(","), measure
+    )
 
 
 if __name__ == "__main__":

@@ -22,15 +22,24 @@ def cpu_isa() -> str:
     """The int8 instruction set this CPU's GEMMs get ("AVX-512 VNNI", "AVX-VNNI", "AVX2, no VNNI"; "" when unknown):
     VNNI or not changes which int8 kernel wins."""
     flags = cpu_flags() or set()
-    return ("AVX-512 VNNI" if "avx512_vnni" in flags else "AVX-VNNI" if "avx_vnni" in flags
-            else "AVX2, no VNNI" if "avx2" in flags else "")
+    return (
+        "AVX-512 VNNI"
+        if "avx512_vnni" in flags
+        else "AVX-VNNI"
+        if "avx_vnni" in flags
+        else "AVX2, no VNNI"
+        if "avx2" in flags
+        else ""
+    )
 
 
 def cpu_name() -> str:
     """The CPU's model name and its int8 instruction set (:func:`cpu_isa`)."""
     name = ""
     try:
-        name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+        name = next(
+            (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), ""
+        )
     except OSError:
         pass
     name = name or platform.processor() or "unknown CPU"
@@ -41,20 +50,28 @@ def cpu_name() -> str:
 def environment(device: str = "", provider: str = "CPUExecutionProvider") -> str:
     """One line naming the date, device, thread count and library versions a result was measured with."""
     device = device or f"{cpu_name()} ({torch.get_num_threads()} threads)"
-    return (f"Measured {datetime.date.today()} on {device}, onnxruntime {onnxruntime.__version__}, "
-            f"torch {torch.__version__}, provider {provider}")
+    return (
+        f"Measured {datetime.date.today()} on {device}, onnxruntime {onnxruntime.__version__}, "
+        f"torch {torch.__version__}, provider {provider}"
+    )
 
 
 def save_results(tag: str, text: str, data: dict) -> None:
-    """Write results/<tag>.md (the table a README section copies) and results/<tag>.json (the same, as data)."""
-    OUT.mkdir(exist_ok=True)
-    (OUT / f"{tag}.md").write_text(text)
-    (OUT / f"{tag}.json").write_text(json.dumps(data, indent=2))
+    """Write results/<tag>.md (the table the docs copy) and results/<tag>.json (the same, as data), beside the script
+    that runs (benchmarks/results/ or benchmarks/experiments/results/)."""
+    out = Path(sys.argv[0]).resolve().parent / "results" if sys.argv and sys.argv[0].endswith(".py") else OUT
+    out.mkdir(exist_ok=True)
+    (out / f"{tag}.md").write_text(text)
+    (out / f"{tag}.json").write_text(json.dumps(data, indent=2))
 
 
-def write_tables(tag: str, title: str, env: str, models: Sequence[str], measure: Callable[[str], list[BenchRow]]) -> None:
+def write_tables(
+    tag: str, title: str, env: str, models: Sequence[str], measure: Callable[[str], list[BenchRow]]
+) -> None:
     """Run ``measure(model)`` for each model and write results/<tag>.md (a table per model) and .json."""
-    command = " ".join([f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])  # with its flags: rerunnable as written
+    command = " ".join(
+        [str(Path(sys.argv[0]).resolve().relative_to(Path(__file__).resolve().parents[1])), *sys.argv[1:]]
+    )  # with its flags: rerunnable as written
     sections, data = [f"# {title}\n\n{env}\n\nCommand: `python {command}`\n"], {"env": env}
     for name in models:
         print(f"benchmarking {name} ...", file=sys.stderr)

@@ -37,10 +37,19 @@ _EXPORTS = {
     "parse_recipe": "fxcompress.recipe.parse",
     "Target": "fxcompress.export.targets",
     "TARGETS": "fxcompress.export.targets",
-    **{name: "fxcompress.errors" for name in (
-        "FxCompressError", "CaptureError", "InputError", "RecipeError", "PassError", "ExportError",
-        "RuntimeMissingError", "CalibrationWarning",
-    )},
+    **{
+        name: "fxcompress.errors"
+        for name in (
+            "FxCompressError",
+            "CaptureError",
+            "InputError",
+            "RecipeError",
+            "PassError",
+            "ExportError",
+            "RuntimeMissingError",
+            "CalibrationWarning",
+        )
+    },
 }
 __all__ = sorted(_EXPORTS)
 

@@ -25,6 +25,7 @@ from fxcompress.graph.capture import capture
 from fxcompress.graph.inputs import normalize_inputs, run_reference
 from fxcompress.text import fmt_bytes
 
+
 @dataclass
 class BenchRow:
     variant: str
@@ -49,8 +50,17 @@ def _tile(inputs: tuple, batch: int) -> tuple[np.ndarray, ...]:
     return tuple(out)
 
 
-def _measure(name: str, path: Path, batches: Sequence[int], inputs: tuple, eval_batches: list[tuple], reference: list,
-             provider: str, repeat: int, labels: Optional[np.ndarray] = None) -> BenchRow:
+def _measure(
+    name: str,
+    path: Path,
+    batches: Sequence[int],
+    inputs: tuple,
+    eval_batches: list[tuple],
+    reference: list,
+    provider: str,
+    repeat: int,
+    labels: Optional[np.ndarray] = None,
+) -> BenchRow:
     proto = onnx.load(str(path))
     first = probe(path, [tuple(t.numpy() for t in b) for b in eval_batches], provider=provider, repeat=repeat)
     if first.load_error:
@@ -62,8 +72,19 @@ def _measure(name: str, path: Path, batches: Sequence[int], inputs: tuple, eval_
     lat = {}
     for b in batches:
         lat[b] = probe(path, [_tile(inputs, b)], provider=provider, repeat=repeat).latency_ms_p50
-    return BenchRow(name, path.stat().st_size, sum(initializer_bytes(proto).values()), first.rss_load_mb, first.rss_run_mb, first.rss_peak_mb,
-                    lat, cos, first.provider, acc, first.gpu_mem_mb)
+    return BenchRow(
+        name,
+        path.stat().st_size,
+        sum(initializer_bytes(proto).values()),
+        first.rss_load_mb,
+        first.rss_run_mb,
+        first.rss_peak_mb,
+        lat,
+        cos,
+        first.provider,
+        acc,
+        first.gpu_mem_mb,
+    )
 
 
 def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -71,7 +92,11 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     quantizes MatMul, and torch's exporter writes 2-D Linear layers as Gemm.
 
     Example:
-        >>> onnx.save(gemm_to_matmul(onnx.load("fp32.onnx")), "fp32_matmul.onnx")
+        >>> from fxcompress.export.writer import export_onnx
+        >>> path = export_onnx(fx.symbolic_trace(nn.Linear(4, 2)), (torch.randn(2, 4),), "fp32.onnx")
+        >>> ops = lambda model: [n.op_type for n in model.graph.node]
+        >>> ops(onnx.load(path)), ops(gemm_to_matmul(onnx.load(path)))
+        (['Gemm'], ['MatMul', 'Add'])
     """
     from onnx import helper, numpy_helper
 
@@ -85,7 +110,9 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
             nodes.append(node)
             continue
         b = numpy_helper.to_array(inits[node.input[1]])
-        inits[node.input[1]].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(b.T if attrs.get("transB", 0) else b), node.input[1]))
+        inits[node.input[1]].CopyFrom(
+            numpy_helper.from_array(np.ascontiguousarray(b.T if attrs.get("transB", 0) else b), node.input[1])
+        )
         has_bias = len(node.input) > 2 and node.input[2]
         product = node.output[0] + "_matmul" if has_bias else node.output[0]
         nodes.append(helper.make_node("MatMul", [node.input[0], node.input[1]], [product], name=node.name + "_matmul"))
@@ -100,7 +127,10 @@ def _ort_nbits(fp32: Path, out: Path, algo: str, block: int, calibration: Option
     """ORT's own blockwise int4 (MatMulNBitsQuantizer, asymmetric, accuracy_level 4) by RTN or GPTQ."""
     from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization.matmul_nbits_quantizer import (
-        GPTQWeightOnlyQuantConfig, MatMulNBitsQuantizer, RTNWeightOnlyQuantConfig)
+        GPTQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+        RTNWeightOnlyQuantConfig,
+    )
 
     model = gemm_to_matmul(onnx.load(str(fp32)))
     names = [i.name for i in model.graph.input]
@@ -190,20 +220,36 @@ def format_rows(rows: Sequence[BenchRow]) -> str:
     """Markdown table of benchmark rows, with ratios to the fp32 row.
 
     Example:
-        >>> print(format_rows(run_benchmark(zoo.mlp, recipes=("int8",), targets=("cpu",))))
+        >>> rows = [BenchRow("fp32", 4000, 3600, 10.0, 11.0, 12.0, {1: 2.0}, 1.0),
+        ...         BenchRow("int8", 1200, 900, 5.0, 6.0, 7.0, {1: 1.0}, 0.9999, "CPUExecutionProvider")]
+        >>> print(format_rows(rows))  # doctest: +ELLIPSIS
+        | variant | provider | file | weights (x fp32) | RSS load (x fp32) | ... | p50 b1 ms (x fp32) | cosine |
+        | --- | --- | --- | --- | --- | --- | --- | --- | --- |
+        | fp32 |  | 3.91 KiB | 3.52 KiB (1.000) | 10.0 MiB (1.00) | ... | 2.00 (1.00) | 1.00000 |
+        | int8 | CPU | 1.17 KiB | 900 B (0.250) | 5.0 MiB (0.50) | ... | 1.00 (0.50) | 0.99990 |
     """
     base = rows[0]
     batches = list(base.latency_ms)
     with_acc = any(r.accuracy is not None for r in rows)
     with_gpu = any(r.gpu_mem_mb is not None for r in rows)
-    header = (["variant", "provider", "file", "weights (x fp32)", "RSS load (x fp32)", "RSS after runs", "RSS peak"]
-              + (["GPU memory"] if with_gpu else []) + [f"p50 b{b} ms (x fp32)" for b in batches] + ["cosine"]
-              + (["accuracy %"] if with_acc else []))
+    header = (
+        ["variant", "provider", "file", "weights (x fp32)", "RSS load (x fp32)", "RSS after runs", "RSS peak"]
+        + (["GPU memory"] if with_gpu else [])
+        + [f"p50 b{b} ms (x fp32)" for b in batches]
+        + ["cosine"]
+        + (["accuracy %"] if with_acc else [])
+    )
     out = []
     for r in rows:
-        cells = [r.variant, r.provider.replace("ExecutionProvider", ""), fmt_bytes(r.file_bytes),
-                 f"{fmt_bytes(r.weight_bytes)} ({r.weight_bytes / base.weight_bytes:.3f})",
-                 f"{r.rss_load_mb:.1f} MiB ({r.rss_load_mb / max(base.rss_load_mb, 1e-9):.2f})", f"{r.rss_run_mb:.1f} MiB", f"{r.rss_peak_mb:.1f} MiB"]
+        cells = [
+            r.variant,
+            r.provider.replace("ExecutionProvider", ""),
+            fmt_bytes(r.file_bytes),
+            f"{fmt_bytes(r.weight_bytes)} ({r.weight_bytes / base.weight_bytes:.3f})",
+            f"{r.rss_load_mb:.1f} MiB ({r.rss_load_mb / max(base.rss_load_mb, 1e-9):.2f})",
+            f"{r.rss_run_mb:.1f} MiB",
+            f"{r.rss_peak_mb:.1f} MiB",
+        ]
         if with_gpu:
             cells.append(f"{r.gpu_mem_mb:.0f} MiB" if r.gpu_mem_mb is not None else "n/a")
         for b in batches:
@@ -220,6 +266,7 @@ def rows_to_json(rows: Sequence[BenchRow]) -> list[dict[str, Any]]:
     """Benchmark rows as JSON-ready dicts (what ``fxcompress bench --json`` writes).
 
     Example:
-        >>> json.dumps(rows_to_json(run_benchmark(zoo.mlp, targets=("cpu",))))
+        >>> rows_to_json([BenchRow("fp32", 4000, 3600, 10.0, 11.0, 12.0, {1: 2.0}, 1.0)])[0]["latency_ms"]
+        {1: 2.0}
     """
     return [asdict(r) for r in rows]

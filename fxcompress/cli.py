@@ -42,7 +42,10 @@ def load_factory(spec: str) -> Callable[[], tuple]:
         raise InputError(f"cannot import {module_name!r} from {spec!r}: {exc}") from exc
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise InputError(f"{module_name} has no callable {attr!r}; MODULE:FACTORY must name a function returning (model, example_inputs)")
+        raise InputError(
+            f"{module_name} has no callable {attr!r}; MODULE:FACTORY must name a function returning "
+            "(model, example_inputs)"
+        )
     return factory
 
 
@@ -84,7 +87,10 @@ def parse_axes(text: Optional[str], model_spec: str) -> tuple[int, ...]:
 def _call_factory(spec: str):
     made = load_factory(spec)()
     if not isinstance(made, tuple) or len(made) not in (2, 3):
-        raise InputError(f"{spec} must return (model, example_inputs) or (model, example_inputs, EvalData), got {type(made).__name__}")
+        raise InputError(
+            f"{spec} must return (model, example_inputs) or (model, example_inputs, EvalData), "
+            f"got {type(made).__name__}"
+        )
     return made[0], made[1], made[2] if len(made) == 3 else None
 
 
@@ -92,9 +98,16 @@ def _check(model, path: Path, example_inputs, eval_data, args, layers: Optional[
     from fxcompress.checker.parity import check
 
     print(f"checking {path} on ONNX Runtime ...", file=sys.stderr)
-    report = check(model, path, example_inputs, eval_inputs=eval_data.inputs if eval_data else None,
-                   labels=eval_data.labels if eval_data else None, classifier=eval_data.classifier if eval_data else None,
-                   provider=args.provider, fp32_baseline=not args.no_baseline)
+    report = check(
+        model,
+        path,
+        example_inputs,
+        eval_inputs=eval_data.inputs if eval_data else None,
+        labels=eval_data.labels if eval_data else None,
+        classifier=eval_data.classifier if eval_data else None,
+        provider=args.provider,
+        fp32_baseline=not args.no_baseline,
+    )
     print(report.to_text())
     if args.json:
         data = json.loads(report.to_json())
@@ -108,15 +121,26 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     """``fxcompress optimize``: compress, export, and check if asked; the exit status.
 
     Example:
-        >>> main(["optimize", "digits_cnn", "--recipe", "fold_bn,int8", "-o", "digits.onnx", "--check"])
+        >>> main(["optimize", "mlp", "--recipe", "int8", "-o", "mlp.onnx", "--check", "--no-baseline"])
+        ... # doctest: +ELLIPSIS
+        layer  kind    pass  action  before      after      weight SQNR
+        ...
+        wrote mlp.onnx (target cpu)
+        parity PASSED: mlp.onnx
+        ...
         0
     """
     from fxcompress.api import optimize
 
     model, example_inputs, eval_data = _call_factory(args.model)
-    cm = optimize(model, example_inputs, recipe=args.recipe, progress=not args.no_progress,
-                  calibration=load_calibration(args.calibration, args.model),
-                  dynamic_axes=parse_axes(args.dynamic_axes, args.model))
+    cm = optimize(
+        model,
+        example_inputs,
+        recipe=args.recipe,
+        progress=False if args.no_progress else None,
+        calibration=load_calibration(args.calibration, args.model),
+        dynamic_axes=parse_axes(args.dynamic_axes, args.model),
+    )
     print(cm.summary())
     path = cm.export(args.output, target=args.target)
     print(f"\nwrote {path} (target {args.target})")
@@ -132,7 +156,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     """``fxcompress check``: the parity report of an artifact; 1 when parity fails.
 
     Example:
-        >>> main(["check", "digits_cnn", "digits.onnx", "--json", "report.json"])
+        >>> main(["optimize", "mlp", "-o", "mlp.onnx", "--no-progress"])  # doctest: +ELLIPSIS
+        layer ...
+        0
+        >>> main(["check", "mlp", "mlp.onnx", "--no-baseline", "--json", "report.json"])  # doctest: +ELLIPSIS
+        parity PASSED: mlp.onnx
+        ...
         0
     """
     model, example_inputs, eval_data = _call_factory(args.model)
@@ -145,7 +174,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """``fxcompress bench``: fp32 vs fxcompress vs ORT's quantizers, one table.
 
     Example:
-        >>> main(["bench", "mlp", "--recipe", "int8", "--targets", "cpu,cpu-nbits"])
+        >>> main(["bench", "mlp", "--targets", "cpu", "--batches", "1", "--repeat", "2", "--no-ort"])
+        ... # doctest: +ELLIPSIS
+        | variant | provider | file | weights (x fp32) | ...
+        | --- | ...
+        | fp32 | CPU | ...
+        | fxcompress int8 [cpu] | CPU | ...
         0
     """
     from fxcompress.bench import format_rows, rows_to_json, run_benchmark
@@ -158,10 +192,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         batches = [int(b) for b in args.batches.split(",")]
     except ValueError:
         raise InputError(f"--batches takes comma-separated batch sizes (e.g. 1,32), got {args.batches!r}") from None
-    rows = run_benchmark(load_factory(args.model), recipes=args.recipe, targets=targets, batches=batches,
-                         ort_quantize_dynamic=not args.no_ort, provider=args.provider, repeat=args.repeat,
-                         calibration=load_calibration(args.calibration, args.model),
-                         progress=lambda line: print(line, file=sys.stderr, flush=True))
+    rows = run_benchmark(
+        load_factory(args.model),
+        recipes=args.recipe,
+        targets=targets,
+        batches=batches,
+        ort_quantize_dynamic=not args.no_ort,
+        provider=args.provider,
+        repeat=args.repeat,
+        calibration=load_calibration(args.calibration, args.model),
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
     print(format_rows(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows_to_json(rows), indent=2))
@@ -172,14 +213,21 @@ def cmd_list(args: argparse.Namespace) -> int:
     """``fxcompress list``: the passes and the bundled models.
 
     Example:
-        >>> main(["list"])
+        >>> main(["list"])  # doctest: +ELLIPSIS
+        passes (recipe: name:option=value,...; ...
+        ...
+        export targets (--target):
+          cpu             DynamicQuantizeMatMul with uint8 weights...
+        ...
         0
     """
     from fxcompress.models.zoo import FACTORIES
     from fxcompress.recipe.registry import available_passes, pass_help
 
-    print("passes (recipe: name:option=value,...; every pass also takes include= and exclude=, layer-name patterns "
-          "joined by +); options show their defaults:")
+    print(
+        "passes (recipe: name:option=value,...; every pass also takes include= and exclude=, layer-name patterns "
+        "joined by +); options show their defaults:"
+    )
     for name in available_passes():
         summary, options = pass_help(name)
         print(f"  {name:<13} {summary}")
@@ -199,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
         >>> build_parser().parse_args(["list"]).command
         'list'
     """
-    p = argparse.ArgumentParser(prog="fxcompress", description="Compress PyTorch models, export ONNX, prove parity on ONNX Runtime.")
+    p = argparse.ArgumentParser(
+        prog="fxcompress", description="Compress PyTorch models, export ONNX, prove parity on ONNX Runtime."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
@@ -211,14 +261,23 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("model", help="MODULE:FACTORY returning (model, example_inputs), or a bundled model name")
     o.add_argument("--recipe", default="int8", help="passes, e.g. 'fold_bn,int8' (see `fxcompress list`)")
     o.add_argument("-o", "--output", required=True, help="ONNX file to write")
-    o.add_argument("--target", default="cpu", choices=target_names(),
-                   help="ONNX lowering of compressed layers (see `fxcompress list`)")
-    o.add_argument("--dynamic-axes", help="input axes that may change size, e.g. 0,1 for batch and sequence (default: "
-                                          "0; a bundled model's own, e.g. 0,1 for minilm); empty: fixed shapes")
+    o.add_argument(
+        "--target",
+        default="cpu",
+        choices=target_names(),
+        help="ONNX lowering of compressed layers (see `fxcompress list`)",
+    )
+    o.add_argument(
+        "--dynamic-axes",
+        help="input axes that may change size, e.g. 0,1 for batch and sequence (default: "
+        "0; a bundled model's own, e.g. 0,1 for minilm); empty: fixed shapes",
+    )
     o.add_argument("--check", action="store_true", help="run the parity checker on the result (exit 1 if it fails)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
-    o.add_argument("--calibration", help="MODULE:FUNC returning a list of input tuples (bundled models have "
-                                         "default calibration batches)")
+    o.add_argument(
+        "--calibration",
+        help="MODULE:FUNC returning a list of input tuples (bundled models have default calibration batches)",
+    )
     common(o)
     o.set_defaults(func=cmd_optimize)
 
@@ -248,7 +307,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the ``fxcompress`` command line on ``argv``; 0 on success, 1 when parity fails, 2 on bad input.
 
     Example:
-        >>> main(["optimize", "mlp", "-o", "mlp.onnx"])
+        >>> main(["optimize", "mlp", "-o", "mlp.onnx", "--no-progress"])  # doctest: +ELLIPSIS
+        layer ...
+        module bytes 332.04 KiB -> 86.58 KiB (3.84x smaller)
+        <BLANKLINE>
+        wrote mlp.onnx (target cpu)
         0
     """
     args = build_parser().parse_args(argv)

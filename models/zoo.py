@@ -149,7 +149,8 @@ def digits_cnn() -> tuple[nn.Module, tuple, EvalData]:
 
     Example:
         >>> model, example, ev = digits_cnn()
-        >>> fxcompress.check(model, "digits.onnx", example, eval_inputs=ev.inputs, labels=ev.labels)
+        >>> len(ev.inputs), len(ev.labels), model(*example).shape
+        (8, 899, torch.Size([8, 10]))
     """
     model = DigitsCNN()
     model.load_state_dict(_trained_digits_state())
@@ -162,7 +163,8 @@ def digits_calibration(batches: int = 4, batch: int = 64) -> list[tuple[Tensor]]
     """Calibration batches for the digits CNN from its training split (never the evaluation digits).
 
     Example:
-        >>> cm = fxcompress.optimize(model, example, recipe="fold_bn,int8_static", calibration=digits_calibration())
+        >>> [tuple(b[0].shape) for b in digits_calibration(batches=2)]
+        [(64, 1, 8, 8), (64, 1, 8, 8)]
     """
     x_train = digits_data()[0]
     return [(x_train[i * batch : (i + 1) * batch],) for i in range(batches)]
@@ -172,7 +174,8 @@ def big_mlp_calibration(batches: int = 4, batch: int = 16) -> list[tuple[Tensor]
     """Gaussian calibration batches for the random-weight 84M MLP (it has no real input distribution).
 
     Example:
-        >>> cm = fxcompress.optimize(model, example, recipe="int4:algo=gptq", calibration=big_mlp_calibration())
+        >>> [tuple(b[0].shape) for b in big_mlp_calibration(batches=2, batch=3)]
+        [(3, 4096), (3, 4096)]
     """
     g = _seeded(1)
     return [(torch.randn(batch, 4096, generator=g),) for _ in range(batches)]
@@ -240,7 +243,10 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, n, d = x.shape
-        split = lambda t: t.reshape(b, n, self.heads, d // self.heads).transpose(1, 2)
+
+        def split(t: Tensor) -> Tensor:
+            return t.reshape(b, n, self.heads, d // self.heads).transpose(1, 2)
+
         q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
         att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // self.heads), dim=-1)
         return self.proj((att @ v).transpose(1, 2).reshape(b, n, d))
@@ -260,7 +266,9 @@ class EncoderBlock(nn.Module):
 class TinyTransformer(nn.Module):
     """Token + position embeddings, pre-norm encoder blocks, mean pooling, classifier head."""
 
-    def __init__(self, vocab: int = 1000, seq: int = 32, dim: int = 64, heads: int = 4, depth: int = 2, classes: int = 10) -> None:
+    def __init__(
+        self, vocab: int = 1000, seq: int = 32, dim: int = 64, heads: int = 4, depth: int = 2, classes: int = 10
+    ) -> None:
         super().__init__()
         self.tok, self.pos = nn.Embedding(vocab, dim), nn.Embedding(seq, dim)
         self.blocks = nn.Sequential(*(EncoderBlock(dim, heads, 4 * dim) for _ in range(depth)))
@@ -324,7 +332,9 @@ def tokenize(sentences: list[str], max_length: int = 32) -> tuple[Tensor, Tensor
         >>> ids.shape
         torch.Size([1, 32])
     """
-    b = _minilm_tokenizer()(sentences, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    b = _minilm_tokenizer()(
+        sentences, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    )
     return b["input_ids"], b["attention_mask"]
 
 
@@ -342,7 +352,9 @@ def minilm_calibration(max_length: int = 32, batch: int = 8) -> Calibration:
     """Calibration batches for MiniLM from sentences disjoint from the evaluation set; statistics skip padding.
 
     Example:
-        >>> cm = fxcompress.optimize(model, example, recipe="int4:algo=gptq", calibration=minilm_calibration())
+        >>> calibration = minilm_calibration()
+        >>> len(calibration), calibration.token_mask, tuple(calibration[0][0].shape)
+        (4, 1, (8, 32))
     """
     from fxcompress.models.sentences import CALIBRATION_SENTENCES
 
@@ -357,7 +369,8 @@ def minilm(max_length: int = 32) -> tuple[nn.Module, tuple, EvalData]:
         >>> model(*example).shape
         torch.Size([4, 384])
     """
-    from transformers import AutoModel, logging as hf_logging
+    from transformers import AutoModel
+    from transformers import logging as hf_logging
 
     from fxcompress.models.sentences import SENTENCES
 

@@ -43,10 +43,12 @@ def distill_pass(gm: fx.GraphModule, cfg: DistillConfig, ctx: PassContext) -> Pa
 
     Example:
         >>> cm = fxcompress.optimize(model, x, recipe="svd:rank=8,distill:steps=5,int8", calibration=[(x,)])
-        >>> cm.records[-3].action
-        'distilled'
+        >>> [r.action for r in cm.records if r.pass_name == "distill"]
+        ['distilled']
     """
     if ctx.calibration is None or ctx.teacher is None:
         raise InputError("distill needs calibration data (the inputs it trains on): optimize(..., calibration=[...])")
     history = distill_module(gm, ctx.teacher, ctx.calibration, cfg.options)
-    return PassResult(gm, True, [LayerRecord("(whole model)", "model", cfg.name, "distilled", cfg.options.describe(history))])
+    return PassResult(
+        gm, True, [LayerRecord("(whole model)", "model", cfg.name, "distilled", cfg.options.describe(history))]
+    )

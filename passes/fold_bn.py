@@ -61,7 +61,14 @@ def _batch_norm_after(gm: fx.GraphModule, conv: fx.Node) -> Optional[_BN] | str:
     if bn.op == "call_function" and bn.target in (aten.batch_norm.default, F.batch_norm):
         if bn.target is F.batch_norm:  # (input, running_mean, running_var, weight, bias, training, momentum, eps)
             a = list(bn.args) + [None] * 8
-            mean, var, w, b, training, eps = a[1], a[2], bn.kwargs.get("weight", a[3]), bn.kwargs.get("bias", a[4]), bn.kwargs.get("training", a[5]), bn.kwargs.get("eps", a[7] or 1e-5)
+            mean, var, w, b, training, eps = (
+                a[1],
+                a[2],
+                bn.kwargs.get("weight", a[3]),
+                bn.kwargs.get("bias", a[4]),
+                bn.kwargs.get("training", a[5]),
+                bn.kwargs.get("eps", a[7] or 1e-5),
+            )
         else:  # (input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn)
             _, w, b, mean, var, training, _, eps = bn.args[:8]
         if training:
@@ -89,7 +96,11 @@ def _write_back(gm: fx.GraphModule, site: Site, weight: Tensor, bias: Tensor) ->
     if isinstance(b_node, fx.Node):
         setattr(*attr_owner(gm, str(b_node.target)), nn.Parameter(bias, requires_grad=False))
         return
-    b_attr = attr.replace("weight", "bias") if "weight" in attr and not hasattr(owner, attr.replace("weight", "bias")) else f"{attr}_folded_bias"
+    b_attr = (
+        attr.replace("weight", "bias")
+        if "weight" in attr and not hasattr(owner, attr.replace("weight", "bias"))
+        else f"{attr}_folded_bias"
+    )
     owner.register_parameter(b_attr, nn.Parameter(bias, requires_grad=False))
     with gm.graph.inserting_before(node):
         b_get = gm.graph.get_attr(f"{owner_name}.{b_attr}" if owner_name else b_attr)
@@ -103,7 +114,10 @@ def fold(weight: Tensor, bias: Optional[Tensor], bn: _BN) -> tuple[Tensor, Tenso
     """Folded (weight, bias) for conv weight ``weight`` ([out, in/groups, *k]) followed by ``bn``.
 
     Example:
-        >>> weight, bias = fold(conv.weight, conv.bias, bn)
+        >>> bn = _BN(None, torch.zeros(2), torch.full((2,), 4.0), torch.ones(2), torch.tensor([0.0, 1.0]), 0.0)
+        >>> weight, bias = fold(torch.ones(2, 1, 1, 1), None, bn)  # y = (x - 0) / sqrt(4) * 1 + beta
+        >>> weight.flatten().tolist(), bias.tolist()
+        ([0.5, 0.5], [0.0, 1.0])
     """
     scale = torch.rsqrt(bn.var.double() + bn.eps)
     if bn.gamma is not None:
@@ -135,13 +149,24 @@ def fold_batch_norm(gm: fx.GraphModule, cfg: FoldBNConfig, ctx: PassContext) -> 
             records.append(LayerRecord(site.name, site.kind, cfg.name, "skipped", bn))
             continue
         if tied[site.weight_key] > 1:
-            records.append(LayerRecord(site.name, site.kind, cfg.name, "skipped", "weight is shared with another layer"))
+            records.append(
+                LayerRecord(site.name, site.kind, cfg.name, "skipped", "weight is shared with another layer")
+            )
             continue
         weight, bias = fold(site.weight, site.bias, bn)
         _write_back(gm, site, weight, bias)
         bn.node.replace_all_uses_with(site.node)
         gm.graph.erase_node(bn.node)
-        records.append(LayerRecord(site.name, site.kind, cfg.name, "folded", f"absorbed {bn.node.name}", site.weight_bytes,
-                                   nbytes(weight, bias), numerics=Numerics("float32")))
+        records.append(
+            LayerRecord(
+                site.name,
+                site.kind,
+                cfg.name,
+                "folded",
+                f"absorbed {bn.node.name}",
+                site.weight_bytes,
+                nbytes(weight, bias),
+                numerics=Numerics("float32"),
+            )
+        )
     return PassResult(gm, any(r.action == "folded" for r in records), records)
-

@@ -30,14 +30,50 @@ from fxcompress.recipe.tolerance import Tolerance
 
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # Op names (aten overload packet, torch function or method name) computed in float32.
-FP32_OPS = frozenset({
-    "softmax", "_softmax", "log_softmax", "_log_softmax", "scaled_dot_product_attention",
-    "layer_norm", "native_layer_norm", "group_norm", "native_group_norm", "batch_norm", "native_batch_norm",
-    "_native_batch_norm_legit_no_training", "instance_norm", "rms_norm", "normalize",
-    "mean", "sum", "var", "std", "var_mean", "norm", "linalg_vector_norm", "cumsum", "prod", "logsumexp",
-    "exp", "log", "pow", "sqrt", "rsqrt", "cross_entropy", "nll_loss",
-})
-FP32_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.Softmax, nn.LogSoftmax, nn.MultiheadAttention)
+FP32_OPS = frozenset(
+    {
+        "softmax",
+        "_softmax",
+        "log_softmax",
+        "_log_softmax",
+        "scaled_dot_product_attention",
+        "layer_norm",
+        "native_layer_norm",
+        "group_norm",
+        "native_group_norm",
+        "batch_norm",
+        "native_batch_norm",
+        "_native_batch_norm_legit_no_training",
+        "instance_norm",
+        "rms_norm",
+        "normalize",
+        "mean",
+        "sum",
+        "var",
+        "std",
+        "var_mean",
+        "norm",
+        "linalg_vector_norm",
+        "cumsum",
+        "prod",
+        "logsumexp",
+        "exp",
+        "log",
+        "pow",
+        "sqrt",
+        "rsqrt",
+        "cross_entropy",
+        "nll_loss",
+    }
+)
+FP32_MODULES = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.batchnorm._BatchNorm,
+    nn.Softmax,
+    nn.LogSoftmax,
+    nn.MultiheadAttention,
+)
 HALF_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 CONVERSIONS = frozenset({"to", "_to_copy", "type", "float", "half", "double", "bfloat16", "type_as"})
 
@@ -73,8 +109,14 @@ def _float_inputs(node: fx.Node) -> list[fx.Node]:
     return [a for a in node.all_input_nodes if _out_dtype(a) is not None]
 
 
-def _wants(gm: fx.GraphModule, node: fx.Node, fp32_sites: set[fx.Node], half_sites: set[fx.Node], half: torch.dtype,
-           default: torch.dtype) -> Optional[torch.dtype]:
+def _wants(
+    gm: fx.GraphModule,
+    node: fx.Node,
+    fp32_sites: set[fx.Node],
+    half_sites: set[fx.Node],
+    half: torch.dtype,
+    default: torch.dtype,
+) -> Optional[torch.dtype]:
     """The dtype ``node`` should compute in; None for nodes left as they are (non-float, conversions, get_attr).
     ``default`` is what an op that is neither a site nor numerically sensitive gets: half, or float32 when the config
     names the layers to halve."""
@@ -145,8 +187,18 @@ def mixed_precision(gm: fx.GraphModule, cfg: HalfConfig, ctx: PassContext) -> Pa
         actual[node] = want if want is not None and (srcs or owns_weights) else _passthrough(node, srcs, actual)
     for site in sites:  # a site's weight and bias are read only by the site, so they are now stored in half
         after = site.weight_bytes // 2
-        records.append(LayerRecord(site.name, site.kind, cfg.name, cfg.dtype, "", site.weight_bytes, after,
-                                   numerics=Numerics(str(half).removeprefix("torch."))))
+        records.append(
+            LayerRecord(
+                site.name,
+                site.kind,
+                cfg.name,
+                cfg.dtype,
+                "",
+                site.weight_bytes,
+                after,
+                numerics=Numerics(str(half).removeprefix("torch.")),
+            )
+        )
     return PassResult(gm, bool(sites), records)
 
 

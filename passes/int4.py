@@ -36,8 +36,17 @@ import fxcompress.ops.nbits  # noqa: F401  (registers linear_nbits and embedding
 from fxcompress.algorithms import sensitivity
 from fxcompress.algorithms.gptq import LayerHessians
 from fxcompress.algorithms.int8_rewrite import int8_record, rewrite_int8
-from fxcompress.algorithms.quant import (INT4_BITS, INT4_BLOCK_SIZES, dequantize_blocks, int4_bytes, int8_bytes,
-                                         quantize_gptq, quantize_per_channel_gptq, quantize_rtn, sqnr_db)
+from fxcompress.algorithms.quant import (
+    INT4_BITS,
+    INT4_BLOCK_SIZES,
+    dequantize_blocks,
+    int4_bytes,
+    int8_bytes,
+    quantize_gptq,
+    quantize_per_channel_gptq,
+    quantize_rtn,
+    sqnr_db,
+)
 from fxcompress.errors import InputError
 from fxcompress.graph.edit import replace_site
 from fxcompress.graph.sites import Site, nbytes
@@ -101,27 +110,45 @@ def _pack_linear(codes: Tensor, scale: Tensor, zp: Tensor, block: int) -> dict[s
 
 
 def _pack_embedding(codes: Tensor, scale: Tensor, zp: Tensor) -> dict[str, Tensor]:
-    return {"packed": pack_nbits(codes, INT4_BITS), "scales": scale.contiguous(), "zero_points": pack_nbits(zp, INT4_BITS)}
+    return {
+        "packed": pack_nbits(codes, INT4_BITS),
+        "scales": scale.contiguous(),
+        "zero_points": pack_nbits(zp, INT4_BITS),
+    }
 
 
 def _rtn_round_trip(site: Site, block: int) -> Tensor:
     return dequantize_blocks(*quantize_rtn(site.weight, block), block)
 
 
-def _keep_int8(gm: fx.GraphModule, sites: list[Site], blocks: dict[str, int], cfg: Int4Config, batches) -> dict[str, float]:
+def _keep_int8(
+    gm: fx.GraphModule, sites: list[Site], blocks: dict[str, int], cfg: Int4Config, batches
+) -> dict[str, float]:
     """Names (-> sensitivity) of the Linear layers the byte budget keeps int8, most sensitive per extra byte first."""
     return sensitivity.keep_finer(
-        gm, sites, cfg.budget, lambda s: _rtn_round_trip(s, blocks[s.name]),
-        lambda s: int4_bytes(*s.weight.shape, blocks[s.name]) + nbytes(s.bias), int8_bytes, batches, cfg.name,
+        gm,
+        sites,
+        cfg.budget,
+        lambda s: _rtn_round_trip(s, blocks[s.name]),
+        lambda s: int4_bytes(*s.weight.shape, blocks[s.name]) + nbytes(s.bias),
+        int8_bytes,
+        batches,
+        cfg.name,
     )
 
 
-def _as_int8(gm: fx.GraphModule, site: Site, cfg: Int4Config, sensitivity_: float, hessian: Optional[Tensor]) -> LayerRecord:
+def _as_int8(
+    gm: fx.GraphModule, site: Site, cfg: Int4Config, sensitivity_: float, hessian: Optional[Tensor]
+) -> LayerRecord:
     """``site`` as the ``int8`` pass writes it, its codes by GPTQ when ``hessian`` is given."""
-    quantized = quantize_per_channel_gptq(site.weight, hessian, cfg.act_order, cfg.damp) if hessian is not None else None
+    quantized = (
+        quantize_per_channel_gptq(site.weight, hessian, cfg.act_order, cfg.damp) if hessian is not None else None
+    )
     _, tensors, dq = rewrite_int8(gm, site, quantized=quantized)
     how = ", GPTQ" if quantized is not None else ""
-    return int8_record(site, cfg.name, tensors, dq, f"kept int8 by budget={cfg.budget} (int4 output error {sensitivity_:.2e}){how}")
+    return int8_record(
+        site, cfg.name, tensors, dq, f"kept int8 by budget={cfg.budget} (int4 output error {sensitivity_:.2e}){how}"
+    )
 
 
 def _fitting(sites: list[Site], cfg: Int4Config, records: list[LayerRecord]) -> dict[str, int]:
@@ -133,13 +160,17 @@ def _fitting(sites: list[Site], cfg: Int4Config, records: list[LayerRecord]) -> 
         if block is None:
             what = "in_features" if site.kind == "linear" else "embedding_dim"
             why = f"{what} {width} is not a multiple of 16, the smallest block MatMulNBits / GatherBlockQuantized take"
-            records.append(LayerRecord(site.name, site.kind, cfg.name, "skipped", why, site.weight_bytes, site.weight_bytes))
+            records.append(
+                LayerRecord(site.name, site.kind, cfg.name, "skipped", why, site.weight_bytes, site.weight_bytes)
+            )
         else:
             blocks[site.name] = block
     return blocks
 
 
-def _rewrite_int4(gm: fx.GraphModule, site: Site, codes: Tensor, scale: Tensor, zp: Tensor, block: int) -> dict[str, Tensor]:
+def _rewrite_int4(
+    gm: fx.GraphModule, site: Site, codes: Tensor, scale: Tensor, zp: Tensor, block: int
+) -> dict[str, Tensor]:
     ops = torch.ops.fxcompress
     w = site.weight
     if site.kind == "linear":
@@ -188,7 +219,18 @@ def quantize_int4(gm: fx.GraphModule, cfg: Int4Config, ctx: PassContext) -> Pass
         if block != cfg.block:
             what = "in_features" if site.kind == "linear" else "embedding_dim"
             note += f" (block {cfg.block} does not divide {what} {w.shape[1]})"
-        records.append(LayerRecord(site.name, site.kind, cfg.name, f"int4-{'gptq' if hessian is not None else 'rtn'}",
-                                   note, site.weight_bytes, nbytes(*tensors.values()),
-                                   sqnr_db(w, dequantize_blocks(codes, scale, zp, block)), "weight SQNR dB", numerics=INT4))
+        records.append(
+            LayerRecord(
+                site.name,
+                site.kind,
+                cfg.name,
+                f"int4-{'gptq' if hessian is not None else 'rtn'}",
+                note,
+                site.weight_bytes,
+                nbytes(*tensors.values()),
+                sqnr_db(w, dequantize_blocks(codes, scale, zp, block)),
+                "weight SQNR dB",
+                numerics=INT4,
+            )
+        )
     return PassResult(gm, bool(fit), records)

@@ -17,8 +17,12 @@ from torch import fx
 from fxcompress.algorithms import sensitivity
 from fxcompress.algorithms.gptq import LayerHessians
 from fxcompress.algorithms.int8_rewrite import int8_record, rewrite_int8
-from fxcompress.algorithms.quant import (dequantize_per_channel, int8_bytes, quantize_per_channel,
-                                         quantize_per_channel_gptq)
+from fxcompress.algorithms.quant import (
+    dequantize_per_channel,
+    int8_bytes,
+    quantize_per_channel,
+    quantize_per_channel_gptq,
+)
 from fxcompress.errors import InputError
 from fxcompress.graph.sites import Site
 from fxcompress.recipe.manager import select_sites
@@ -86,7 +90,9 @@ def quantize_int8(gm: fx.GraphModule, cfg: Int8Config, ctx: PassContext) -> Pass
     """
     sites, records = select_sites(gm, cfg, cfg.kinds)
     keep = _keep_float(gm, sites, cfg, ctx.calibration) if cfg.budget else {}
-    gptq_sites = [s for s in single_reader(sites) if s.kind == "linear" and s.name not in keep] if cfg.algo == "gptq" else []
+    gptq_sites = (
+        [s for s in single_reader(sites) if s.kind == "linear" and s.name not in keep] if cfg.algo == "gptq" else []
+    )
     if gptq_sites and ctx.calibration is None:
         raise InputError(f"{cfg.name} algo=gptq needs calibration data: optimize(..., calibration=[input_tuple, ...])")
     hessians = LayerHessians(gm, gptq_sites, ctx.calibration, cfg.sequential) if gptq_sites else None
@@ -96,7 +102,9 @@ def quantize_int8(gm: fx.GraphModule, cfg: Int8Config, ctx: PassContext) -> Pass
         ctx.progress(site.name)
         if site.name in keep:
             why = f"kept float by budget={cfg.budget} (int8 output error {keep[site.name]:.2e})"
-            records.append(LayerRecord(site.name, site.kind, cfg.name, "skipped", why, site.weight_bytes, site.weight_bytes))
+            records.append(
+                LayerRecord(site.name, site.kind, cfg.name, "skipped", why, site.weight_bytes, site.weight_bytes)
+            )
             continue
         layout = "conv" if site.kind.startswith("conv") else site.kind
         tie = done.get((site.weight_key, layout))
@@ -115,8 +123,8 @@ def single_reader(sites: list[Site]) -> list[Site]:
     """The sites whose weight no other selected site reads (GPTQ and the budget fit one reader's inputs).
 
     Example:
-        >>> [s.name for s in single_reader(find_sites(fx.symbolic_trace(nn.Linear(4, 4)))[0])]
-        ['self']
+        >>> [s.name for s in single_reader(sites)]
+        ['0', '2']
     """
     readers = Counter(s.weight_key for s in sites)
     return [s for s in sites if readers[s.weight_key] == 1]
@@ -125,8 +133,16 @@ def single_reader(sites: list[Site]) -> list[Site]:
 def _keep_float(gm: fx.GraphModule, sites: list[Site], cfg: Int8Config, batches) -> dict[str, float]:
     """Names (-> sensitivity) of the layers the byte budget leaves float."""
     readers = single_reader(sites)
-    return sensitivity.keep_finer(gm, readers, cfg.budget, lambda s: dequantize_per_channel(*quantize_per_channel(s.weight)),
-                                  int8_bytes, lambda s: s.weight_bytes, batches, cfg.name)
+    return sensitivity.keep_finer(
+        gm,
+        readers,
+        cfg.budget,
+        lambda s: dequantize_per_channel(*quantize_per_channel(s.weight)),
+        int8_bytes,
+        lambda s: s.weight_bytes,
+        batches,
+        cfg.name,
+    )
 
 
 def _rtn_note(site: Site, cfg: Int8Config, tied: bool) -> str:

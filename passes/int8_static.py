@@ -58,8 +58,10 @@ class _Ranges:
     def add(self, name: str, t: Tensor) -> None:
         t = t.detach().float().flatten()
         if self.percentile < 100.0:
-            q = torch.quantile(t[torch.randperm(t.numel())[:1_000_000]] if t.numel() > 1_000_000 else t,
-                               torch.tensor([(100 - self.percentile) / 100, self.percentile / 100]))
+            q = torch.quantile(
+                t[torch.randperm(t.numel())[:1_000_000]] if t.numel() > 1_000_000 else t,
+                torch.tensor([(100 - self.percentile) / 100, self.percentile / 100]),
+            )
             lo, hi = q.tolist()
         else:
             lo, hi = t.min().item(), t.max().item()
@@ -98,14 +100,19 @@ def quantize_int8_static(gm: fx.GraphModule, cfg: Int8StaticConfig, ctx: PassCon
     """Rewrite selected Conv/Linear sites into ``fxcompress::conv_qdq`` / ``linear_qdq`` with calibrated scales.
 
     Example:
-        >>> cm = fxcompress.optimize(cnn, x, recipe="fold_bn,int8_static", calibration=[(xb,) for xb in batches])
+        >>> cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+        >>> images = torch.randn(8, 1, 6, 6)
+        >>> cm = fxcompress.optimize(cnn, images, recipe="fold_bn,int8_static", calibration=[(images,)])
+        >>> [r.action for r in cm.records]
+        ['folded', 'int8-static']
     """
     sites, records = select_sites(gm, cfg, cfg.kinds)
     if not sites:
         return PassResult(gm, False, records)
     if ctx.calibration is None:
-        raise InputError("int8_static needs calibration data to fix activation scales: "
-                         "optimize(..., calibration=[input_tuple, ...])")
+        raise InputError(
+            "int8_static needs calibration data to fix activation scales: optimize(..., calibration=[input_tuple, ...])"
+        )
     ranges = _calibrate(gm, sites, cfg, ctx.calibration)
     ops = torch.ops.fxcompress
     for site in sites:
@@ -115,19 +122,50 @@ def quantize_int8_static(gm: fx.GraphModule, cfg: Int8StaticConfig, ctx: PassCon
         q, w_scale = quantize_per_channel(site.weight, axis=0)
         bias = site.bias.detach().float() if site.bias is not None else None
         if site.kind == "linear":
-            tensors = {"x_scale": x_scale, "x_zero_point": x_zp, "qweight": q.t().contiguous(), "w_scale": w_scale,
-                       "w_zero_point": None, "bias": bias, "y_scale": y_scale, "y_zero_point": y_zp}
+            tensors = {
+                "x_scale": x_scale,
+                "x_zero_point": x_zp,
+                "qweight": q.t().contiguous(),
+                "w_scale": w_scale,
+                "w_zero_point": None,
+                "bias": bias,
+                "y_scale": y_scale,
+                "y_zero_point": y_zp,
+            }
             replace_site(gm, site, ops.linear_qdq.default, tensors)
         else:
             qbias = torch.round(bias / (x_scale * w_scale)).to(torch.int32) if bias is not None else None
-            tensors = {"x_scale": x_scale, "x_zero_point": x_zp, "qweight": q, "w_scale": w_scale, "w_zero_point": None, "qbias": qbias,
-                       "y_scale": y_scale, "y_zero_point": y_zp}
+            tensors = {
+                "x_scale": x_scale,
+                "x_zero_point": x_zp,
+                "qweight": q,
+                "w_scale": w_scale,
+                "w_zero_point": None,
+                "qbias": qbias,
+                "y_scale": y_scale,
+                "y_zero_point": y_zp,
+            }
             c = site.conv
-            replace_site(gm, site, ops.conv_qdq.default, tensors, (c["stride"], c["padding"], c["dilation"], c["groups"]))
+            replace_site(
+                gm, site, ops.conv_qdq.default, tensors, (c["stride"], c["padding"], c["dilation"], c["groups"])
+            )
         dq = q.float() * w_scale.reshape(-1, *([1] * (q.dim() - 1)))
-        note = f"x in [{_lo(x_scale, x_zp):.3g}, {_hi(x_scale, x_zp):.3g}], y in [{_lo(y_scale, y_zp):.3g}, {_hi(y_scale, y_zp):.3g}]"
-        records.append(LayerRecord(site.name, site.kind, cfg.name, "int8-static", note, site.weight_bytes,
-                                   nbytes(*tensors.values()), sqnr_db(site.weight, dq), "weight SQNR dB", numerics=STATIC))
+        note = f"x in [{_lo(x_scale, x_zp):.3g}, {_hi(x_scale, x_zp):.3g}], y in [{_lo(y_scale, y_zp):.3g}, "
+        note += f"{_hi(y_scale, y_zp):.3g}]"
+        records.append(
+            LayerRecord(
+                site.name,
+                site.kind,
+                cfg.name,
+                "int8-static",
+                note,
+                site.weight_bytes,
+                nbytes(*tensors.values()),
+                sqnr_db(site.weight, dq),
+                "weight SQNR dB",
+                numerics=STATIC,
+            )
+        )
     return PassResult(gm, True, records)
 
 

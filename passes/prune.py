@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 import math
 import operator
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -42,15 +42,60 @@ from fxcompress.recipe.tolerance import Tolerance
 aten = torch.ops.aten
 
 _UNARY = {
-    F.relu, F.relu6, F.gelu, F.silu, F.sigmoid, F.tanh, F.hardswish, F.leaky_relu, F.dropout, F.elu, torch.relu,
-    torch.sigmoid, torch.tanh, aten.relu.default, aten.gelu.default, aten.silu.default, aten.sigmoid.default,
-    aten.tanh.default, aten.dropout.default, aten.clone.default, aten.hardtanh.default, aten.relu_.default,
-    "relu", "sigmoid", "tanh", "contiguous", "clone",
+    F.relu,
+    F.relu6,
+    F.gelu,
+    F.silu,
+    F.sigmoid,
+    F.tanh,
+    F.hardswish,
+    F.leaky_relu,
+    F.dropout,
+    F.elu,
+    torch.relu,
+    torch.sigmoid,
+    torch.tanh,
+    aten.relu.default,
+    aten.gelu.default,
+    aten.silu.default,
+    aten.sigmoid.default,
+    aten.tanh.default,
+    aten.dropout.default,
+    aten.clone.default,
+    aten.hardtanh.default,
+    aten.relu_.default,
+    "relu",
+    "sigmoid",
+    "tanh",
+    "contiguous",
+    "clone",
 }
-_POOL = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, aten.max_pool2d.default,
-         aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default}
-_BINARY = {operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul, torch.div, aten.add.Tensor,
-           aten.mul.Tensor, aten.sub.Tensor, aten.div.Tensor, "add", "mul", "sub", "div"}
+_POOL = {
+    F.max_pool2d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+    aten.max_pool2d.default,
+    aten.avg_pool2d.default,
+    aten.adaptive_avg_pool2d.default,
+}
+_BINARY = {
+    operator.add,
+    operator.mul,
+    operator.sub,
+    operator.truediv,
+    torch.add,
+    torch.mul,
+    torch.div,
+    aten.add.Tensor,
+    aten.mul.Tensor,
+    aten.sub.Tensor,
+    aten.div.Tensor,
+    "add",
+    "mul",
+    "sub",
+    "div",
+}
 _FLATTEN = {torch.flatten, aten.flatten.using_ints, "flatten"}
 _CAT = {torch.cat, torch.concat, aten.cat.default}
 _RESHAPE = {aten.reshape.default, aten.view.default, aten._unsafe_view.default, torch.reshape, "reshape", "view"}
@@ -59,8 +104,23 @@ _MATMUL = {aten.matmul.default, torch.matmul, operator.matmul, aten.bmm.default}
 _SDPA = {aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention}
 _SOFTMAX = {aten.softmax.int, aten._softmax.default, torch.softmax, F.softmax, "softmax"}
 _BN_FNS = {F.batch_norm, aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
-_PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.LeakyReLU, nn.Dropout,
-                 nn.Identity, nn.ELU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_PASS_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.LeakyReLU,
+    nn.Dropout,
+    nn.Identity,
+    nn.ELU,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+)
 
 
 @dataclass(frozen=True)
@@ -124,7 +184,9 @@ class _Analysis:
         self.layouts: dict[fx.Node, tuple[Layout, int]] = {}  # node -> (layout, channel axis)
         self.uses: list[_Use] = []
         self.groups: list[_Group] = []
-        self.shape_patches: list[tuple[fx.Node, int, int, _Group, bool]] = []  # node, shape index, head size, group, split?
+        self.shape_patches: list[
+            tuple[fx.Node, int, int, _Group, bool]
+        ] = []  # node, shape index, head size, group, split?
 
     def refuse(self, layout: Layout, reason: str) -> None:
         for g, _, _ in layout:
@@ -213,13 +275,23 @@ class _Analysis:
             self._matmul(node, tracked)
         elif target in _SDPA:
             self._attention(node, tracked)
-        elif target in _SOFTMAX and isinstance(axis, tuple) and _dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"), _rank(node)) != axis[1]:
+        elif (
+            target in _SOFTMAX
+            and isinstance(axis, tuple)
+            and _dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"), _rank(node)) != axis[1]
+        ):
             self.layouts[node] = (first_layout, axis)
-        elif target in _CAT and len(node.args) > 0 and _cat_dim(node, tracked[0]) == axis and \
-                all(isinstance(a, fx.Node) and a in self.layouts for a in node.args[0]):
+        elif (
+            target in _CAT
+            and len(node.args) > 0
+            and _cat_dim(node, tracked[0]) == axis
+            and all(isinstance(a, fx.Node) and a in self.layouts for a in node.args[0])
+        ):
             self.layouts[node] = (tuple(seg for a in node.args[0] for seg in self.layouts[a][0]), axis)
         else:
-            self._refuse_all(tracked, f"reaches {node.name} ({_op(node)}), which the dependency graph does not understand")
+            self._refuse_all(
+                tracked, f"reaches {node.name} ({_op(node)}), which the dependency graph does not understand"
+            )
 
     # -- attention heads: reshape (split / merge), transpose, q @ k^T, att @ v ---------------------------------------
     def _reshape(self, node: fx.Node, src: fx.Node) -> None:
@@ -234,8 +306,13 @@ class _Analysis:
             # the head count is a literal (rewritten below) or -1 next to a literal head size (inferred again)
             literal = isinstance(shape[ax], int) and shape[ax] > 0
             inferred = shape[ax] == -1 and shape[ax + 1] == outs[ax + 1]
-            if len(outs) == len(ins) + 1 and outs[:ax] == ins[:ax] and outs[ax + 2:] == ins[ax + 1:] and \
-                    outs[ax] * outs[ax + 1] == ins[ax] and (literal or inferred):
+            if (
+                len(outs) == len(ins) + 1
+                and outs[:ax] == ins[:ax]
+                and outs[ax + 2 :] == ins[ax + 1 :]
+                and outs[ax] * outs[ax + 1] == ins[ax]
+                and (literal or inferred)
+            ):
                 root = layout[0][0].root()
                 if root.unit not in (1, outs[ax + 1]):
                     return self.refuse(layout, f"{node.name} splits channels into heads of another size")
@@ -253,8 +330,13 @@ class _Analysis:
                 return None
         if isinstance(axis, tuple) and axis[2] == axis[1] + 1:  # merge (heads, head_dim) back into channels
             ax = axis[1]
-            if len(outs) == len(ins) - 1 and outs[:ax] == ins[:ax] and outs[ax + 1:] == ins[ax + 2:] and \
-                    isinstance(shape[ax], int) and shape[ax] in (-1, outs[ax]):
+            if (
+                len(outs) == len(ins) - 1
+                and outs[:ax] == ins[:ax]
+                and outs[ax + 1 :] == ins[ax + 2 :]
+                and isinstance(shape[ax], int)
+                and shape[ax] in (-1, outs[ax])
+            ):
                 if shape[ax] > 0:
                     self.shape_patches.append((node, ax, axis[3], layout[0][0], False))
                 self.layouts[node] = (layout, -1 if ax == len(outs) - 1 else ax)
@@ -266,7 +348,10 @@ class _Analysis:
         rank = _rank(src)
         a, b = _dim(node.args[1], rank), _dim(node.args[2], rank)
         swap = {a: b, b: a}
-        self.layouts[node] = (layout, ("heads", swap.get(head, head), None if dim is None else swap.get(dim, dim), size))
+        self.layouts[node] = (
+            layout,
+            ("heads", swap.get(head, head), None if dim is None else swap.get(dim, dim), size),
+        )
 
     def _matmul(self, node: fx.Node, tracked: list[fx.Node]) -> None:
         a, b = node.args[0], node.args[1]
@@ -275,7 +360,12 @@ class _Analysis:
             return self._refuse_all(tracked, why)
         (la, xa), (lb, xb) = self.layouts[a], self.layouts[b]
         rank = _rank(node)
-        if not (isinstance(xa, tuple) and isinstance(xb, tuple)) or xa[1] != xb[1] or xa[1] >= rank - 2 or _rank(a) != _rank(b):
+        if (
+            not (isinstance(xa, tuple) and isinstance(xb, tuple))
+            or xa[1] != xb[1]
+            or xa[1] >= rank - 2
+            or _rank(a) != _rank(b)
+        ):
             return self._refuse_all(tracked, why)
         if xa[2] == rank - 1 and xb[2] == rank - 2:  # q @ k^T: the head dims are contracted, heads stay
             out = ("heads", xa[1], None, xa[3])
@@ -409,7 +499,9 @@ def prune_channels(gm: fx.GraphModule, cfg: PruneConfig, ctx: PassContext) -> Pa
     """Remove channels from every consistent group of Conv/Linear layers; refused groups keep all channels.
 
     Example:
-        >>> cm = fxcompress.optimize(cnn, x, recipe="fold_bn,prune:ratio=0.5,protect=fc2")
+        >>> cm = fxcompress.optimize(model, x, recipe="prune:ratio=0.5")  # the last layer feeds the output: refused
+        >>> [(r.layer, r.action, r.reason) for r in cm.records]
+        [('0', 'pruned', '64 -> 32 channels'), ('2', 'skipped', "feeds the model's output")]
     """
     ShapeProp(gm).propagate(*ctx.example_inputs)
     chosen, records = select_sites(gm, cfg, ("linear", "conv1d", "conv2d"))
@@ -450,14 +542,37 @@ def prune_channels(gm: fx.GraphModule, cfg: PruneConfig, ctx: PassContext) -> Pa
                 continue
             if id(g) in keep:
                 removed = sorted(set(range(g.size)) - set(keep[id(g)].tolist()))
-                note = f"{g.size} -> {len(keep[id(g)])} channels" + (f" (coupled with {', '.join(n for n in names if n != s.name)})" if len(names) > 1 else "")
-                records.append(LayerRecord(s.name, s.kind, cfg.name, "pruned", note, before.get(s.name, 0), after.get(s.name, 0),
-                                           extra={"removed_channels": removed, "kept_channels": keep[id(g)].tolist()},
-                                           numerics=Numerics("float32")))
+                note = f"{g.size} -> {len(keep[id(g)])} channels" + (
+                    f" (coupled with {', '.join(n for n in names if n != s.name)})" if len(names) > 1 else ""
+                )
+                records.append(
+                    LayerRecord(
+                        s.name,
+                        s.kind,
+                        cfg.name,
+                        "pruned",
+                        note,
+                        before.get(s.name, 0),
+                        after.get(s.name, 0),
+                        extra={"removed_channels": removed, "kept_channels": keep[id(g)].tolist()},
+                        numerics=Numerics("float32"),
+                    )
+                )
             else:
-                reason = g.refused[0] if g.refused else ("a single channel cannot be pruned" if g.size == 1 else
-                                                         "kept whole: every channel ranked above the global threshold")
-                records.append(LayerRecord(s.name, s.kind, cfg.name, "skipped", reason, before.get(s.name, 0), after.get(s.name, 0)))
+                reason = (
+                    g.refused[0]
+                    if g.refused
+                    else (
+                        "a single channel cannot be pruned"
+                        if g.size == 1
+                        else "kept whole: every channel ranked above the global threshold"
+                    )
+                )
+                records.append(
+                    LayerRecord(
+                        s.name, s.kind, cfg.name, "skipped", reason, before.get(s.name, 0), after.get(s.name, 0)
+                    )
+                )
     return PassResult(gm, bool(keep), records)
 
 
@@ -465,8 +580,12 @@ def _keep(prunable: list[_Group], cfg: PruneConfig, acts: dict[str, Tensor]) -> 
     """Sorted indices of the channels each group keeps (by id of the group's root)."""
     kind = "l2" if cfg.importance == "activation" else cfg.importance
     # one score per removable unit: a channel, or a whole attention head (its channels summed)
-    scores = {id(g): (sum(_importance(s, kind, acts.get(s.name)) for s in g.producers) / len(g.producers)).reshape(-1, g.unit).mean(1)
-              for g in prunable}
+    scores = {
+        id(g): (sum(_importance(s, kind, acts.get(s.name)) for s in g.producers) / len(g.producers))
+        .reshape(-1, g.unit)
+        .mean(1)
+        for g in prunable
+    }
     counts = {id(g): max(1, math.ceil((1 - cfg.ratio) * (g.size // g.unit))) for g in prunable}
     if cfg.scope == "global" and prunable:
         pool = torch.cat([scores[id(g)] for g in prunable])
@@ -484,8 +603,11 @@ def pruning_plan(records: list[LayerRecord]) -> dict[str, list[int]]:
     """``{layer: kept channel indices}`` from a pruning run's records: save it as JSON and pass ``plan=FILE``.
 
     Example:
-        >>> json.dump(pruning_plan(cm.records), open("plan.json", "w"))
+        >>> cm = fxcompress.optimize(model, x, recipe="prune:ratio=0.5")
+        >>> _ = Path("plan.json").write_text(json.dumps(pruning_plan(cm.records)))
         >>> again = fxcompress.optimize(model, x, recipe="prune:plan=plan.json")
+        >>> pruning_plan(again.records) == pruning_plan(cm.records)
+        True
     """
     return {r.layer: r.extra["kept_channels"] for r in records if r.pass_name == "prune" and "kept_channels" in r.extra}
 
@@ -502,8 +624,10 @@ def _replay(prunable: list[_Group], path: str) -> dict[int, Tensor]:
             continue
         kept = next(iter(entries.values()))
         if any(v != kept for v in entries.values()) or not kept or max(kept) >= g.size or min(kept) < 0:
-            raise InputError(f"prune plan {path!r} disagrees with the model for {sorted(entries)}: "
-                             f"coupled layers need the same kept channels, each in [0, {g.size})")
+            raise InputError(
+                f"prune plan {path!r} disagrees with the model for {sorted(entries)}: "
+                f"coupled layers need the same kept channels, each in [0, {g.size})"
+            )
         keep[id(g)] = torch.tensor(sorted(set(kept)))
     return keep
 
@@ -522,7 +646,12 @@ def _patch_shapes(patches: list, keep: dict[int, Tensor]) -> None:
 def _fix_depthwise_groups(gm: fx.GraphModule) -> None:
     """Functional depthwise convs carry ``groups`` in the node: keep it equal to the (pruned) channel count."""
     for s in find_sites(gm)[0]:
-        if s.node.op == "call_function" and s.kind.startswith("conv") and s.conv["groups"] > 1 and s.weight.shape[1] == 1:
+        if (
+            s.node.op == "call_function"
+            and s.kind.startswith("conv")
+            and s.conv["groups"] > 1
+            and s.weight.shape[1] == 1
+        ):
             args = list(s.node.args) + [1] * (7 - len(s.node.args))
             args[6] = s.weight.shape[0]
             s.node.args = tuple(args[:7])

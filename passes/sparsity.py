@@ -82,15 +82,29 @@ def _sparsify(gm: fx.GraphModule, cfg: PassConfig, ctx: PassContext, make_mask) 
         w = site.weight
         why = make_mask(w)
         if isinstance(why, str):
-            records.append(LayerRecord(site.name, site.kind, cfg.name, "skipped", why, site.weight_bytes, site.weight_bytes))
+            records.append(
+                LayerRecord(site.name, site.kind, cfg.name, "skipped", why, site.weight_bytes, site.weight_bytes)
+            )
             continue
         sparse = w * why
         set_site_weight(gm, site, sparse.contiguous())
         changed = True
         zeros = 1 - why.float().mean().item()
-        records.append(LayerRecord(site.name, site.kind, cfg.name, "sparse", f"{zeros:.0%} zeros; {DENSE_NOTE}",
-                                   site.weight_bytes, site.weight_bytes, sqnr_db(w, sparse), "weight SQNR dB",
-                                   extra={"zero_fraction": zeros, "dense_storage": True}, numerics=Numerics("float32")))
+        records.append(
+            LayerRecord(
+                site.name,
+                site.kind,
+                cfg.name,
+                "sparse",
+                f"{zeros:.0%} zeros; {DENSE_NOTE}",
+                site.weight_bytes,
+                site.weight_bytes,
+                sqnr_db(w, sparse),
+                "weight SQNR dB",
+                extra={"zero_fraction": zeros, "dense_storage": True},
+                numerics=Numerics("float32"),
+            )
+        )
     return PassResult(gm, changed, records)
 
 
@@ -101,6 +115,7 @@ def sparsify_2_4(gm: fx.GraphModule, cfg: Sparse24Config, ctx: PassContext) -> P
     Example:
         >>> cm = fxcompress.optimize(model, x, recipe="sparse24")   # same bytes; see the records' note
     """
+
     def mask(w: Tensor):
         per_row = w[0].numel()
         return f"{per_row} inputs per output is not a multiple of 4" if per_row % 4 else mask_2_4(w)

@@ -57,8 +57,17 @@ from fxcompress.recipe.tolerance import Tolerance
 aten = torch.ops.aten
 
 
-AWARE = {"false": "none", "none": "none", "0": "none", "no": "none",
-         "true": "input", "input": "input", "1": "input", "yes": "input", "output": "output"}
+AWARE = {
+    "false": "none",
+    "none": "none",
+    "0": "none",
+    "no": "none",
+    "true": "input",
+    "input": "input",
+    "1": "input",
+    "yes": "input",
+    "output": "output",
+}
 
 
 @dataclass(frozen=True)
@@ -107,8 +116,10 @@ class SVDConfig(PassConfig):
         if self.allocate not in ("layer", "global"):
             raise ValueError(f"allocate must be 'layer' or 'global', got {self.allocate!r}")
         if self.allocate == "global" and (aware != "output" or self.rank or self.energy):
-            raise ValueError("allocate=global compares layers by their estimated effect on the model's output: it needs "
-                             "aware=output and a ratio (not rank= or energy=)")
+            raise ValueError(
+                "allocate=global compares layers by their estimated effect on the model's output: it needs "
+                "aware=output and a ratio (not rank= or energy=)"
+            )
         if self.sequential and aware == "none":
             raise ValueError("sequential=true refits layers to calibration inputs: it needs aware=true or aware=output")
         if self.probes < 1:
@@ -116,8 +127,10 @@ class SVDConfig(PassConfig):
         if self.refit not in ("none", "block"):
             raise ValueError(f"refit must be 'none' or 'block', got {self.refit!r}")
         if self.refit == "block" and aware != "output":
-            raise ValueError("refit=block trains each Linear -> activation -> Linear pair in the output-aware metric: "
-                             "it needs aware=output")
+            raise ValueError(
+                "refit=block trains each Linear -> activation -> Linear pair in the output-aware metric: "
+                "it needs aware=output"
+            )
         if self.refit_steps < 1:
             raise ValueError(f"refit_steps must be >= 1, got {self.refit_steps}")
 
@@ -191,8 +204,9 @@ def factors_at_rank(sp: Spectrum, r: int) -> tuple[Tensor, Tensor]:
     return a.float(), b.float()
 
 
-def svd_factors(w: Tensor, cfg: SVDConfig, layer: str, hessian: Optional[Tensor] = None,
-                output_gn: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+def svd_factors(
+    w: Tensor, cfg: SVDConfig, layer: str, hessian: Optional[Tensor] = None, output_gn: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor]:
     """(A [r, K], B [N, r]) with B @ A ~= W, plain or whitened by ``hessian`` (activation-aware) and weighted by
     ``output_gn`` (output-aware); the rank from ``cfg`` (rank, energy or ratio).
 
@@ -211,14 +225,18 @@ def global_ranks(spectra: dict[str, Spectrum], shapes: dict[str, tuple[int, int]
     (``aware=output``). A layer keeps at least rank 1 and never more than its break-even rank.
 
     Example:
-        >>> ranks = global_ranks({"a": sp_a, "b": sp_b}, {"a": (1536, 384), "b": (384, 1536)}, ratio=0.5)
+        >>> sp_a = spectrum(torch.randn(96, 24), damp=0.01)
+        >>> sp_b = spectrum(torch.randn(24, 96) * torch.logspace(0, -3, 96), damp=0.01)  # falling spectrum: little rank
+        >>> global_ranks({"a": sp_a, "b": sp_b}, {"a": (96, 24), "b": (24, 96)}, ratio=0.5)
+        {'a': 18, 'b': 1}
     """
     budget = ratio * sum(n * k for n, k in shapes.values())
     ranks = {name: 1 for name in spectra}
     budget -= sum(sum(shapes[name]) for name in spectra)
     cap = {name: max(1, (n * k) // (n + k) - 1) for name, (n, k) in shapes.items()}
-    order = sorted(((float(v) ** 2 / sum(shapes[name]), name) for name, sp in spectra.items() for v in sp.s[1:]),
-                   reverse=True)
+    order = sorted(
+        ((float(v) ** 2 / sum(shapes[name]), name) for name, sp in spectra.items() for v in sp.s[1:]), reverse=True
+    )
     for _, name in order:  # within a layer values are sorted, so each layer's ranks are taken in order
         cost = sum(shapes[name])
         if ranks[name] < cap[name] and cost <= budget:
@@ -277,7 +295,9 @@ def _rewrite_spatial(gm: fx.GraphModule, site: Site, vertical: Tensor, horizonta
     (sh, sw), (ph, pw), (dh, dw) = c["stride"], c["padding"], c["dilation"]
     v = add_constant(gm, f"{site.name}_spatial_v", vertical, site.node)
     h = add_constant(gm, f"{site.name}_spatial_h", horizontal, site.node)
-    bias = add_constant(gm, f"{site.name}_spatial_bias", site.bias.float(), site.node) if site.bias is not None else None
+    bias = (
+        add_constant(gm, f"{site.name}_spatial_bias", site.bias.float(), site.node) if site.bias is not None else None
+    )
     with gm.graph.inserting_before(site.node):
         mid = gm.graph.call_function(aten.conv2d.default, (site.input, v, None, [sh, 1], [ph, 0], [dh, 1]))
     replace_node(gm, site.node, aten.conv2d.default, (mid, h, bias, [1, sw], [0, pw], [1, dw]))
@@ -296,7 +316,10 @@ def _rewrite_linear(gm: fx.GraphModule, site: Site, a: Tensor, b: Tensor) -> tup
 
 def _rewrite_conv(gm: fx.GraphModule, site: Site, first: Tensor, core: Tensor, last: Tensor) -> None:
     c = site.conv
-    nodes = [add_constant(gm, f"{site.name}_tucker_{part}", t, site.node) for part, t in (("in", first), ("core", core), ("out", last))]
+    nodes = [
+        add_constant(gm, f"{site.name}_tucker_{part}", t, site.node)
+        for part, t in (("in", first), ("core", core), ("out", last))
+    ]
     bias = add_constant(gm, f"{site.name}_tucker_bias", site.bias.float(), site.node) if site.bias is not None else None
     with gm.graph.inserting_before(site.node):
         h = gm.graph.call_function(aten.conv2d.default, (site.input, nodes[0]))
@@ -309,8 +332,9 @@ def factorize(gm: fx.GraphModule, cfg: SVDConfig, ctx: PassContext) -> PassResul
     """Replace selected Linear (and Conv2d) sites by low-rank factors when that saves bytes.
 
     Example:
-        >>> cm = fxcompress.optimize(model, x, recipe="svd:ratio=0.5,aware=true,include=*.intermediate.dense",
-        ...                          calibration=batches)
+        >>> cm = fxcompress.optimize(model, x, recipe="svd:ratio=0.5,aware=true,include=0", calibration=calibration)
+        >>> [(r.layer, r.action, r.reason) for r in cm.records]
+        [('2', 'skipped', "not matched by include=['0']"), ('0', 'svd', 'rank 16 (activation-aware)')]
     """
     sites, records = select_sites(gm, cfg, cfg.kinds)
     float_graph = copy.deepcopy(gm) if cfg.sequential else None  # before any edit: the inputs the layers should see
@@ -355,8 +379,20 @@ def factorize(gm: fx.GraphModule, cfg: SVDConfig, ctx: PassContext) -> PassResul
             _rewrite_conv(gm, site, *factors)
         changed = True
         action = "svd" if site.kind == "linear" else ("spatial-svd" if cfg.conv == "spatial" else "tucker2")
-        records.append(LayerRecord(site.name, site.kind, cfg.name, action, what,
-                                   site.weight_bytes, after, sqnr_db(w, approx), "weight SQNR dB", numerics=Numerics("float32")))
+        records.append(
+            LayerRecord(
+                site.name,
+                site.kind,
+                cfg.name,
+                action,
+                what,
+                site.weight_bytes,
+                after,
+                sqnr_db(w, approx),
+                "weight SQNR dB",
+                numerics=Numerics("float32"),
+            )
+        )
     for block in blocks:
         if block.first.name in written and block.second.name in written:
             ctx.progress(f"refit {block.name}")
@@ -369,15 +405,23 @@ def _blocks_to_refit(gm: fx.GraphModule, cfg: SVDConfig, sites: list[Site]) -> l
         return []
     blocks = find_blocks(gm, sites)
     if not blocks:
-        raise InputError("svd refit=block found no Linear -> activation (GELU/ReLU/SiLU) -> Linear pair with both "
-                         f"layers selected among {[s.name for s in sites if s.kind == 'linear'][:6]}; select both "
-                         "Linears of each MLP (include=...) or drop refit=block")
+        raise InputError(
+            "svd refit=block found no Linear -> activation (GELU/ReLU/SiLU) -> Linear pair with both "
+            f"layers selected among {[s.name for s in sites if s.kind == 'linear'][:6]}; select both "
+            "Linears of each MLP (include=...) or drop refit=block"
+        )
     return blocks
 
 
-def _refit_block(gm: fx.GraphModule, cfg: SVDConfig, block: Block, rows: tuple[Tensor, Tensor, Tensor],
-                 written: dict[str, tuple[tuple[str, str, Optional[str]], int]], output_gn: Tensor,
-                 records: list[LayerRecord]) -> None:
+def _refit_block(
+    gm: fx.GraphModule,
+    cfg: SVDConfig,
+    block: Block,
+    rows: tuple[Tensor, Tensor, Tensor],
+    written: dict[str, tuple[tuple[str, str, Optional[str]], int]],
+    output_gn: Tensor,
+    records: list[LayerRecord],
+) -> None:
     """Train the block's factors jointly (:func:`refit_block`), store them in its buffers (when they beat the
     truncation on held-out tokens) and say so in both layers' records."""
     (first_names, first_index), (second_names, second_index) = written[block.first.name], written[block.second.name]
@@ -385,25 +429,31 @@ def _refit_block(gm: fx.GraphModule, cfg: SVDConfig, block: Block, rows: tuple[T
     def factors(names: tuple[str, str, Optional[str]]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         return getattr(gm, names[0]), getattr(gm, names[1]), None if names[2] is None else getattr(gm, names[2])
 
-    first, second, before, after = refit_block(*rows, factors(first_names), factors(second_names),
-                                               activation(gm, block.act), output_gn, cfg.refit_steps)
+    first, second, before, after = refit_block(
+        *rows, factors(first_names), factors(second_names), activation(gm, block.act), output_gn, cfg.refit_steps
+    )
     kept = after < before
-    for site, names, values, index in ((block.first, first_names, first, first_index),
-                                       (block.second, second_names, second, second_index)):
+    for site, names, values, index in (
+        (block.first, first_names, first, first_index),
+        (block.second, second_names, second, second_index),
+    ):
         if kept:
             for name, value in zip(names, values):
                 if name is not None:
                     getattr(gm, name).copy_(value)
             records[index].error = sqnr_db(site.weight.float(), values[1].float() @ values[0].float())
-        records[index].reason += (f"; {'refitted' if kept else 'refit not kept'} as one block {block.name} "
-                                  f"(held-out output-aware error {before:.3g} -> {after:.3g})")
+        records[index].reason += (
+            f"; {'refitted' if kept else 'refit not kept'} as one block {block.name} "
+            f"(held-out output-aware error {before:.3g} -> {after:.3g})"
+        )
 
 
 _AWARE_NOTE = {"none": "", "input": " (activation-aware)", "output": " (activation- and output-aware)"}
 
 
-def _linear_spectra(gm: fx.GraphModule, cfg: SVDConfig, ctx: PassContext, linear: list[Site]
-                    ) -> tuple[dict[str, int], dict[str, Spectrum], dict[str, Tensor]]:
+def _linear_spectra(
+    gm: fx.GraphModule, cfg: SVDConfig, ctx: PassContext, linear: list[Site]
+) -> tuple[dict[str, int], dict[str, Spectrum], dict[str, Tensor]]:
     """Each Linear site's chosen rank and weighted spectrum (with the statistics ``cfg.aware`` asks for), and the
     output-side weights (``aware=output``) that a sequential refit reuses."""
     if not linear:
@@ -412,11 +462,15 @@ def _linear_spectra(gm: fx.GraphModule, cfg: SVDConfig, ctx: PassContext, linear
     output_gns: dict[str, Tensor] = {}
     if cfg.aware != "none":
         if ctx.calibration is None:
-            raise InputError(f"svd aware={cfg.aware} needs calibration data: optimize(..., calibration=[input_tuple, ...])")
+            raise InputError(
+                f"svd aware={cfg.aware} needs calibration data: optimize(..., calibration=[input_tuple, ...])"
+            )
         hessians = input_hessians(gm, {s.name: s.input for s in linear}, ctx.calibration)
     if cfg.aware == "output":
         output_gns = output_gauss_newton(gm, {s.name: s.node for s in linear}, ctx.calibration, probes=cfg.probes)
-    spectra = {s.name: spectrum(s.weight.float(), cfg.damp, hessians.get(s.name), output_gns.get(s.name)) for s in linear}
+    spectra = {
+        s.name: spectrum(s.weight.float(), cfg.damp, hessians.get(s.name), output_gns.get(s.name)) for s in linear
+    }
     if cfg.allocate == "global":
         ranks = global_ranks(spectra, {s.name: tuple(s.weight.shape) for s in linear}, cfg.ratio)
     else:
@@ -430,15 +484,25 @@ def refit_target(w: Tensor, h_ss: Tensor, p_ts: Tensor, damp: float) -> Tensor:
     so a layer whose inputs did not change keeps its weight.
 
     Example:
-        >>> m = refit_target(w, h_ss, p_ts, damp=0.01)
+        >>> w, x = torch.randn(4, 8).double(), torch.randn(64, 8).double()
+        >>> h = x.T @ x / 64
+        >>> torch.allclose(refit_target(w, h, h, damp=0.01), w)  # inputs unchanged: the weight stays
+        True
     """
     d = damp * torch.diag(h_ss).mean().clamp_min(1e-12) * torch.eye(h_ss.shape[0], dtype=torch.float64)
     # M^T = (H + dI)^-1 (P + dI)^T W^T, H + dI symmetric
     return torch.linalg.solve(h_ss.double() + d, (p_ts.double() + d).t() @ w.double().t()).t()
 
 
-def _refit(gm: fx.GraphModule, float_graph: fx.GraphModule, float_input: fx.Node, site: Site, cfg: SVDConfig,
-           ctx: PassContext, output_gn: Optional[Tensor]) -> Spectrum:
+def _refit(
+    gm: fx.GraphModule,
+    float_graph: fx.GraphModule,
+    float_input: fx.Node,
+    site: Site,
+    cfg: SVDConfig,
+    ctx: PassContext,
+    output_gn: Optional[Tensor],
+) -> Spectrum:
     """Spectrum of the layer refitted to the inputs it gets in the partly factorized ``gm`` (``float_input``: the
     node feeding the same layer in ``float_graph``)."""
     h_ss, p_ts = paired_moments(gm, float_graph, site.input, float_input, ctx.calibration)

@@ -2,13 +2,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from helpers import op_types
 
 from fxcompress.bench import format_rows, gemm_to_matmul, run_benchmark
-from fxcompress.graph.capture import capture
 from fxcompress.export.writer import export_onnx
+from fxcompress.graph.capture import capture
 from fxcompress.models import zoo
-
-from helpers import op_types
 
 
 def test_gemm_to_matmul_is_numerically_identical(tmp_path):
@@ -21,13 +20,24 @@ def test_gemm_to_matmul_is_numerically_identical(tmp_path):
     a = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     b = ort.InferenceSession(rewritten.SerializeToString(), providers=["CPUExecutionProvider"])
     name = a.get_inputs()[0].name
-    np.testing.assert_allclose(a.run(None, {name: feeds["input"]})[0], b.run(None, {name: feeds["input"]})[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        a.run(None, {name: feeds["input"]})[0], b.run(None, {name: feeds["input"]})[0], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_benchmark_puts_fxcompress_and_ort_quantizers_in_one_table():
     calibration = [(torch.randn(8, 64),) for _ in range(2)]
-    rows = run_benchmark(zoo.mlp, recipes=("int4:block=32,algo=gptq",), targets=("cpu",), batches=(1,), repeat=2,
-                         provider="cpu", ort_quantize_dynamic=False, ort_nbits=("rtn",), calibration=calibration)
+    rows = run_benchmark(
+        zoo.mlp,
+        recipes=("int4:block=32,algo=gptq",),
+        targets=("cpu",),
+        batches=(1,),
+        repeat=2,
+        provider="cpu",
+        ort_quantize_dynamic=False,
+        ort_nbits=("rtn",),
+        calibration=calibration,
+    )
     names = [r.variant for r in rows]
     assert names == ["fp32", "fxcompress int4:block=32,algo=gptq [cpu]", "ORT MatMulNBitsQuantizer RTN int4 b32"]
     assert all(r.provider == "CPUExecutionProvider" and r.cosine > 0.99 for r in rows)

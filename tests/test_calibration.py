@@ -58,7 +58,9 @@ def test_token_mask_keeps_only_real_tokens_in_hessians():
 
 def test_too_few_real_rows_per_feature_warn_with_the_layer_and_the_rows_needed():
     batches, real = _batches()  # 21 real rows (36 with padding) for a layer with 8 inputs
-    with pytest.warns(fxcompress.CalibrationWarning, match=r"21 real rows for layer 'fc' with 8 input features.*at least 32"):
+    with pytest.warns(
+        fxcompress.CalibrationWarning, match=r"21 real rows for layer 'fc' with 8 input features.*at least 32"
+    ):
         _site_hessian(Calibration(batches, token_mask=1))
     with warnings.catch_warnings():
         warnings.simplefilter("error", fxcompress.CalibrationWarning)

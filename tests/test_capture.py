@@ -1,12 +1,11 @@
 import pytest
 import torch
+from helpers import same_state, state_snapshot
 from torch import nn
 
-from fxcompress.graph.capture import capture
 from fxcompress.errors import CaptureError, InputError
+from fxcompress.graph.capture import capture
 from fxcompress.models.zoo import TinyTransformer
-
-from helpers import same_state, state_snapshot
 
 
 def test_symbolic_trace_is_used_when_it_works():
@@ -84,11 +83,14 @@ class _TwoInputs(nn.Module):
         return (x * mask.unsqueeze(-1)).sum(1)
 
 
-@pytest.mark.parametrize("axes, message", [
-    ("01", "axis numbers"),
-    ([(0, 1)], "axes for 1 inputs but the model takes 2"),
-    ([(0, 1), (0, 2)], r"input 1 \(2 dims\) names axes \[2\]"),
-])
+@pytest.mark.parametrize(
+    "axes, message",
+    [
+        ("01", "axis numbers"),
+        ([(0, 1)], "axes for 1 inputs but the model takes 2"),
+        ([(0, 1), (0, 2)], r"input 1 \(2 dims\) names axes \[2\]"),
+    ],
+)
 def test_malformed_dynamic_axes_are_rejected(axes, message):
     inputs = (torch.randn(2, 5, 3), torch.ones(2, 5))
     with pytest.raises(InputError, match=message):

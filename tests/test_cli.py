@@ -9,8 +9,21 @@ from fxcompress.cli import main
 
 def test_optimize_check_writes_artifact_and_json(tmp_path, capsys):
     out, rep = tmp_path / "m.onnx", tmp_path / "r.json"
-    code = main(["optimize", "fxcompress.models.zoo:mlp", "--recipe", "int8", "-o", str(out), "--check",
-                 "--no-baseline", "--no-progress", "--json", str(rep)])
+    code = main(
+        [
+            "optimize",
+            "fxcompress.models.zoo:mlp",
+            "--recipe",
+            "int8",
+            "-o",
+            str(out),
+            "--check",
+            "--no-baseline",
+            "--no-progress",
+            "--json",
+            str(rep),
+        ]
+    )
     text = capsys.readouterr().out
     assert code == 0 and out.is_file()
     assert "weight SQNR" in text and "parity PASSED" in text and "CPUExecutionProvider" in text
@@ -40,9 +53,23 @@ def test_check_on_broken_artifact_exits_1(tmp_path, capsys):
         (["optimize", "mlp", "-o", "{d}/missing/m.onnx"], "does not exist"),
         (["check", "mlp", "{d}/absent.onnx"], "no such file"),
         (["optimize", "mlp", "--recipe", "int8_static", "-o", "{d}/m.onnx"], "int8_static needs calibration data"),
-        (["optimize", "mlp", "--recipe", "int8:algo=gptq", "-o", "{d}/m.onnx"], "on the command line: --calibration MODULE:FUNC"),
-        (["optimize", "mlp", "--recipe", "int8_static", "--calibration", "fxcompress.models.zoo:mlp", "-o", "{d}/m.onnx"],
-         "must return a list of input tuples"),
+        (
+            ["optimize", "mlp", "--recipe", "int8:algo=gptq", "-o", "{d}/m.onnx"],
+            "on the command line: --calibration MODULE:FUNC",
+        ),
+        (
+            [
+                "optimize",
+                "mlp",
+                "--recipe",
+                "int8_static",
+                "--calibration",
+                "fxcompress.models.zoo:mlp",
+                "-o",
+                "{d}/m.onnx",
+            ],
+            "must return a list of input tuples",
+        ),
         (["optimize", "mlp", "--dynamic-axes", "0,seq", "-o", "{d}/m.onnx"], "comma-separated axis numbers"),
     ],
 )
@@ -74,3 +101,36 @@ def test_list_shows_every_pass_with_its_options_and_defaults(capsys):
         assert f"\n  {name} " in out
     assert "algo=rtn act_order=false damp=0.01 sequential=true budget=0.0" in out  # int8's, as recipe text
     assert "kinds=linear+conv1d+conv2d+embedding" in out and "bundled models: mlp" in out
+
+
+def test_help_and_python_dash_m_do_not_import_torch():
+    probe = "import sys, fxcompress.cli; fxcompress.cli.build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
+    proc = subprocess.run([sys.executable, "-m", "fxcompress", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "optimize" in proc.stdout and "bench" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "fxcompress", "optimize", "--help"], capture_output=True, text=True)
+    for flag in ("--target", "--calibration", "--dynamic-axes", "--check", "--json", "--provider", "--no-baseline",
+                 "--no-progress"):
+        assert flag in proc.stdout
+
+
+def test_a_factory_in_the_current_folder_is_found_without_pythonpath(tmp_path):
+    (tmp_path / "mymodel.py").write_text(
+        "import torch\n\ndef make():\n    return torch.nn.Sequential(torch.nn.Linear(8, 4)).eval(), torch.randn(2, 8)\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-m", "fxcompress", "optimize", "mymodel:make", "-o", "m.onnx", "--no-progress"],
+                          cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "m.onnx").is_file()
+
+
+def test_bench_reports_progress_and_rejects_unknown_targets_and_batches(capsys):
+    assert main(["bench", "mlp", "--targets", "gpu"]) == 2
+    assert "unknown target(s) ['gpu']" in capsys.readouterr().err
+    assert main(["bench", "mlp", "--batches", "a"]) == 2
+    assert "comma-separated batch sizes" in capsys.readouterr().err
+    assert main(["bench", "mlp", "--targets", "cpu", "--batches", "1", "--repeat", "1", "--no-ort"]) == 0
+    captured = capsys.readouterr()
+    assert "[2/2] measuring fxcompress int8 [cpu]" in captured.err and "| fxcompress int8 [cpu] |" in captured.out

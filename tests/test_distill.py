@@ -2,16 +2,15 @@ import copy
 
 import pytest
 import torch
+from helpers import init_dtypes, same_state, state_snapshot
 from torch import nn
 
 import fxcompress
-from fxcompress.graph.capture import capture
 from fxcompress.algorithms.distill import DistillOptions, distill_module, hidden_nodes, lr_factor
 from fxcompress.errors import InputError, RecipeError
+from fxcompress.graph.capture import capture
 from fxcompress.models.zoo import TinyTransformer
 from fxcompress.ops.packing import pack_nbits
-
-from helpers import init_dtypes, same_state, state_snapshot
 
 
 def _setup():
@@ -82,8 +81,13 @@ def test_quantized_ops_pass_gradients_straight_through_the_dequantized_weight():
     scales = torch.rand(8, 2) / 10
     w4 = ((codes.float() - 8).reshape(8, 2, 8) * scales.unsqueeze(-1)).reshape(8, 16)  # [out, in], symmetric zero point
     expected = _grads(lambda x, b: torch.nn.functional.linear(x, w4, b), x, bias)
-    got = _grads(lambda x, b: fx_ops.linear_nbits(x, pack_nbits(codes, 4).reshape(8, 2, 4), scales.reshape(-1), None, b,
-                                                  16, 8, 4, 8), x, bias)
+    got = _grads(
+        lambda x, b: fx_ops.linear_nbits(
+            x, pack_nbits(codes, 4).reshape(8, 2, 4), scales.reshape(-1), None, b, 16, 8, 4, 8
+        ),
+        x,
+        bias,
+    )
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e)
 
@@ -153,21 +157,27 @@ def test_a_distilled_module_can_be_quantized_by_a_second_optimize(tmp_path):
     quantized.export(tmp_path / "m.onnx")
     codes = {name: dtype for name, dtype in init_dtypes(tmp_path / "m.onnx").items() if name.endswith("_qweight")}
     assert len(codes) == 5 and set(codes.values()) <= {"int8", "uint8"}, codes
-    rep = fxcompress.check(cm.module, tmp_path / "m.onnx", data[0], eval_inputs=data, fp32_baseline=False, provider="cpu")
+    rep = fxcompress.check(
+        cm.module, tmp_path / "m.onnx", data[0], eval_inputs=data, fp32_baseline=False, provider="cpu"
+    )
     assert rep.passed
 
 
 def _normed():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 64), nn.LayerNorm(64), nn.ReLU(), nn.Linear(64, 64), nn.LayerNorm(64), nn.ReLU(),
-                          nn.Linear(64, 4)).eval()
+    model = nn.Sequential(
+        nn.Linear(16, 64), nn.LayerNorm(64), nn.ReLU(), nn.Linear(64, 64), nn.LayerNorm(64), nn.ReLU(), nn.Linear(64, 4)
+    ).eval()
     return model, [(torch.randn(32, 16),) for _ in range(8)]
 
 
 def _norm_outputs(module: nn.Module, batch: tuple) -> list[torch.Tensor]:
     seen = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.append(out.detach()))
-             for m in module.modules() if isinstance(m, nn.LayerNorm)]
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: seen.append(out.detach()))
+        for m in module.modules()
+        if isinstance(m, nn.LayerNorm)
+    ]
     with torch.no_grad():
         module(*batch)
     for h in hooks:
@@ -179,9 +189,16 @@ def test_hidden_norms_adds_the_relative_mse_of_every_layernorm_output_to_the_los
     model, data = _normed()
     cm = fxcompress.optimize(model, data[0], recipe="svd:rank=4")
     assert len(hidden_nodes(cm.module, capture(model, data[0]).graph_module, "norms")) == 2
-    first = lambda **kw: distill_module(copy.deepcopy(cm.module), model, data[:1], DistillOptions(steps=1, **kw))[0]  # before a step
-    expected = sum(torch.nn.functional.mse_loss(s, t).item() / t.pow(2).mean().item()
-                   for s, t in zip(_norm_outputs(cm.module, data[0]), _norm_outputs(model, data[0]))) / 2
+    first = lambda **kw: distill_module(copy.deepcopy(cm.module), model, data[:1], DistillOptions(steps=1, **kw))[
+        0
+    ]  # before a step
+    expected = (
+        sum(
+            torch.nn.functional.mse_loss(s, t).item() / t.pow(2).mean().item()
+            for s, t in zip(_norm_outputs(cm.module, data[0]), _norm_outputs(model, data[0]))
+        )
+        / 2
+    )
     assert expected > 1e-3
     assert first(hidden="norms", hidden_weight=2.0) - first() == pytest.approx(2 * expected, rel=1e-4)
     assert first(hidden="norms", hidden_weight=0.0) == pytest.approx(first(), rel=1e-6)
@@ -195,11 +212,16 @@ def test_hidden_matching_pulls_the_intermediate_activations_to_the_teacher():
         fxcompress.distill(cm, model, data, steps=100, lr=3e-3, hidden=hidden)
         pairs = zip(_norm_outputs(cm.module, data[0]), _norm_outputs(model, data[0]))
         gaps[hidden] = sum((s - t).pow(2).mean().item() for s, t in pairs) / 2
-    assert gaps["norms"] < 0.7 * gaps[None]  # output-only distillation leaves them where they were (measured 0.69 vs 1.22)
+    assert (
+        gaps["norms"] < 0.7 * gaps[None]
+    )  # output-only distillation leaves them where they were (measured 0.69 vs 1.22)
     assert "loss + hidden norms, constant lr" in cm.records[-1].reason
-    tuned = fxcompress.optimize(model, data[0], recipe="svd:rank=4,distill:steps=5,hidden=norms,hidden_weight=0.5",
-                                calibration=data)
-    assert tuned.records[-1].reason.startswith("5 steps, mse loss + hidden norms, constant lr: ")  # one spelling for both
+    tuned = fxcompress.optimize(
+        model, data[0], recipe="svd:rank=4,distill:steps=5,hidden=norms,hidden_weight=0.5", calibration=data
+    )
+    assert tuned.records[-1].reason.startswith(
+        "5 steps, mse loss + hidden norms, constant lr: "
+    )  # one spelling for both
 
 
 def test_hidden_matching_errors_name_the_node():
@@ -213,7 +235,9 @@ def test_hidden_matching_errors_name_the_node():
         distill_module(copy.deepcopy(model), model, data, DistillOptions(steps=1, hidden="norms"))
     pruned = fxcompress.optimize(model, data[0], recipe="prune:ratio=0.5", calibration=data)
     relu = next(n.name for n in pruned.module.graph.nodes if n.op == "call_module" and "1" == n.target)
-    with pytest.raises(InputError, match=f"hidden node '{relu}' has shape \\(32, 32\\) in the student but \\(32, 64\\)"):
+    with pytest.raises(
+        InputError, match=f"hidden node '{relu}' has shape \\(32, 32\\) in the student but \\(32, 64\\)"
+    ):
         fxcompress.distill(pruned, model, data, steps=1, hidden=[relu])
 
 
@@ -226,8 +250,13 @@ def test_cosine_schedule_warms_up_decays_to_zero_and_reports_every_step():
     assert factors == sorted(factors, reverse=True)
     cm = fxcompress.optimize(model, data[0], recipe="svd:rank=4")
     seen = []
-    history = distill_module(cm.module, model, data, DistillOptions(steps=40, lr=3e-3, schedule="cosine"),
-                             on_step=lambda step, loss: seen.append((step, loss)))
+    history = distill_module(
+        cm.module,
+        model,
+        data,
+        DistillOptions(steps=40, lr=3e-3, schedule="cosine"),
+        on_step=lambda step, loss: seen.append((step, loss)),
+    )
     assert seen == list(enumerate(history, start=1))
     assert history[-1] < history[0]
     tuned = fxcompress.optimize(model, data[0], recipe="svd:rank=4,distill:steps=3,schedule=cosine", calibration=data)
@@ -236,7 +265,9 @@ def test_cosine_schedule_warms_up_decays_to_zero_and_reports_every_step():
 
 def test_distill_errors():
     model, data = _setup()
-    cm = fxcompress.optimize(model, data[0], recipe="int8_static", calibration=data)  # its ops fake-quantize x: no gradient
+    cm = fxcompress.optimize(
+        model, data[0], recipe="int8_static", calibration=data
+    )  # its ops fake-quantize x: no gradient
     with pytest.raises(InputError, match="cannot backpropagate .*linear_qdq.*distill before quantizing"):
         fxcompress.distill(cm, model, data, steps=1)
     with pytest.raises(InputError, match="distill data is empty"):
@@ -244,7 +275,9 @@ def test_distill_errors():
     with pytest.raises(InputError, match="distill needs calibration data"):
         fxcompress.optimize(model, data[0], recipe="svd:rank=4,distill")
     with pytest.raises(InputError, match="schedule must be one of \\('constant', 'cosine'\\), got 'linear'"):
-        fxcompress.distill(fxcompress.optimize(model, data[0], recipe="svd:rank=4"), model, data, steps=1, schedule="linear")
+        fxcompress.distill(
+            fxcompress.optimize(model, data[0], recipe="svd:rank=4"), model, data, steps=1, schedule="linear"
+        )
     with pytest.raises(RecipeError, match="schedule must be one of"):
         fxcompress.optimize(model, data[0], recipe="svd:rank=4,distill:schedule=step", calibration=data)
 
@@ -310,8 +343,12 @@ def test_hidden_matching_skips_padded_tokens_when_data_carries_a_token_mask():
     def first_loss(inputs, token_mask):
         data = [(inputs, mask)]
         student = copy.deepcopy(cm.module)
-        return distill_module(student, model, fxcompress.Calibration(data, token_mask=token_mask) if token_mask is not None else data,
-                              DistillOptions(steps=1, lr=1e-9, loss="mse", hidden="norms"))[0]
+        return distill_module(
+            student,
+            model,
+            fxcompress.Calibration(data, token_mask=token_mask) if token_mask is not None else data,
+            DistillOptions(steps=1, lr=1e-9, loss="mse", hidden="norms"),
+        )[0]
 
     assert first_loss(x, 1) == pytest.approx(first_loss(padded_elsewhere, 1), rel=1e-5)
     assert first_loss(x, None) < 0.8 * first_loss(padded_elsewhere, None)  # unmasked, padding counts

@@ -5,18 +5,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import init_dtypes, op_types
 from torch import nn
 
 import fxcompress
-from fxcompress.export.targets import TARGETS, get_target, target_names
-from fxcompress.export.writer import translation_table
-from fxcompress.ops.registry import all_custom_ops
-from fxcompress.errors import ExportError
-from fxcompress.export.writer import read_metadata
 from fxcompress.checker.runtime import cpu_has_vnni
+from fxcompress.errors import ExportError
+from fxcompress.export.targets import TARGETS, get_target, target_names
+from fxcompress.export.writer import read_metadata, translation_table
 from fxcompress.models.zoo import TinyTransformer
-
-from helpers import init_dtypes, op_types
+from fxcompress.ops.registry import all_custom_ops
 
 
 class Net(nn.Module):
@@ -78,7 +76,13 @@ def test_weightonly_target_runs_fp32_activations_and_matches_torch(tmp_path, rec
     errors = {}
     for target in ("cpu-weightonly", "cpu-nbits"):
         proto = onnx.load(str(cm.export(tmp_path / f"{target}.onnx", target=target)))
-        levels = {a.i for n in proto.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+        levels = {
+            a.i
+            for n in proto.graph.node
+            if n.op_type == "MatMulNBits"
+            for a in n.attribute
+            if a.name == "accuracy_level"
+        }
         assert levels == ({1} if target == "cpu-weightonly" else {4})
         sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
         out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
@@ -87,7 +91,9 @@ def test_weightonly_target_runs_fp32_activations_and_matches_torch(tmp_path, rec
     assert errors["cpu-nbits"] > 10 * errors["cpu-weightonly"]  # per-block int8 activations differ
 
 
-def test_vnni_target_keeps_signed_int8_weights_and_notes_which_encoding_suits_the_cpu(compressed, tmp_path, monkeypatch):
+def test_vnni_target_keeps_signed_int8_weights_and_notes_which_encoding_suits_the_cpu(
+    compressed, tmp_path, monkeypatch
+):
     model, ids, cm = compressed
     path = cm.export(tmp_path / "v.onnx", target="cpu-vnni")
     proto = onnx.load(str(path))
@@ -192,7 +198,9 @@ def test_unknown_target_is_rejected(compressed, tmp_path):
 
 
 def _input_dims(path) -> list[list]:
-    return [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in onnx.load(str(path)).graph.input]
+    return [
+        [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in onnx.load(str(path)).graph.input
+    ]
 
 
 def test_dynamic_axes_reach_the_onnx_inputs_and_ort_runs_other_lengths(tmp_path):

@@ -8,9 +8,9 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import fxcompress
-from fxcompress.errors import RuntimeMissingError
 from fxcompress.checker.metrics import compare
 from fxcompress.checker.parity import check
+from fxcompress.errors import RuntimeMissingError
 from fxcompress.recipe.tolerance import Tolerance
 
 
@@ -85,11 +85,16 @@ def test_fold_back_to_float_is_detected(tmp_path):
     q = rng.integers(-127, 128, (64, 16), dtype=np.int8)
     scale = np.full((16,), 0.01, np.float32)
     graph = helper.make_graph(
-        [helper.make_node("Cast", ["q"], ["qf"], to=TensorProto.FLOAT), helper.make_node("Mul", ["qf", "s"], ["w"]),
-         helper.make_node("MatMul", ["x", "w"], ["y"])],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+        [
+            helper.make_node("Cast", ["q"], ["qf"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["qf", "s"], ["w"]),
+            helper.make_node("MatMul", ["x", "w"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 16])],
-        [numpy_helper.from_array(q, "q"), numpy_helper.from_array(scale, "s")])
+        [numpy_helper.from_array(q, "q"), numpy_helper.from_array(scale, "s")],
+    )
     path = tmp_path / "folds.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(path))
 

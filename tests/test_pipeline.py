@@ -16,10 +16,21 @@ def test_text_recipe_with_options():
 
 
 def test_dict_and_config_recipes():
-    assert parse_recipe([{"pass": "int8", "kinds": ["linear"]}, Int8Config()]) == [Int8Config(kinds=("linear",)), Int8Config()]
+    assert parse_recipe([{"pass": "int8", "kinds": ["linear"]}, Int8Config()]) == [
+        Int8Config(kinds=("linear",)),
+        Int8Config(),
+    ]
     assert parse_recipe([{"pass": "int8", "kinds": ["linear"]}])[0].to_dict() == {
-        "pass": "int8", "include": [], "exclude": [], "kinds": ["linear"], "algo": "rtn", "act_order": False, "damp": 0.01,
-        "sequential": True, "budget": 0.0}
+        "pass": "int8",
+        "include": [],
+        "exclude": [],
+        "kinds": ["linear"],
+        "algo": "rtn",
+        "act_order": False,
+        "damp": 0.01,
+        "sequential": True,
+        "budget": 0.0,
+    }
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,10 @@
 """int8 -> ONNX -> ORT CPU on every zoo model: the foundation issue's acceptance bars, as assertions."""
 
 import pytest
+from helpers import same_state, state_snapshot
 
 import fxcompress
 from fxcompress.models import zoo
-
-from helpers import same_state, state_snapshot
 
 # (factory, target, cosine floor). MiniLM's bar is 0.99 on sentence embeddings.
 CASES = [
@@ -40,8 +39,14 @@ def test_int8_on_ort_meets_the_bars(made, tmp_path, name, target, floor):
     snap = state_snapshot(model)
     cm = fxcompress.optimize(model, example, recipe="int8")
     path = cm.export(tmp_path / f"{name}.onnx", target=target)
-    rep = fxcompress.check(model, path, example, eval_inputs=ev.inputs if ev else None,
-                           labels=ev.labels if ev else None, fp32_baseline=False)
+    rep = fxcompress.check(
+        model,
+        path,
+        example,
+        eval_inputs=ev.inputs if ev else None,
+        labels=ev.labels if ev else None,
+        fp32_baseline=False,
+    )
     assert rep.passed, rep.failures
     assert rep.provider == "CPUExecutionProvider"
     assert rep.metrics["cosine"] >= floor
@@ -61,17 +66,22 @@ def test_fold_bn_then_int8_on_digits(made, tmp_path):
     model, example, ev = made("digits_cnn")
     cm = fxcompress.optimize(model, example, recipe="fold_bn,int8")
     assert sum(r.action == "folded" for r in cm.records) == 2
-    rep = fxcompress.check(model, cm.export(tmp_path / "d.onnx"), example, eval_inputs=ev.inputs, labels=ev.labels,
-                           fp32_baseline=False)
+    rep = fxcompress.check(
+        model, cm.export(tmp_path / "d.onnx"), example, eval_inputs=ev.inputs, labels=ev.labels, fp32_baseline=False
+    )
     assert rep.passed and rep.metrics["accuracy_drop_pp"] <= 0.2
 
 
 def _check(model, path, example, ev):
-    return fxcompress.check(model, path, example, eval_inputs=ev.inputs, labels=ev.labels, fp32_baseline=False, provider="cpu")
+    return fxcompress.check(
+        model, path, example, eval_inputs=ev.inputs, labels=ev.labels, fp32_baseline=False, provider="cpu"
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe, drop", [("fold_bn,int8_static", 0.2), ("fold_bn,int8:kinds=conv2d,int4:block=32", 1.0)])
+@pytest.mark.parametrize(
+    "recipe, drop", [("fold_bn,int8_static", 0.2), ("fold_bn,int8:kinds=conv2d,int4:block=32", 1.0)]
+)
 def test_digits_static_int8_and_int4_accuracy(made, tmp_path, recipe, drop):
     model, example, ev = made("digits_cnn")
     cm = fxcompress.optimize(model, example, recipe=recipe, calibration=zoo.digits_calibration())
@@ -96,7 +106,9 @@ def test_digits_pruned_distilled_int8_is_6x_smaller_within_half_a_point(made, tm
 def test_minilm_fp16_is_half_the_bytes_at_cosine_0_9999(made, tmp_path):
     model, example, ev = made("minilm")
     cm = fxcompress.optimize(model, example, recipe="fp16")
-    rep = fxcompress.check(model, cm.export(tmp_path / "m.onnx"), example, eval_inputs=ev.inputs, fp32_baseline=False, provider="cpu")
+    rep = fxcompress.check(
+        model, cm.export(tmp_path / "m.onnx"), example, eval_inputs=ev.inputs, fp32_baseline=False, provider="cpu"
+    )
     assert rep.passed, rep.failures
     assert rep.metrics["cosine"] >= 0.9999 and rep.weights["ratio"] <= 0.51
 
@@ -106,8 +118,14 @@ def test_minilm_int4_gptq_with_sensitivity_budget_meets_bytes_and_cosine(made, t
     model, example, ev = made("minilm")
     recipe = "int4:kinds=embedding,block=64,clip=true,int4:block=128,algo=gptq,act_order=true,clip=true,budget=0.15"
     cm = fxcompress.optimize(model, example, recipe=recipe, calibration=zoo.minilm_calibration())
-    rep = fxcompress.check(model, cm.export(tmp_path / "m.onnx", target="cpu-nbits"), example, eval_inputs=ev.inputs,
-                           fp32_baseline=False, provider="cpu")
+    rep = fxcompress.check(
+        model,
+        cm.export(tmp_path / "m.onnx", target="cpu-nbits"),
+        example,
+        eval_inputs=ev.inputs,
+        fp32_baseline=False,
+        provider="cpu",
+    )
     assert rep.passed, rep.failures
     assert rep.weights["ratio"] <= 0.16 and rep.metrics["cosine"] >= 0.98
 
@@ -122,8 +140,9 @@ def test_minilm_attention_heads_prune_whole_and_run_on_ort(made, tmp_path):
         removed = r.extra["removed_channels"]
         assert len(removed) == 96 and len({c // 32 for c in removed}) == 3  # three whole heads (of 12, 32 wide)
     # reference = the pruned torch module: the artifact must compute exactly what it computes
-    rep = fxcompress.check(cm.module, cm.export(tmp_path / "m.onnx"), example, eval_inputs=ev.inputs,
-                           fp32_baseline=False, provider="cpu")
+    rep = fxcompress.check(
+        cm.module, cm.export(tmp_path / "m.onnx"), example, eval_inputs=ev.inputs, fp32_baseline=False, provider="cpu"
+    )
     assert rep.metrics["max_abs"] <= 1e-4
     layer = cm.module.get_submodule("encoder.encoder.layer.3.attention")
     assert layer.self.value.weight.shape == (288, 384) and layer.output.dense.weight.shape == (384, 288)

@@ -82,8 +82,10 @@ def activation(gm: fx.GraphModule, node: fx.Node) -> Callable[[Tensor], Tensor]:
     ``approximate``, kept).
 
     Example:
-        >>> act = activation(gm, gelu_node)
-        >>> hidden = act(first_linear(x))
+        >>> g = fx.symbolic_trace(nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4)))
+        >>> act = activation(g, list(g.graph.nodes)[2])
+        >>> act(torch.tensor([0.0, 1.0]))
+        tensor([0.0000, 0.8413])
     """
     if node.op == "call_module":
         return gm.get_submodule(str(node.target))
@@ -91,20 +93,30 @@ def activation(gm: fx.GraphModule, node: fx.Node) -> Callable[[Tensor], Tensor]:
     return lambda t: target(t, *rest, **kwargs)
 
 
-def block_rows(gm: fx.GraphModule, blocks: Sequence[Block], batches: Sequence[tuple]
-               ) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+def block_rows(
+    gm: fx.GraphModule, blocks: Sequence[Block], batches: Sequence[tuple]
+) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
     """Per block, the float model's inputs to its first layer and outputs of its second, one row per real token,
     and the index of the calibration batch each row came from (held-out rows are then whole batches).
 
     Example:
-        >>> x, y, batch_of_row = block_rows(gm, blocks, calibration)[blocks[0].name]
+        >>> g = fx.symbolic_trace(nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4)))
+        >>> blocks = find_blocks(g, find_sites(g)[0])
+        >>> x, y, batch_of_row = block_rows(g, blocks, [(torch.randn(5, 4),), (torch.randn(3, 4),)])[blocks[0].name]
+        >>> x.shape, y.shape, batch_of_row.tolist()
+        (torch.Size([8, 4]), torch.Size([8, 4]), [0, 0, 0, 0, 0, 1, 1, 1])
     """
     nodes, seen = {}, {}
     for b in blocks:
         nodes[b.name + " in"], nodes[b.name + " out"] = b.first.input, b.second.node
     for i in range(len(batches)):
-        observe_batch(gm, nodes, batches, i,
-                       lambda name, t: seen.setdefault(name, []).append((i, t.reshape(-1, t.shape[-1]).float())))
+        observe_batch(
+            gm,
+            nodes,
+            batches,
+            i,
+            lambda name, t, i=i: seen.setdefault(name, []).append((i, t.reshape(-1, t.shape[-1]).float())),
+        )
 
     def stacked(key: str) -> Tensor:
         return torch.cat([t for _, t in seen[key]])
@@ -138,14 +150,29 @@ def held_out_rows(groups: Tensor, generator: torch.Generator) -> tuple[Tensor, T
 Factors = tuple[Tensor, Tensor, Optional[Tensor]]  # A [r, in], B [out, r], bias [out] or None
 
 
-def refit_block(x: Tensor, y: Tensor, groups: Tensor, first: Factors, second: Factors, act: Callable[[Tensor], Tensor],
-                gn: Tensor, steps: int, lr: float = 1e-3, seed: int = 0) -> tuple[Factors, Factors, float, float]:
+def refit_block(
+    x: Tensor,
+    y: Tensor,
+    groups: Tensor,
+    first: Factors,
+    second: Factors,
+    act: Callable[[Tensor], Tensor],
+    gn: Tensor,
+    steps: int,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> tuple[Factors, Factors, float, float]:
     """Train both layers' factors so that ``second(act(first(x)))`` approaches ``y`` in the metric ``gn``; returns
     the factors that did best on the held-out rows (:func:`held_out_rows` of ``groups``, each row's calibration
     batch; the given factors when none beat them) and their held-out relative error before and after.
 
     Example:
-        >>> first, second, before, after = refit_block(x, y, batch_of_row, (a1, b1, c1), (a2, b2, c2), F.gelu, gn, steps=500)
+        >>> x, y = torch.randn(200, 8), torch.randn(200, 8)
+        >>> first, second = (torch.randn(4, 8), torch.randn(16, 4), None), (torch.randn(4, 16), torch.randn(8, 4), None)
+        >>> groups = torch.arange(200) // 10  # 20 calibration batches of 10 rows
+        >>> *_, before, after = refit_block(x, y, groups, first, second, F.gelu, torch.eye(8), steps=20)
+        >>> after <= before
+        True
     """
     root = metric_roots(gn, floor=1e-6)[0].float()
     generator = torch.Generator().manual_seed(seed)

@@ -44,8 +44,16 @@ def _loss(student: list[Tensor], teacher: list[Tensor], kind: str, temperature: 
     for s, t in zip(student, teacher):
         s, t = s.float(), t.float()
         if kind == "kl":
-            total = total + F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
-                                     log_target=True, reduction="batchmean") * temperature**2
+            total = (
+                total
+                + F.kl_div(
+                    F.log_softmax(s / temperature, -1),
+                    F.log_softmax(t / temperature, -1),
+                    log_target=True,
+                    reduction="batchmean",
+                )
+                * temperature**2
+            )
         elif kind == "cosine":
             total = total + (1 - F.cosine_similarity(s.flatten(1), t.flatten(1), dim=-1)).mean()
         else:
@@ -64,15 +72,19 @@ def hidden_nodes(student: fx.GraphModule, teacher: fx.GraphModule, hidden: Union
     graphs) or explicit node names, each of which must exist in both.
 
     Example:
-        >>> hidden_nodes(cm.module, capture(model, x).graph_module, "norms")
-        ['layer_norm', 'layer_norm_1', ...]
+        >>> net = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+        >>> cm = fxcompress.optimize(net, torch.randn(2, 8), recipe="svd:rank=2")
+        >>> hidden_nodes(cm.module, capture(net, torch.randn(2, 8)).graph_module, "norms")
+        ['_1']
     """
     in_teacher = {n.name for n in teacher.graph.nodes}
     if hidden == NORMS:
         names = [n.name for n in student.graph.nodes if _is_norm(student, n) and n.name in in_teacher]
         if not names:
-            raise InputError("distill hidden='norms' found no LayerNorm in both the student and the teacher graph; "
-                             "name the nodes to match instead (hidden=[node names], see cm.module.graph)")
+            raise InputError(
+                "distill hidden='norms' found no LayerNorm in both the student and the teacher graph; "
+                "name the nodes to match instead (hidden=[node names], see cm.module.graph)"
+            )
         return names
     names = [hidden] if isinstance(hidden, str) else list(hidden)
     in_student = {n.name for n in student.graph.nodes}
@@ -80,8 +92,10 @@ def hidden_nodes(student: fx.GraphModule, teacher: fx.GraphModule, hidden: Union
         if name not in in_student or name not in in_teacher:
             where = "student" if name not in in_student else "teacher"
             shared = [n.name for n in student.graph.nodes if n.op == "call_function" and n.name in in_teacher]
-            raise InputError(f"distill hidden node {name!r} is not in the {where} graph; nodes both have include "
-                             f"{shared[:8]} ... (hidden='{NORMS}' picks the LayerNorm outputs)")
+            raise InputError(
+                f"distill hidden node {name!r} is not in the {where} graph; nodes both have include "
+                f"{shared[:8]} ... (hidden='{NORMS}' picks the LayerNorm outputs)"
+            )
     return names
 
 
@@ -104,6 +118,7 @@ def _tapped(gm: nn.Module, names: Sequence[str]) -> Callable[[tuple], tuple[list
     def run(batch: tuple) -> tuple[list[Tensor], list[Tensor]]:
         outputs, taps = tapped(*batch)
         return output_tensors(outputs), list(taps)
+
     return run
 
 
@@ -114,8 +129,10 @@ def _hidden_loss(student: list[Tensor], teacher: list[Tensor], names: Sequence[s
     losses = []
     for name, s, t in zip(names, student, teacher):
         if s.shape != t.shape:
-            raise InputError(f"distill hidden node {name!r} has shape {tuple(s.shape)} in the student but "
-                             f"{tuple(t.shape)} in the teacher (a pass resized it); match nodes the passes leave intact")
+            raise InputError(
+                f"distill hidden node {name!r} has shape {tuple(s.shape)} in the student but "
+                f"{tuple(t.shape)} in the teacher (a pass resized it); match nodes the passes leave intact"
+            )
         s, t = real_rows(s, mask), real_rows(t, mask)
         losses.append(F.mse_loss(s.float(), t.float()) / t.float().pow(2).mean().clamp_min(1e-12))
     return torch.stack(losses).mean()
@@ -139,7 +156,9 @@ def _frozen_op_inputs(module: nn.Module) -> set[str]:
     return frozen
 
 
-def _make_trainable(module: nn.Module, trainable: Optional[Callable[[str], bool]] = None) -> list[tuple[nn.Module, str]]:
+def _make_trainable(
+    module: nn.Module, trainable: Optional[Callable[[str], bool]] = None
+) -> list[tuple[nn.Module, str]]:
     """Turn floating-point buffers into parameters (factor weights are stored as buffers) and train those whose
     qualified name ``trainable`` accepts (all by default); return the moved buffers to undo. A compressed op's
     scales stay buffers."""
@@ -262,13 +281,17 @@ def _frozen_copy(teacher: nn.Module) -> nn.Module:
         return frozen
 
 
-def _teacher_and_taps(student: nn.Module, teacher: nn.Module, batches: list[tuple], hidden) -> tuple[nn.Module, list[str]]:
+def _teacher_and_taps(
+    student: nn.Module, teacher: nn.Module, batches: list[tuple], hidden
+) -> tuple[nn.Module, list[str]]:
     """The teacher to run (a private copy) and the names of the hidden nodes to match in both graphs."""
     if not hidden:
         return _frozen_copy(teacher), []
     if not isinstance(student, fx.GraphModule):
-        raise InputError(f"distill hidden={hidden!r} matches graph nodes by name: the student must be the compressed "
-                         f"GraphModule (cm.module), got {type(student).__name__}")
+        raise InputError(
+            f"distill hidden={hidden!r} matches graph nodes by name: the student must be the compressed "
+            f"GraphModule (cm.module), got {type(student).__name__}"
+        )
     # capture deep-copies the model and traces it in eval mode (torch.export's graphs refuse a later eval()),
     # symbolic on every axis the data varies in (e.g. batches cut to their longest sentence)
     captured = capture(teacher, _largest(batches), dynamic_axes=varying_axes(batches)).graph_module
@@ -283,8 +306,10 @@ def _training(student: nn.Module, trainable: Optional[Callable[[str], bool]]) ->
     try:
         params = [p for p in student.parameters() if p.requires_grad]
         if not params:
-            raise InputError("distill found no floating-point weights to train (the model is fully quantized, or "
-                             "`trainable` accepted no name?); distill before quantizing: recipe 'svd,distill,int8'")
+            raise InputError(
+                "distill found no floating-point weights to train (the model is fully quantized, or "
+                "`trainable` accepted no name?); distill before quantizing: recipe 'svd,distill,int8'"
+            )
         yield params
     finally:
         student.cpu()
@@ -299,8 +324,10 @@ def _backward(value: Tensor) -> None:
         value.backward()
     except RuntimeError as exc:
         if "autograd" in str(exc).lower() or "does not require grad" in str(exc):
-            raise InputError(f"distill cannot backpropagate through this graph ({str(exc).splitlines()[0]}); "
-                             "distill before quantizing: recipe 'svd,distill,int8_static'") from exc
+            raise InputError(
+                f"distill cannot backpropagate through this graph ({str(exc).splitlines()[0]}); "
+                "distill before quantizing: recipe 'svd,distill,int8_static'"
+            ) from exc
         raise
 
 
@@ -343,14 +370,18 @@ def distill_module(
         raise InputError("distill data is empty; pass at least one input tuple")
     masks = [batch_mask(data, i, b) for i, b in enumerate(batches)]
     teacher, names = _teacher_and_taps(student, teacher, batches, options.hidden_spec)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
     amp = dev.type == "cuda" if amp is None else amp
     teacher = teacher.to(dev)
     student.to(dev)  # left in eval mode: no dropout noise, and torch.export graphs cannot switch to train()
     history: list[float] = []
     with _training(student, trainable) as params:
         opt = torch.optim.Adam(params, lr=options.lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(options.schedule, step, options.steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: lr_factor(options.schedule, step, options.steps)
+        )
         run_teacher, run_student = _tapped(teacher, names), _tapped(student, names)
         with progress_bar(progress, desc="distill", total=options.steps, unit="step") as bar:
             for step, (batch, mask) in zip(range(options.steps), itertools.cycle(zip(batches, masks))):

@@ -54,20 +54,36 @@ def rewrite_int8(
     return new, tensors, dequantize_per_channel(q, scale)
 
 
-def int8_record(site: Site, pass_name: str, tensors: dict[str, Optional[Tensor]], dequantized: Tensor, note: str,
-                tied_to: Optional[str] = None) -> LayerRecord:
+def int8_record(
+    site: Site,
+    pass_name: str,
+    tensors: dict[str, Optional[Tensor]],
+    dequantized: Tensor,
+    note: str,
+    tied_to: Optional[str] = None,
+) -> LayerRecord:
     """The record of a site :func:`rewrite_int8` rewrote; ``tied_to`` names the layer whose int8 weight it reuses
     (its bytes are then counted there, only its bias here).
 
     Example:
         >>> node, tensors, dq = rewrite_int8(gm, site)
-        >>> int8_record(site, "int8", tensors, dq, "").bytes_after
-        40
+        >>> int8_record(site, "int8", tensors, dq, "").bytes_after  # Linear(64, 64): 4,096 codes, 64 scales, 64 biases
+        4608
     """
     if tied_to is None:
         before, after = site.weight_bytes, nbytes(*tensors.values())
     else:
         before, after = nbytes(site.bias), nbytes(tensors.get("bias"))
         note = f"shares the int8 weight of {tied_to}"
-    return LayerRecord(site.name, site.kind, pass_name, "int8", note, before, after,
-                       sqnr_db(site.weight, dequantized), "weight SQNR dB", numerics=INT8)
+    return LayerRecord(
+        site.name,
+        site.kind,
+        pass_name,
+        "int8",
+        note,
+        before,
+        after,
+        sqnr_db(site.weight, dequantized),
+        "weight SQNR dB",
+        numerics=INT8,
+    )

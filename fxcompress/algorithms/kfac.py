@@ -37,8 +37,9 @@ class _Probe(fx.Interpreter):
 _PROBE_CHUNK = 8
 
 
-def _probe_gradients(outs: list[torch.Tensor], taps: list[torch.Tensor], probes: int,
-                     generator: torch.Generator) -> Iterable[list[Optional[torch.Tensor]]]:
+def _probe_gradients(
+    outs: list[torch.Tensor], taps: list[torch.Tensor], probes: int, generator: torch.Generator
+) -> Iterable[list[Optional[torch.Tensor]]]:
     """d(z . outs)/d(tap) for ``probes`` random directions z, yielded per chunk of probes as one [chunk, *tap shape]
     tensor per tap (None where the outputs do not depend on it). A chunk shares one vmapped backward instead of a
     backward per probe; a graph with an op vmap cannot batch falls back to one per probe (same numbers, slower)."""
@@ -48,20 +49,26 @@ def _probe_gradients(outs: list[torch.Tensor], taps: list[torch.Tensor], probes:
         directions = [torch.randn((n, *o.shape), generator=generator).to(o.dtype) for o in outs]
         if batched:
             try:
-                grads = torch.autograd.grad(outs, taps, grad_outputs=directions, retain_graph=True, allow_unused=True,
-                                            is_grads_batched=True)
+                grads = torch.autograd.grad(
+                    outs, taps, grad_outputs=directions, retain_graph=True, allow_unused=True, is_grads_batched=True
+                )
             except RuntimeError:
                 batched = False
             else:
                 yield list(grads)
                 continue
-        per_probe = [torch.autograd.grad(outs, taps, grad_outputs=[d[k] for d in directions], retain_graph=True,
-                                         allow_unused=True) for k in range(n)]
+        per_probe = [
+            torch.autograd.grad(
+                outs, taps, grad_outputs=[d[k] for d in directions], retain_graph=True, allow_unused=True
+            )
+            for k in range(n)
+        ]
         yield [None if per_probe[0][t] is None else torch.stack([g[t] for g in per_probe]) for t in range(len(taps))]
 
 
-def output_gauss_newton(gm: fx.GraphModule, outputs_of: dict[str, fx.Node], batches: Sequence[tuple],
-                        probes: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+def output_gauss_newton(
+    gm: fx.GraphModule, outputs_of: dict[str, fx.Node], batches: Sequence[tuple], probes: int = 16, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """G = E[g g^T] with g = J^T z, J the Jacobian of the model's outputs w.r.t. each named node, z ~ N(0, I).
 
     E over z of g g^T is J^T J: the Gauss-Newton matrix of the squared change in the model's outputs caused by a
@@ -71,7 +78,9 @@ def output_gauss_newton(gm: fx.GraphModule, outputs_of: dict[str, fx.Node], batc
     :func:`observe`.
 
     Example:
-        >>> gs = output_gauss_newton(gm, {site.name: site.node for site in sites}, calibration, probes=16)
+        >>> gs = output_gauss_newton(gm, {site.name: site.node for site in sites}, calibration, probes=4)
+        >>> {name: tuple(g.shape) for name, g in gs.items()}
+        {'0': (64, 64), '2': (10, 10)}
     """
     require_batches(batches)
     watch = {node: name for name, node in outputs_of.items()}
@@ -88,7 +97,9 @@ def output_gauss_newton(gm: fx.GraphModule, outputs_of: dict[str, fx.Node], batc
             except Exception as exc:
                 raise unfit_batch(i, batch, exc) from exc
             if not outs:
-                raise InputError("the model's outputs do not depend on the layers being factorized; nothing to weight by")
+                raise InputError(
+                    "the model's outputs do not depend on the layers being factorized; nothing to weight by"
+                )
             for grads in _probe_gradients(outs, list(probe.taps.values()), probes, generator):
                 for name, g in zip(probe.taps, grads):
                     if g is None:
@@ -114,7 +125,10 @@ def metric_roots(gn: torch.Tensor, damp: float = 0.0, floor: float = 1e-12) -> t
     ``||E G^1/2||^2 = tr(E G E^T)``: multiplying an error by the root measures it in the metric.
 
     Example:
-        >>> root, inverse = metric_roots(output_gauss_newton(gm, outputs_of, calibration)["fc1"], damp=0.01)
+        >>> g = torch.tensor([[2.0, 0.0], [0.0, 8.0]])
+        >>> root, inverse = metric_roots(g)
+        >>> torch.allclose(root @ root, g.double()), torch.allclose(root @ inverse, torch.eye(2, dtype=torch.float64))
+        (True, True)
     """
     g = gn.double()
     if damp:

@@ -52,13 +52,14 @@ def dequantize_per_channel(q: Tensor, scale: Tensor) -> Tensor:
 
     Example:
         >>> dequantize_per_channel(*quantize_per_channel(torch.tensor([[0.5, -1.0]])))
-        tensor([[ 0.5000, -1.0000]])
+        tensor([[ 0.5039, -1.0000]])
     """
     return q.to(torch.float32) * scale.reshape(-1, *([1] * (q.dim() - 1)))
 
 
-def quantize_per_channel_gptq(w: Tensor, hessian: Tensor, act_order: bool = False, damp: float = 0.01
-                              ) -> tuple[Tensor, Tensor]:
+def quantize_per_channel_gptq(
+    w: Tensor, hessian: Tensor, act_order: bool = False, damp: float = 0.01
+) -> tuple[Tensor, Tensor]:
     """:func:`quantize_per_channel`'s grid (axis 0, int8), codes chosen by GPTQ against the input Hessian ``hessian``.
 
     Example:
@@ -81,8 +82,8 @@ def int8_bytes(site: Site) -> int:
     """What the ``int8`` pass stores for ``site``: the codes, one fp32 scale per output channel, the bias.
 
     Example:
-        >>> int8_bytes(site)  # Linear(384, 384): 147,456 codes + 1,536 scale bytes + 1,536 bias bytes
-        150528
+        >>> int8_bytes(site)  # Linear(64, 64): 4,096 codes + 256 scale bytes + 256 bias bytes
+        4608
     """
     return site.weight.numel() + 4 * site.weight.shape[0] + nbytes(site.bias)
 
@@ -99,7 +100,6 @@ def sqnr_db(reference: Tensor, approx: Tensor) -> float:
     if noise == 0:
         return 200.0
     return 10 * math.log10(max(signal, 1e-300) / noise)
-
 
 
 # --- int4 per block -------------------------------------------------------------------------------------------
@@ -155,12 +155,22 @@ def quantize_rtn(w: Tensor, block: int, clip: bool = False) -> tuple[Tensor, Ten
     return codes, scale, zp
 
 
-def quantize_gptq(w: Tensor, hessian: Tensor, block: int, act_order: bool = False, damp: float = 0.01,
-                  clip: bool = False, lazy: int = 128) -> tuple[Tensor, Tensor, Tensor]:
+def quantize_gptq(
+    w: Tensor,
+    hessian: Tensor,
+    block: int,
+    act_order: bool = False,
+    damp: float = 0.01,
+    clip: bool = False,
+    lazy: int = 128,
+) -> tuple[Tensor, Tensor, Tensor]:
     """GPTQ with blockwise asymmetric int4; same outputs as :func:`quantize_rtn`.
 
     Example:
-        >>> codes, s, z = quantize_gptq(w, input_hessian, 32, act_order=True)
+        >>> w, x = torch.randn(8, 64), torch.randn(512, 64)
+        >>> codes, s, z = quantize_gptq(w, 2 * x.T @ x / 512, 32, act_order=True)
+        >>> codes.shape, s.shape, int(codes.max()) <= 15
+        (torch.Size([8, 64]), torch.Size([8, 2]), True)
     """
     w = w.to(torch.float64)
     n, k = w.shape
@@ -188,7 +198,10 @@ def dequantize_blocks(codes: Tensor, scale: Tensor, zp: Tensor, block: int) -> T
     """The weight [N, K] that int4 ``codes`` with per-block ``scale`` and zero point ``zp`` stand for.
 
     Example:
+        >>> w = torch.randn(8, 64)
         >>> w_hat = dequantize_blocks(*quantize_rtn(w, 32), 32)
+        >>> float((w_hat - w).abs().max()) < 0.5
+        True
     """
     n, k = codes.shape
     return ((codes.reshape(n, -1, block) - zp.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(n, k)
@@ -202,5 +215,3 @@ def int4_bytes(n: int, k: int, block: int) -> int:
         79104
     """
     return n * k // 2 + n * (k // block) * 4 + n * -(-(k // block) // 2)
-
-

@@ -23,12 +23,15 @@ def _flat_outputs(out) -> list[Tensor]:
     return [t.float() for t in output_tensors(out) if t.is_floating_point()]
 
 
-def layer_sensitivity(gm: fx.GraphModule, sites: Sequence[Site], rounded: Callable[[Site], Tensor], batches
-                      ) -> dict[str, float]:
+def layer_sensitivity(
+    gm: fx.GraphModule, sites: Sequence[Site], rounded: Callable[[Site], Tensor], batches
+) -> dict[str, float]:
     """Relative squared error of the model's outputs on ``batches`` when only that layer's weight is ``rounded(site)``.
 
     Example:
-        >>> sens = layer_sensitivity(gm, linear_sites, lambda s: int8_round_trip(s.weight), calibration)
+        >>> sens = layer_sensitivity(gm, sites, lambda s: torch.zeros_like(s.weight), calibration)  # a layer zeroed
+        >>> sorted(sens), all(v > 0.1 for v in sens.values())
+        (['0', '2'], True)
     """
     with torch.no_grad():
         reference = [_flat_outputs(gm(*b)) for b in batches]
@@ -37,27 +40,43 @@ def layer_sensitivity(gm: fx.GraphModule, sites: Sequence[Site], rounded: Callab
         for site in sites:
             old = set_site_weight(gm, site, rounded(site).to(site.weight.dtype))
             try:
-                err = sum(float((o - r).pow(2).sum()) for b, ref in zip(batches, reference) for o, r in zip(_flat_outputs(gm(*b)), ref))
+                err = sum(
+                    float((o - r).pow(2).sum())
+                    for b, ref in zip(batches, reference)
+                    for o, r in zip(_flat_outputs(gm(*b)), ref)
+                )
             finally:
                 set_site_weight(gm, site, old)
             result[site.name] = err / max(power, 1e-30)
     return result
 
 
-def keep_finer(gm: fx.GraphModule, sites: Sequence[Site], budget: float, rounded: Callable[[Site], Tensor],
-               coarse_bytes: Callable[[Site], int], fine_bytes: Callable[[Site], int], batches, pass_name: str
-               ) -> dict[str, float]:
+def keep_finer(
+    gm: fx.GraphModule,
+    sites: Sequence[Site],
+    budget: float,
+    rounded: Callable[[Site], Tensor],
+    coarse_bytes: Callable[[Site], int],
+    fine_bytes: Callable[[Site], int],
+    batches,
+    pass_name: str,
+) -> dict[str, float]:
     """Names (-> sensitivity) of the layers that keep the finer form within ``budget`` x their fp32 bytes.
 
     ``coarse_bytes(site)`` / ``fine_bytes(site)``: a layer's bytes (bias included) in the pass's form and in the finer
     one; ``rounded(site)``: its weight on the pass's grid, for the sensitivity.
 
     Example:
-        >>> keep = keep_finer(gm, sites, 0.3, int8_round_trip, int8_bytes, lambda s: s.weight_bytes, calibration, "int8")
+        >>> from fxcompress.algorithms.quant import dequantize_per_channel, int8_bytes, quantize_per_channel
+        >>> int8 = lambda s: dequantize_per_channel(*quantize_per_channel(s.weight))
+        >>> fp32_bytes = lambda s: s.weight_bytes
+        >>> keep_finer(gm, sites, 0.5, int8, int8_bytes, fp32_bytes, calibration, "int8")  # doctest: +ELLIPSIS
+        {'2': ...}
     """
     if batches is None:
-        raise InputError(f"{pass_name} budget= needs calibration data to measure layer sensitivity: "
-                         "optimize(..., calibration=[...])")
+        raise InputError(
+            f"{pass_name} budget= needs calibration data to measure layer sensitivity: optimize(..., calibration=[...])"
+        )
     sens = layer_sensitivity(gm, sites, rounded, batches)
     allowed = budget * sum(s.weight_bytes for s in sites) - sum(coarse_bytes(s) for s in sites)
     extra = {s.name: fine_bytes(s) - coarse_bytes(s) for s in sites}
@@ -67,4 +86,3 @@ def keep_finer(gm: fx.GraphModule, sites: Sequence[Site], budget: float, rounded
             allowed -= extra[name]
             keep[name] = sens[name]
     return keep
-

@@ -32,12 +32,14 @@ def unfit_batch(i: int, batch: tuple, exc: Exception) -> InputError:
     """The error for calibration batch ``i`` that the model cannot run on: its index, shapes and the cause.
 
     Example:
-        >>> str(unfit_batch(3, (torch.zeros(2, 5),), RuntimeError("mat1 and mat2 shapes cannot be multiplied")))
-        'calibration batch 3 (shapes [(2, 5)]) does not fit the model: RuntimeError: mat1 and mat2 shapes cannot be multiplied'
+        >>> str(unfit_batch(3, (torch.zeros(2, 5),), RuntimeError("shapes cannot be multiplied")))
+        'calibration batch 3 (shapes [(2, 5)]) does not fit the model: RuntimeError: shapes cannot be multiplied'
     """
     shapes = [tuple(t.shape) for t in batch if isinstance(t, torch.Tensor)]
-    return InputError(f"calibration batch {i} (shapes {shapes}) does not fit the model: "
-                      f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    return InputError(
+        f"calibration batch {i} (shapes {shapes}) does not fit the model: "
+        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    )
 
 
 class _AllSeen(Exception):
@@ -48,7 +50,9 @@ class _Recorder(fx.Interpreter):
     """Runs the graph, hands every watched node's output to ``on_value`` and stops once the last one has run
     (layer-sequential methods only need the graph up to the layers they quantize next)."""
 
-    def __init__(self, gm: fx.GraphModule, watch: dict[fx.Node, list[str]], on_value: Callable[[str, torch.Tensor], None]):
+    def __init__(
+        self, gm: fx.GraphModule, watch: dict[fx.Node, list[str]], on_value: Callable[[str, torch.Tensor], None]
+    ):
         super().__init__(gm)
         self.watch, self.on_value = watch, on_value
         self.pending = set(watch)
@@ -63,8 +67,12 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-def observe(gm: fx.GraphModule, nodes: dict[str, fx.Node], batches: Sequence[tuple],
-            on_value: Callable[[str, torch.Tensor], None]) -> None:
+def observe(
+    gm: fx.GraphModule,
+    nodes: dict[str, fx.Node],
+    batches: Sequence[tuple],
+    on_value: Callable[[str, torch.Tensor], None],
+) -> None:
     """Run ``gm`` on every calibration batch and call ``on_value(name, tensor)`` with each named node's output
     (only the real tokens', as [tokens, features], when ``batches`` is a :class:`Calibration` with a token mask).
 
@@ -80,12 +88,18 @@ def observe(gm: fx.GraphModule, nodes: dict[str, fx.Node], batches: Sequence[tup
         observe_batch(gm, nodes, batches, i, on_value)
 
 
-def observe_batch(gm: fx.GraphModule, nodes: dict[str, fx.Node], batches: Sequence[tuple], i: int,
-                  on_value: Callable[[str, torch.Tensor], None]) -> None:
+def observe_batch(
+    gm: fx.GraphModule,
+    nodes: dict[str, fx.Node],
+    batches: Sequence[tuple],
+    i: int,
+    on_value: Callable[[str, torch.Tensor], None],
+) -> None:
     """:func:`observe` for batch ``i`` alone (errors name its index in ``batches``).
 
     Example:
         >>> observe_batch(gm, {"fc": site.input}, calibration, 0, lambda name, value: print(name, value.shape))
+        fc torch.Size([16, 64])
     """
     watch: dict[fx.Node, list[str]] = {}
     for name, node in nodes.items():
@@ -101,8 +115,12 @@ def observe_batch(gm: fx.GraphModule, nodes: dict[str, fx.Node], batches: Sequen
             raise unfit_batch(i, batch, exc) from exc
 
 
-def input_hessians(gm: fx.GraphModule, inputs_of: dict[str, fx.Node], batches: Sequence[tuple],
-                   rows_seen: Optional[dict[str, tuple[int, int]]] = None) -> dict[str, torch.Tensor]:
+def input_hessians(
+    gm: fx.GraphModule,
+    inputs_of: dict[str, fx.Node],
+    batches: Sequence[tuple],
+    rows_seen: Optional[dict[str, tuple[int, int]]] = None,
+) -> dict[str, torch.Tensor]:
     """H = 2/n * X^T X of the activation feeding each named layer, pooled over every row of every batch.
 
     Warns (:class:`~fxcompress.CalibrationWarning`) when a layer saw fewer than ``MIN_ROWS_PER_FEATURE`` real rows
@@ -139,8 +157,13 @@ def input_hessians(gm: fx.GraphModule, inputs_of: dict[str, fx.Node], batches: S
     return {name: 2 * sums[name] / rows[name] for name in sums}
 
 
-def paired_moments(student: fx.GraphModule, teacher: fx.GraphModule, student_input: fx.Node, teacher_input: fx.Node,
-                   batches: Sequence[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
+def paired_moments(
+    student: fx.GraphModule,
+    teacher: fx.GraphModule,
+    student_input: fx.Node,
+    teacher_input: fx.Node,
+    batches: Sequence[tuple],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(X_s^T X_s, X_t^T X_s) / rows: the second moment of a layer's input in ``student`` and its cross moment with
     the same layer's input in ``teacher``, row for row on the same batches (padded rows skipped in both).
 
@@ -148,7 +171,9 @@ def paired_moments(student: fx.GraphModule, teacher: fx.GraphModule, student_inp
     output the uncompressed model computes: ``W X_t^T X_s (X_s^T X_s)^-1`` minimises ||X_t W^T - X_s M^T||.
 
     Example:
-        >>> h_ss, p_ts = paired_moments(compressed_gm, float_gm, site.input, float_inputs[site.name], calibration)
+        >>> h_ss, p_ts = paired_moments(gm, gm, site.input, site.input, calibration)
+        >>> torch.allclose(h_ss, p_ts)  # one graph twice: the cross moment is the second moment
+        True
     """
     require_batches(batches)
     h: Optional[torch.Tensor] = None
@@ -160,8 +185,10 @@ def paired_moments(student: fx.GraphModule, teacher: fx.GraphModule, student_inp
         observe_batch(student, {"s": student_input}, batches, i, seen.__setitem__)
         xt, xs = (seen[k].reshape(-1, seen[k].shape[-1]).to(torch.float64) for k in ("t", "s"))
         if xt.shape != xs.shape:
-            raise InputError(f"layer input {student_input.name!r} has shape {tuple(xs.shape)} in the compressed graph "
-                             f"but {tuple(xt.shape)} in the float one; a refit needs the same rows and features")
+            raise InputError(
+                f"layer input {student_input.name!r} has shape {tuple(xs.shape)} in the compressed graph "
+                f"but {tuple(xt.shape)} in the float one; a refit needs the same rows and features"
+            )
         h = xs.t() @ xs if h is None else h + xs.t() @ xs
         p = xt.t() @ xs if p is None else p + xt.t() @ xs
         rows += xs.shape[0]
@@ -185,5 +212,6 @@ def warn_if_few_rows(rows_and_features: dict[str, tuple[int, int]]) -> None:
         f"{MIN_ROWS_PER_FEATURE} rows per feature): a method fitted to these Hessians (GPTQ, activation-aware SVD) "
         f"fits the calibration data's subspace and may do worse on other inputs; pass at least "
         f"{MIN_ROWS_PER_FEATURE * k} real rows (tokens x sentences, or samples).",
-        CalibrationWarning, stacklevel=4)
-
+        CalibrationWarning,
+        stacklevel=4,
+    )

@@ -27,14 +27,20 @@ def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) ->
     max abs error over the max abs reference value (robust where the reference is near zero).
 
     Example:
-        >>> compare([np.ones((2, 3))], [np.ones((2, 3))])["cosine"]
+        >>> round(compare([np.ones((2, 3))], [np.ones((2, 3))])["cosine"], 12)
         1.0
     """
-    ref = np.concatenate([r.reshape(r.shape[0], -1) if r.ndim else r.reshape(1, 1) for r in reference]).astype(np.float64)
-    out = np.concatenate([c.reshape(c.shape[0], -1) if c.ndim else c.reshape(1, 1) for c in candidate]).astype(np.float64)
+    ref = np.concatenate([r.reshape(r.shape[0], -1) if r.ndim else r.reshape(1, 1) for r in reference]).astype(
+        np.float64
+    )
+    out = np.concatenate([c.reshape(c.shape[0], -1) if c.ndim else c.reshape(1, 1) for c in candidate]).astype(
+        np.float64
+    )
     diff = out - ref
     norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
-    cos = np.where(norms > 0, (ref * out).sum(1) / np.maximum(norms, 1e-300), np.where(np.abs(diff).max(1) == 0, 1.0, 0.0))
+    cos = np.where(
+        norms > 0, (ref * out).sum(1) / np.maximum(norms, 1e-300), np.where(np.abs(diff).max(1) == 0, 1.0, 0.0)
+    )
     noise = float((diff**2).sum())
     return {
         "cosine": float(cos.mean()),
@@ -43,5 +49,3 @@ def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) ->
         "max_rel": float(np.abs(diff).max() / max(np.abs(ref).max(), 1e-12)),
         "sqnr_db": 200.0 if noise == 0 else float(10 * math.log10(max(float((ref**2).sum()), 1e-300) / noise)),
     }
-
-

@@ -35,18 +35,22 @@ def kernel_notes(target_name: Optional[str], proto: onnx.ModelProto, vnni: Optio
 
     Example:
         >>> kernel_notes("cpu-vnni", onnx.ModelProto(), vnni=False)[0][:40]
-        'target cpu-vnni (int8 weights, ORT\'s U8S'
+        "target cpu-vnni (int8 weights, ORT's U8S"
     """
     target = TARGETS.get(target_name or "")
     if target is None:
         return []
     if target.requires_vnni and vnni is False:
-        return [f"target {target.name} (int8 weights, ORT's U8S8 kernel) on a CPU without VNNI: that kernel can saturate "
-                "its int16 sums here; export with target 'cpu' (uint8 weights) for such CPUs"]
+        return [
+            f"target {target.name} (int8 weights, ORT's U8S8 kernel) on a CPU without VNNI: that kernel can saturate "
+            "its int16 sums here; export with target 'cpu' (uint8 weights) for such CPUs"
+        ]
     if target.on_vnni_use and vnni and any(n.op_type == "DynamicQuantizeMatMul" for n in proto.graph.node):
-        return [f"this CPU has VNNI: target '{target.on_vnni_use}' (int8 weights, ORT's U8S8 kernel) runs "
-                f"DynamicQuantizeMatMul about 2x faster here than the '{target.name}' target's uint8 weights, at the "
-                "same accuracy"]
+        return [
+            f"this CPU has VNNI: target '{target.on_vnni_use}' (int8 weights, ORT's U8S8 kernel) runs "
+            f"DynamicQuantizeMatMul about 2x faster here than the '{target.name}' target's uint8 weights, at the "
+            "same accuracy"
+        ]
     return []
 
 
@@ -58,11 +62,19 @@ def _load(path: Path, tolerance: Optional[Tolerance]) -> tuple[Optional[onnx.Mod
         meta = read_metadata(proto)
     except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        failed = ParityReport(False, [f"{path} is not a readable ONNX model: {reason}"], str(path), None, None,
-                              (tolerance or Tolerance()).__dict__)
+        failed = ParityReport(
+            False,
+            [f"{path} is not a readable ONNX model: {reason}"],
+            str(path),
+            None,
+            None,
+            (tolerance or Tolerance()).__dict__,
+        )
         return None, failed
     tol = tolerance or (Tolerance(**meta["tolerance"]) if "tolerance" in meta else Tolerance())
-    return proto, ParityReport(True, [], str(path), None, meta.get("target"), tol.__dict__, notes=list(meta.get("notes", [])))
+    return proto, ParityReport(
+        True, [], str(path), None, meta.get("target"), tol.__dict__, notes=list(meta.get("notes", []))
+    )
 
 
 def _shape_failures(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]]) -> list[str]:
@@ -76,8 +88,14 @@ def _shape_failures(reference: list[list[np.ndarray]], outputs: list[list[np.nda
     return failures
 
 
-def _accuracy(report: ParityReport, tol: Tolerance, reference: list, outputs: list, labels: Optional[torch.Tensor],
-              classifier: Optional[bool]) -> None:
+def _accuracy(
+    report: ParityReport,
+    tol: Tolerance,
+    reference: list,
+    outputs: list,
+    labels: Optional[torch.Tensor],
+    classifier: Optional[bool],
+) -> None:
     """Output metrics (the worst output's), top-1 agreement and accuracy against ``labels``, each held to ``tol``."""
     failures = report.failures
     per_output = [compare([b[k] for b in reference], [b[k] for b in outputs]) for k in range(len(reference[0]))]
@@ -97,7 +115,9 @@ def _accuracy(report: ParityReport, tol: Tolerance, reference: list, outputs: li
         else:
             acc_ref = float((logits_ref.argmax(-1) == y).mean() * 100)
             acc_out = float((logits_out.argmax(-1) == y).mean() * 100)
-            report.metrics.update(accuracy_fp32_pct=acc_ref, accuracy_artifact_pct=acc_out, accuracy_drop_pp=acc_ref - acc_out)
+            report.metrics.update(
+                accuracy_fp32_pct=acc_ref, accuracy_artifact_pct=acc_out, accuracy_drop_pp=acc_ref - acc_out
+            )
             if acc_ref - acc_out > tol.accuracy_drop_max_pp:
                 failures.append(f"accuracy drop {acc_ref - acc_out:.2f} pp > {tol.accuracy_drop_max_pp} pp")
     if worst["cosine"] < tol.cosine_min:
@@ -141,7 +161,9 @@ def check(
         (True, 'CPUExecutionProvider')
     """
     path = Path(onnx_path)
-    batches = [normalize_inputs(b) for b in eval_inputs] if eval_inputs is not None else [normalize_inputs(example_inputs)]
+    batches = (
+        [normalize_inputs(b) for b in eval_inputs] if eval_inputs is not None else [normalize_inputs(example_inputs)]
+    )
     proto, report = _load(path, tolerance)
     if proto is None:
         return report
@@ -161,11 +183,19 @@ def check(
     if not report.failures:
         _accuracy(report, tol, reference, run.outputs, labels, classifier)
     report.weights = weight_report(proto, state_bytes(reference_model), path, provider, report.failures)
-    report.memory = {"rss_base_mb": run.rss_base_mb, "rss_load_mb": run.rss_load_mb, "rss_run_mb": run.rss_run_mb,
-                     "rss_peak_mb": run.rss_peak_mb, "gpu_mem_mb": run.gpu_mem_mb}
+    report.memory = {
+        "rss_base_mb": run.rss_base_mb,
+        "rss_load_mb": run.rss_load_mb,
+        "rss_run_mb": run.rss_run_mb,
+        "rss_peak_mb": run.rss_peak_mb,
+        "gpu_mem_mb": run.gpu_mem_mb,
+    }
     first = np_batches[0][0]
-    report.latency = {"batch": int(first.shape[0]) if first.ndim else 1, "p50_ms": run.latency_ms_p50,
-                      "p90_ms": run.latency_ms_p90}
+    report.latency = {
+        "batch": int(first.shape[0]) if first.ndim else 1,
+        "p50_ms": run.latency_ms_p50,
+        "p90_ms": run.latency_ms_p90,
+    }
     if fp32_baseline:
         _fp32_baseline(reference_model, batches[0], provider, report, latency_repeat)
     report.passed = not report.failures
@@ -176,11 +206,17 @@ def _fp32_baseline(model: torch.nn.Module, inputs: tuple, provider: str, report:
     """Export the float model and measure its session memory and latency beside the artifact's."""
     with tempfile.TemporaryDirectory(prefix="fxc-fp32-") as tmp:
         gm = capture(model, inputs).graph_module
-        fp32 = export_onnx(gm, inputs, Path(tmp, "fp32.onnx"), target=report.target if report.target in TARGETS else "cpu")
+        fp32 = export_onnx(
+            gm, inputs, Path(tmp, "fp32.onnx"), target=report.target if report.target in TARGETS else "cpu"
+        )
         base = probe(fp32, [tuple(t.detach().cpu().numpy() for t in inputs)], provider=provider, repeat=repeat)
     if base.load_error:
         report.memory["fp32_note"] = base.load_error
         return
-    report.memory.update(fp32_rss_load_mb=base.rss_load_mb, fp32_rss_run_mb=base.rss_run_mb,
-                         fp32_rss_peak_mb=base.rss_peak_mb, fp32_gpu_mem_mb=base.gpu_mem_mb)
+    report.memory.update(
+        fp32_rss_load_mb=base.rss_load_mb,
+        fp32_rss_run_mb=base.rss_run_mb,
+        fp32_rss_peak_mb=base.rss_peak_mb,
+        fp32_gpu_mem_mb=base.gpu_mem_mb,
+    )
     report.latency.update(fp32_p50_ms=base.latency_ms_p50, fp32_p90_ms=base.latency_ms_p90)

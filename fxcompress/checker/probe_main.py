@@ -42,8 +42,12 @@ def _rss_mb() -> float:
 
 def _gpu_mem_mb(pid: int) -> float | None:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=20).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     for line in out.splitlines():
@@ -59,8 +63,10 @@ def main(spec_path: str) -> None:
 
     spec = json.load(open(spec_path))
     with np.load(spec["inputs"]) as z:
-        batches = [[z[k] for k in sorted((k for k in z.files if k.startswith(f"b{i}_")), key=lambda k: int(k.split("_")[1]))]
-                   for i in range(spec["n"])]
+        batches = [
+            [z[k] for k in sorted((k for k in z.files if k.startswith(f"b{i}_")), key=lambda k: int(k.split("_")[1]))]
+            for i in range(spec["n"])
+        ]
     base = _rss_mb()
     so = ort.SessionOptions()
     if spec["threads"]:
@@ -90,14 +96,33 @@ def main(spec_path: str) -> None:
             sess.run(None, feed)
             times.append((time.perf_counter() - t) * 1000)
     except Exception as exc:
-        print(json.dumps({"provider": provider, "error": f"ONNX Runtime failed to run the model: {str(exc).strip().splitlines()[0][:500]}"}))
+        print(
+            json.dumps(
+                {
+                    "provider": provider,
+                    "error": f"ONNX Runtime failed to run the model: {str(exc).strip().splitlines()[0][:500]}",
+                }
+            )
+        )
         return
     np.savez(spec["outputs"], **outputs)
     times.sort()
     gpu = _gpu_mem_mb(os.getpid()) if provider == "CUDAExecutionProvider" else None
-    print(json.dumps(dict(provider=provider, n_outputs=len(sess.get_outputs()), rss_base_mb=base, rss_load_mb=load - base,
-                          rss_run_mb=ran - base, rss_peak_mb=_status_mb("VmHWM") - base, p50_ms=times[len(times) // 2] if times else None,
-                          p90_ms=times[int(len(times) * 0.9)] if times else None, gpu_mem_mb=gpu)))
+    print(
+        json.dumps(
+            dict(
+                provider=provider,
+                n_outputs=len(sess.get_outputs()),
+                rss_base_mb=base,
+                rss_load_mb=load - base,
+                rss_run_mb=ran - base,
+                rss_peak_mb=_status_mb("VmHWM") - base,
+                p50_ms=times[len(times) // 2] if times else None,
+                p90_ms=times[int(len(times) * 0.9)] if times else None,
+                gpu_mem_mb=gpu,
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

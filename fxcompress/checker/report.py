@@ -29,7 +29,8 @@ class ParityReport:
         """The report as JSON (what ``fxcompress check --json`` writes).
 
         Example:
-            >>> Path("report.json").write_text(fxcompress.check(model, "model.onnx", x).to_json())
+            >>> json.loads(fxcompress.check(model, "model.onnx", x, fp32_baseline=False).to_json())["passed"]
+            True
         """
         return json.dumps(asdict(self), indent=indent, default=float)
 
@@ -37,7 +38,10 @@ class ParityReport:
         """A human summary: verdict, provider, metrics, bytes, memory, latency.
 
         Example:
-            >>> print(fxcompress.check(model, "model.onnx", x).to_text())
+            >>> print(fxcompress.check(model, "model.onnx", x, fp32_baseline=False).to_text())  # doctest: +ELLIPSIS
+            parity PASSED: model.onnx
+            ONNX Runtime provider that ran: CPUExecutionProvider   (export target: cpu)
+            ...
         """
         m, w, mem, lat = self.metrics, self.weights, self.memory, self.latency
         rows = [[k, f"{v:.6g}" if isinstance(v, float) else str(v)] for k, v in m.items()]
@@ -49,8 +53,11 @@ class ParityReport:
         ]
         if w:
             by = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in w["onnx_bytes_by_dtype"].items())
-            lines += ["", f"weights in file: {fmt_bytes(w['onnx_bytes'])} ({by}); fp32 model {fmt_bytes(w['reference_bytes'])}; "
-                          f"ratio {w['ratio']:.3f}"]
+            lines += [
+                "",
+                f"weights in file: {fmt_bytes(w['onnx_bytes'])} ({by}); fp32 model {fmt_bytes(w['reference_bytes'])}; "
+                f"ratio {w['ratio']:.3f}",
+            ]
             if "optimized_bytes_by_dtype" in w:
                 by = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in w["optimized_bytes_by_dtype"].items())
                 lines.append(f"weights after ORT graph optimization: {by}  (folded back to float: {w['folded_back']})")
@@ -77,5 +84,3 @@ def _pair_line(label: str, d: dict, key: str, unit: str) -> str:
     if ref and v is not None:
         text += f"   (fp32 artifact {ref:.3g} {unit}; ratio {v / ref:.2f})"
     return text
-
-

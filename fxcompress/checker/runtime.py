@@ -83,7 +83,9 @@ def choose_providers(provider: str = "auto") -> list[str]:
         return [CUDA, CPU] if CUDA in available else [CPU]
     name = {"cpu": CPU, "cuda": CUDA}.get(provider, provider)
     if name not in available:
-        raise RuntimeMissingError(f"execution provider {name} is not available in this onnxruntime; available: {available}")
+        raise RuntimeMissingError(
+            f"execution provider {name} is not available in this onnxruntime; available: {available}"
+        )
     return [name] if name == CPU else [name, CPU]
 
 
@@ -108,8 +110,16 @@ class ProbeResult:
         return cls(provider, [], 0, 0, 0, 0, None, None, load_error=error)
 
 
-def probe(model_path: str | os.PathLike, inputs: Sequence[tuple[np.ndarray, ...]], *, provider: str = "auto",
-          warmup: int = 3, repeat: int = 20, timeout: float = 900, threads: int = 0) -> ProbeResult:
+def probe(
+    model_path: str | os.PathLike,
+    inputs: Sequence[tuple[np.ndarray, ...]],
+    *,
+    provider: str = "auto",
+    warmup: int = 3,
+    repeat: int = 20,
+    timeout: float = 900,
+    threads: int = 0,
+) -> ProbeResult:
     """Load ``model_path`` in a fresh Python process, run ``inputs`` and time the first of them.
 
     A model that ONNX Runtime cannot load or run comes back with ``load_error`` set, never as an exception,
@@ -124,12 +134,24 @@ def probe(model_path: str | os.PathLike, inputs: Sequence[tuple[np.ndarray, ...]
     with tempfile.TemporaryDirectory(prefix="fxc-probe-") as tmp:
         arrays = {f"b{i}_{j}": a for i, batch in enumerate(inputs) for j, a in enumerate(batch)}
         np.savez(Path(tmp, "in.npz"), **arrays)
-        spec = dict(model=str(model_path), inputs=str(Path(tmp, "in.npz")), n=len(inputs), outputs=str(Path(tmp, "out.npz")),
-                    providers=providers, warmup=warmup, repeat=repeat, threads=threads)
+        spec = dict(
+            model=str(model_path),
+            inputs=str(Path(tmp, "in.npz")),
+            n=len(inputs),
+            outputs=str(Path(tmp, "out.npz")),
+            providers=providers,
+            warmup=warmup,
+            repeat=repeat,
+            threads=threads,
+        )
         Path(tmp, "spec.json").write_text(json.dumps(spec))
-        proc = subprocess.run([sys.executable, "-m", "fxcompress.checker.probe_main", str(Path(tmp, "spec.json"))],
-                              capture_output=True, text=True, timeout=timeout)
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+        proc = subprocess.run(
+            [sys.executable, "-m", "fxcompress.checker.probe_main", str(Path(tmp, "spec.json"))],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode != 0 or not lines:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
             return ProbeResult.failed(providers[0], "; ".join(tail) or f"exit {proc.returncode}")
@@ -138,8 +160,17 @@ def probe(model_path: str | os.PathLike, inputs: Sequence[tuple[np.ndarray, ...]
             return ProbeResult.failed(res.get("provider", providers[0]), res["error"])
         with np.load(Path(tmp, "out.npz")) as z:
             outputs = [[z[f"b{i}_{k}"] for k in range(res["n_outputs"])] for i in range(len(inputs))]
-    return ProbeResult(res["provider"], outputs, res["rss_base_mb"], res["rss_load_mb"], res["rss_run_mb"], res["rss_peak_mb"],
-                       res["p50_ms"], res["p90_ms"], res.get("gpu_mem_mb"))
+    return ProbeResult(
+        res["provider"],
+        outputs,
+        res["rss_base_mb"],
+        res["rss_load_mb"],
+        res["rss_run_mb"],
+        res["rss_peak_mb"],
+        res["p50_ms"],
+        res["p90_ms"],
+        res.get("gpu_mem_mb"),
+    )
 
 
 def optimized_graph(model_path: str | os.PathLike, provider: str = "auto") -> onnx.ModelProto:
@@ -147,7 +178,8 @@ def optimized_graph(model_path: str | os.PathLike, provider: str = "auto") -> on
     caught on it: if ORT constant-folded ``DequantizeLinear(int8)`` into fp32, it has fp32 where the file had int8.
 
     Example:
-        >>> ops = {n.op_type for n in optimized_graph("model.onnx").graph.node}
+        >>> "DynamicQuantizeMatMul" in {n.op_type for n in optimized_graph("model.onnx").graph.node}
+        True
     """
     ort = import_ort()
     import onnx
@@ -158,4 +190,3 @@ def optimized_graph(model_path: str | os.PathLike, provider: str = "auto") -> on
         so.optimized_model_filepath = str(Path(tmp, "optimized.onnx"))
         ort.InferenceSession(str(model_path), so, providers=choose_providers(provider))
         return onnx.load(so.optimized_model_filepath)
-

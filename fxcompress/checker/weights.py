@@ -18,8 +18,8 @@ QUANTIZED_DTYPES = ("int8", "uint8", "int4", "uint4")
 # weight-only
 RUN_TIME_QUANTIZED_OPS = ("MatMulNBits",)
 FUSED_NOTE = (
-    "ONNX Runtime fused {fused} DequantizeLinear + MatMul pair(s) into MatMulNBits, which quantizes activations per block "
-    "at run time (session.qdq_matmulnbits_accuracy_level, default 4): these layers did not run weight-only; for "
+    "ONNX Runtime fused {fused} DequantizeLinear + MatMul pair(s) into MatMulNBits, which quantizes activations per "
+    "block at run time (session.qdq_matmulnbits_accuracy_level, default 4): these layers did not run weight-only; for "
     "weight-only numerics (slower) export with target 'cpu-weightonly' (MatMulNBits at accuracy_level 1) or set that "
     "session option to 1"
 )
@@ -38,7 +38,7 @@ def initializer_bytes(model: onnx.ModelProto) -> dict[str, int]:
 
     Example:
         >>> initializer_bytes(onnx.load("model.onnx"))
-        {'float32': 1280, 'uint8': 16384}
+        {'float32': 592, 'uint8': 4810}
     """
     out: dict[str, int] = defaultdict(int)
 
@@ -63,32 +63,41 @@ def count_ops(proto: onnx.ModelProto, op_types: tuple[str, ...]) -> int:
     """How many nodes of the main graph are one of ``op_types``.
 
     Example:
-        >>> count_ops(onnx.load("model.onnx"), ("DynamicQuantizeMatMul",))
+        >>> count_ops(onnx.load("model.onnx"), ("DynamicQuantizeMatMul",))  # the int8 artifact of a 2-Linear model
         2
     """
     return sum(n.op_type in op_types for n in proto.graph.node)
 
 
-def weight_report(proto: onnx.ModelProto, reference_bytes: int, path: Path, provider: str, failures: list[str]) -> dict[str, Any]:
+def weight_report(
+    proto: onnx.ModelProto, reference_bytes: int, path: Path, provider: str, failures: list[str]
+) -> dict[str, Any]:
     """Initializer bytes by dtype against the fp32 model's ``reference_bytes``; for a quantized artifact also the
     bytes after ORT's graph optimizations, a failure when ORT folded quantized weights back to float, and a note when
     it fused layers into run-time-quantized kernels.
 
     Example:
-        >>> weight_report(onnx.load("model.onnx"), 1_000_000, Path("model.onnx"), "cpu", failures=[])["ratio"]
-        0.25
+        >>> report = weight_report(onnx.load("model.onnx"), 19240, Path("model.onnx"), "cpu", failures=[])
+        >>> round(report["ratio"], 2), report["folded_back"]
+        (0.28, False)
     """
     by_dtype = initializer_bytes(proto)
     total = sum(by_dtype.values())
-    w: dict[str, Any] = {"onnx_bytes_by_dtype": by_dtype, "onnx_bytes": total, "reference_bytes": reference_bytes,
-                         "ratio": total / max(reference_bytes, 1)}
+    w: dict[str, Any] = {
+        "onnx_bytes_by_dtype": by_dtype,
+        "onnx_bytes": total,
+        "reference_bytes": reference_bytes,
+        "ratio": total / max(reference_bytes, 1),
+    }
     quantized = sum(v for k, v in by_dtype.items() if k in QUANTIZED_DTYPES)
     if not quantized:
         return w
     try:
         graph = optimized_graph(path, provider)
     except Exception as exc:  # the artifact already ran, so only the inspection failed
-        w.update(optimized_bytes_by_dtype={}, folded_back=None, optimized_note=f"could not save ORT's optimized graph: {exc}")
+        w.update(
+            optimized_bytes_by_dtype={}, folded_back=None, optimized_note=f"could not save ORT's optimized graph: {exc}"
+        )
         return w
     optimized = initializer_bytes(graph)
     fused = count_ops(graph, RUN_TIME_QUANTIZED_OPS) - count_ops(proto, RUN_TIME_QUANTIZED_OPS)
@@ -99,6 +108,8 @@ def weight_report(proto: onnx.ModelProto, reference_bytes: int, path: Path, prov
     folded = kept < 0.9 * quantized or grown > 0.5 * quantized
     w.update(optimized_bytes_by_dtype=optimized, folded_back=folded)
     if folded:
-        failures.append(f"ONNX Runtime folded quantized weights back to float: {fmt_bytes(quantized)} quantized in the file, "
-                        f"{fmt_bytes(kept)} after optimization, float32 grew by {fmt_bytes(grown)}")
+        failures.append(
+            f"ONNX Runtime folded quantized weights back to float: {fmt_bytes(quantized)} quantized in the file, "
+            f"{fmt_bytes(kept)} after optimization, float32 grew by {fmt_bytes(grown)}"
+        )
     return w

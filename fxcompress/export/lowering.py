@@ -38,8 +38,9 @@ def lower_for_target(gm: fx.GraphModule, target: Target) -> fx.GraphModule:
 
     Example:
         >>> cm = fxcompress.optimize(nn.Sequential(nn.Linear(16, 4)), torch.randn(2, 16), recipe="int8")
+        >>> from fxcompress.export.targets import get_target
         >>> lowered = lower_for_target(cm.module, get_target("cpu"))
-        >>> [str(t.dtype) for n, t in lowered.named_buffers() if "qweight" in n]
+        >>> [str(t.dtype) for n, t in lowered.named_buffers() if n.endswith("qweight")]
         ['torch.uint8']
     """
     gm = copy.deepcopy(gm)

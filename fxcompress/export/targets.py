@@ -180,6 +180,8 @@ def markdown_table() -> str:
         '| target | Linear becomes | numerics | measured on ORT CPU |'
     """
     rows = ["| target | Linear becomes | numerics | measured on ORT CPU |", "| --- | --- | --- | --- |"]
-    rows += [f"| `{t.name}`{' (default)' if i == 0 else ''} | {t.linear} | {t.numerics} | {t.use} |"
-             for i, t in enumerate(TARGETS.values())]
+    rows += [
+        f"| `{t.name}`{' (default)' if i == 0 else ''} | {t.linear} | {t.numerics} | {t.use} |"
+        for i, t in enumerate(TARGETS.values())
+    ]
     return "\n".join(rows)

@@ -36,7 +36,9 @@ def _probe_writable(path: Path) -> None:
     if path.is_dir():
         raise ExportError(f"output path {path} is a directory; give a file name such as {path / 'model.onnx'}")
     if not parent.is_dir():
-        raise ExportError(f"cannot write {path}: directory {parent} does not exist (or is not a directory); create it first")
+        raise ExportError(
+            f"cannot write {path}: directory {parent} does not exist (or is not a directory); create it first"
+        )
     try:
         fd, probe = tempfile.mkstemp(prefix=".fxc-probe-", dir=parent)
         os.close(fd)
@@ -110,7 +112,9 @@ def translation_table(target: Target) -> dict[object, Callable]:
     return {op.overload: op.translation(target.variant(name)) for name, op in compressed_ops().items()}
 
 
-def _export_proto(module: torch.nn.Module, inputs: tuple, target: Target, axes: list[tuple[int, ...]]) -> onnx.ModelProto:
+def _export_proto(
+    module: torch.nn.Module, inputs: tuple, target: Target, axes: list[tuple[int, ...]]
+) -> onnx.ModelProto:
     # The exporter logs a warning per missing torchvision op and per deprecation on every call: noise to a user.
     # onnxscript's constant folder also logs each sub-graph it declines to fold (harmless).
     for name in ("torch.onnx._internal.exporter._registration", "onnxscript.optimizer._constant_folding"):
@@ -120,9 +124,16 @@ def _export_proto(module: torch.nn.Module, inputs: tuple, target: Target, axes: 
         return _export_proto_inner(module, inputs, target, axes)
 
 
-def _export_proto_inner(module: torch.nn.Module, inputs: tuple, target: Target, axes: list[tuple[int, ...]]) -> onnx.ModelProto:
-    kwargs = dict(dynamo=True, custom_translation_table=translation_table(target), opset_version=ONNX_OPSET,
-                  optimize=True, verbose=False)
+def _export_proto_inner(
+    module: torch.nn.Module, inputs: tuple, target: Target, axes: list[tuple[int, ...]]
+) -> onnx.ModelProto:
+    kwargs = dict(
+        dynamo=True,
+        custom_translation_table=translation_table(target),
+        opset_version=ONNX_OPSET,
+        optimize=True,
+        verbose=False,
+    )
     # what was asked, then the batch axis alone, then fixed shapes: a model that fixes a size is exported fixed there
     # rather than not at all
     batch_only = [tuple(a for a in x if a == 0) for x in axes]
@@ -133,13 +144,19 @@ def _export_proto_inner(module: torch.nn.Module, inputs: tuple, target: Target, 
         batch = torch.export.Dim("batch")  # one symbol: every input's batch is the same
         # other axes are named per input: one name on two inputs would tell ONNX consumers they are equal (export
         # still merges the symbols of axes the graph ties together, e.g. token ids and their attention mask)
-        shapes = tuple({a: batch if a == 0 else f"{name}_dim{a}" for a in x} or None
-                       for name, x in zip(_input_names(module, len(inputs)), wanted))
+        shapes = tuple(
+            {a: batch if a == 0 else f"{name}_dim{a}" for a in x} or None
+            for name, x in zip(_input_names(module, len(inputs)), wanted)
+        )
         try:
             return torch.onnx.export(module, batch_of_two(inputs, wanted), dynamic_shapes=shapes, **kwargs).model_proto
         except Exception as exc:
-            log.warning("export with dynamic axes %s failed (%s); %s", _describe_axes(wanted), _root_cause(exc),
-                        "trying the batch axis alone" if wanted is not attempts[-1] else "exporting with fixed shapes")
+            log.warning(
+                "export with dynamic axes %s failed (%s); %s",
+                _describe_axes(wanted),
+                _root_cause(exc),
+                "trying the batch axis alone" if wanted is not attempts[-1] else "exporting with fixed shapes",
+            )
     try:
         return torch.onnx.export(module, inputs, **kwargs).model_proto
     except Exception as exc:
@@ -180,7 +197,7 @@ def read_metadata(model: onnx.ModelProto) -> dict[str, Any]:
     for p in model.metadata_props:
         if p.key.startswith(META_PREFIX):
             try:
-                out[p.key[len(META_PREFIX):]] = json.loads(p.value)
+                out[p.key[len(META_PREFIX) :]] = json.loads(p.value)
             except json.JSONDecodeError:
-                out[p.key[len(META_PREFIX):]] = p.value
+                out[p.key[len(META_PREFIX) :]] = p.value
     return out

@@ -18,8 +18,10 @@ class Calibration(list):
     GPTQ, activation-aware SVD, static int8 and activation pruning are fitted to.
 
     Example:
-        >>> calib = Calibration([(ids, mask) for ids, mask in batches], token_mask=1)
-        >>> cm = fxcompress.optimize(model, example, recipe="int4:algo=gptq", calibration=calib)
+        >>> ids, mask = torch.randint(0, 100, (2, 6)), torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+        >>> calib = Calibration([(ids, mask)], token_mask=1)  # then optimize(..., calibration=calib)
+        >>> calib.token_mask, len(calib)
+        (1, 1)
     """
 
     def __init__(self, batches: Iterable[tuple] = (), token_mask: Optional[int] = None) -> None:
@@ -43,6 +45,7 @@ def batch_mask(batches: Sequence[tuple], i: int, batch: tuple) -> Optional[torch
     """Batch ``i``'s [batch, seq] padding mask when ``batches`` is a :class:`Calibration` with a token mask.
 
     Example:
+        >>> ids, mask = torch.randint(0, 100, (2, 6)), torch.ones(2, 6)
         >>> batch_mask(Calibration([(ids, mask)], token_mask=1), 0, (ids, mask)) is mask
         True
     """
@@ -50,8 +53,8 @@ def batch_mask(batches: Sequence[tuple], i: int, batch: tuple) -> Optional[torch
     if token_mask is None:
         return None
     if not (token_mask < len(batch) and isinstance(batch[token_mask], torch.Tensor) and batch[token_mask].dim() == 2):
-        raise InputError(f"calibration token_mask={token_mask} must name a [batch, seq] tensor input; "
-                         f"batch {i} has {len(batch)} inputs")
+        raise InputError(
+            f"calibration token_mask={token_mask} must name a [batch, seq] tensor input; "
+            f"batch {i} has {len(batch)} inputs"
+        )
     return batch[token_mask]
-
-

@@ -16,8 +16,7 @@ import torch
 from torch import fx, nn
 
 from fxcompress.errors import CaptureError, InputError
-from fxcompress.graph.inputs import (DynamicAxes, batch_of_two, first_line, input_axes, normalize_inputs,
-                                     run_reference)
+from fxcompress.graph.inputs import DynamicAxes, batch_of_two, first_line, input_axes, normalize_inputs, run_reference
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +50,10 @@ def _export_module(model: nn.Module, inputs: tuple, axes: DynamicAxes = (0,)) ->
     for i, (t, a) in enumerate(zip(traced, per_input)):
         ones = [axis for axis in a if axis and t.shape[axis] == 1]
         if ones:
-            raise InputError(f"input {i} has size 1 on dynamic axes {ones}: torch.export treats sizes 0 and 1 as constants; "
-                             "give example inputs with a size of 2 or more there")
+            raise InputError(
+                f"input {i} has size 1 on dynamic axes {ones}: torch.export treats sizes 0 and 1 as constants; "
+                "give example inputs with a size of 2 or more there"
+            )
     shapes = tuple({axis: torch.export.Dim.AUTO for axis in a} or None for a in per_input)
     return torch.export.export(model, traced, dynamic_shapes=shapes, strict=False).module()
 

@@ -19,7 +19,9 @@ def add_constant(gm: fx.GraphModule, base: str, value: Tensor, before: fx.Node) 
     """Register ``value`` as a buffer of ``gm`` under a fresh name derived from ``base``; return its get_attr node.
 
     Example:
-        >>> codes = add_constant(gm, "fc_codes", q, before=site.node)
+        >>> codes = add_constant(gm, "fc_codes", torch.zeros(4, dtype=torch.int8), before=site.node)
+        >>> codes.op, codes.target
+        ('get_attr', 'fc_codes')
     """
     stem = re.sub(r"\W", "_", base).strip("_") or "const"
     name, i = stem, 0
@@ -35,25 +37,40 @@ def replace_node(gm: fx.GraphModule, old: fx.Node, target: Any, args: tuple) -> 
     """Insert ``call_function(target, args)`` before ``old``, reroute ``old``'s users to it and erase ``old``.
 
     Example:
-        >>> new = replace_node(gm, node, torch.ops.fxcompress.linear_q8.default, (x, q, s, None, b))
+        >>> new = replace_node(gm, site.node, torch.ops.aten.relu.default, (site.input,))
+        >>> new.target, len(gm.graph.nodes)
+        (<OpOverload(op='aten.relu', overload='default')>, 5)
     """
     with gm.graph.inserting_before(old):
         new = gm.graph.call_function(target, args)
-    new.meta.update({k: v for k, v in old.meta.items() if k in ("val", "tensor_meta", "stack_trace", "nn_module_stack")})
+    new.meta.update(
+        {k: v for k, v in old.meta.items() if k in ("val", "tensor_meta", "stack_trace", "nn_module_stack")}
+    )
     old.replace_all_uses_with(new)
     gm.graph.erase_node(old)
     return new
 
 
-def replace_site(gm: fx.GraphModule, site: Site, target: Any, tensors: dict[str, Tensor | None], extra: tuple = (),
-                 shared: dict[str, fx.Node] | None = None) -> fx.Node:
+def replace_site(
+    gm: fx.GraphModule,
+    site: Site,
+    target: Any,
+    tensors: dict[str, Tensor | None],
+    extra: tuple = (),
+    shared: dict[str, fx.Node] | None = None,
+) -> fx.Node:
     """Replace ``site`` by ``target(site.input, *tensors.values(), *extra)``.
 
     ``tensors`` become buffers named after the site (None stays None); ``shared`` passes get_attr nodes already
     made for a tied weight, so two sites that shared a weight share its compressed form too.
 
     Example:
-        >>> replace_site(gm, site, torch.ops.fxcompress.linear_q8.default, {"qweight": q, "scale": s, "zero_point": None, "bias": b})
+        >>> import fxcompress.ops.linear_q8
+        >>> q = torch.zeros(64, 64, dtype=torch.int8)
+        >>> tensors = {"qweight": q, "scale": torch.ones(64), "zero_point": None, "bias": site.bias}
+        >>> new = replace_site(gm, site, torch.ops.fxcompress.linear_q8.default, tensors)
+        >>> [a.target if isinstance(a, fx.Node) else a for a in new.args]
+        ['input', '0_qweight', '0_scale', None, '0_bias']
     """
     shared = shared or {}
     args: list[Any] = [site.input]
@@ -71,8 +88,8 @@ def attr_owner(gm: fx.GraphModule, fqn: str) -> tuple[torch.nn.Module, str]:
     """The module holding the attribute ``fqn`` and its local name: ``"a.b.weight"`` -> ``(gm.a.b, "weight")``.
 
     Example:
-        >>> attr_owner(gm, "encoder.fc.weight")
-        (Linear(...), 'weight')
+        >>> attr_owner(gm, "0.weight")
+        (Linear(in_features=64, out_features=64, bias=True), 'weight')
     """
     path, _, attr = fqn.rpartition(".")
     return (gm.get_submodule(path) if path else gm), attr
@@ -92,10 +109,13 @@ def site_tensor(gm: fx.GraphModule, site: Site, which: str = "weight") -> tuple[
 
 
 def replace_tensor(owner: torch.nn.Module, attr: str, value: Tensor) -> Tensor:
-    """Swap the parameter or buffer ``owner.attr`` for ``value``, keeping its kind and requires_grad; return the old one.
+    """Swap the parameter or buffer ``owner.attr`` for ``value``, keeping its kind and requires_grad; return the old
+    one.
 
     Example:
-        >>> old = replace_tensor(*site_tensor(gm, site), rounded_weight)
+        >>> old = replace_tensor(*site_tensor(gm, site), torch.zeros(64, 64))
+        >>> old.shape, float(gm.get_submodule("0").weight.abs().sum())
+        (torch.Size([64, 64]), 0.0)
     """
     old = getattr(owner, attr)
     if isinstance(old, torch.nn.Parameter):
@@ -110,7 +130,7 @@ def set_site_weight(gm: fx.GraphModule, site: Site, value: Tensor) -> Tensor:
 
     Example:
         >>> old = set_site_weight(gm, site, torch.zeros_like(site.weight))
-        >>> set_site_weight(gm, site, old)   # undo
+        >>> _ = set_site_weight(gm, site, old)   # undo
     """
     return replace_tensor(*site_tensor(gm, site), value)
 
@@ -126,7 +146,9 @@ def _drop_unused_attributes(gm: fx.GraphModule) -> None:
         parts = fqn.split(".")
         return any(".".join(parts[:i]) in called for i in range(1, len(parts)))
 
-    for fqn in [n for n, _ in gm.named_parameters(remove_duplicate=False)] + [n for n, _ in gm.named_buffers(remove_duplicate=False)]:
+    for fqn in [n for n, _ in gm.named_parameters(remove_duplicate=False)] + [
+        n for n, _ in gm.named_buffers(remove_duplicate=False)
+    ]:
         if not live(fqn):
             owner, attr = attr_owner(gm, fqn)
             if attr in owner._parameters:
@@ -139,7 +161,8 @@ def finalize(gm: fx.GraphModule) -> fx.GraphModule:
     """End every pass: remove dead nodes, unused submodules and attributes, check the graph and recompile.
 
     Example:
-        >>> return PassResult(finalize(gm), changed=True, records=records)
+        >>> finalize(gm) is gm
+        True
     """
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()

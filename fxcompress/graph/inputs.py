@@ -40,7 +40,9 @@ def run_reference(model: nn.Module, inputs: Sequence[Any]) -> Any:
             return model(*inputs)
     except Exception as exc:  # the user's forward can raise anything
         shapes = ", ".join(
-            f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}" if isinstance(t, torch.Tensor) else type(t).__name__
+            f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}"
+            if isinstance(t, torch.Tensor)
+            else type(t).__name__
             for t in inputs
         )
         raise InputError(
@@ -63,7 +65,7 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name when the message is empty).
 
     Example:
-        >>> first_line(ValueError("bad shape\nat layer fc1")), first_line(KeyError())
+        >>> first_line(ValueError("bad shape\\nat layer fc1")), first_line(KeyError())
         ('bad shape', 'KeyError')
     """
     text = str(exc).strip()
@@ -83,11 +85,15 @@ def input_axes(inputs: tuple, dynamic_axes: DynamicAxes) -> list[tuple[int, ...]
     axes = list(dynamic_axes)
     per_input = bool(axes) and all(isinstance(a, (tuple, list)) for a in axes)
     if not per_input and not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
-        raise InputError(f"dynamic_axes must be axis numbers, e.g. (0, 1) for batch and sequence, or one tuple of axes per "
-                         f"input, e.g. [(0, 1), (0,)]; got {dynamic_axes!r}")
+        raise InputError(
+            f"dynamic_axes must be axis numbers, e.g. (0, 1) for batch and sequence, or one tuple of axes per "
+            f"input, e.g. [(0, 1), (0,)]; got {dynamic_axes!r}"
+        )
     if per_input and len(axes) != len(inputs):
-        raise InputError(f"dynamic_axes gives axes for {len(axes)} inputs but the model takes {len(inputs)}; "
-                         "give one tuple per input, or plain axis numbers for every input")
+        raise InputError(
+            f"dynamic_axes gives axes for {len(axes)} inputs but the model takes {len(inputs)}; "
+            "give one tuple per input, or plain axis numbers for every input"
+        )
     out = []
     for i, t in enumerate(inputs):
         rank = t.dim() if isinstance(t, torch.Tensor) else 0
@@ -108,5 +114,7 @@ def batch_of_two(inputs: tuple, axes: DynamicAxes = (0,)) -> tuple:
         >>> batch_of_two((torch.randn(1, 8),))[0].shape
         torch.Size([2, 8])
     """
-    return tuple(t.repeat(2, *([1] * (t.dim() - 1))) if 0 in a and t.shape[0] == 1 else t
-                 for t, a in zip(inputs, input_axes(inputs, axes)))
+    return tuple(
+        t.repeat(2, *([1] * (t.dim() - 1))) if 0 in a and t.shape[0] == 1 else t
+        for t, a in zip(inputs, input_axes(inputs, axes))
+    )

@@ -59,7 +59,12 @@ class Skipped:
     reason: str
 
 
-_MODULE_KINDS: dict[type, SiteKind] = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Embedding: "embedding"}
+_MODULE_KINDS: dict[type, SiteKind] = {
+    nn.Linear: "linear",
+    nn.Conv1d: "conv1d",
+    nn.Conv2d: "conv2d",
+    nn.Embedding: "embedding",
+}
 _LINEAR_FNS = {F.linear, torch._C._nn.linear, aten.linear.default}
 _CONV_FNS = {F.conv1d: "conv1d", F.conv2d: "conv2d", aten.conv1d.default: "conv1d", aten.conv2d.default: "conv2d"}
 _EMBEDDING_FNS = {F.embedding, aten.embedding.default}
@@ -83,7 +88,16 @@ def stored_tensor(gm: fx.GraphModule, node: Any) -> Optional[Tensor]:
     """The tensor behind a get_attr node, or None when the argument is computed at run time.
 
     Example:
-        >>> weight = stored_tensor(gm, node.args[1])
+        >>> class Functional(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.weight = nn.Parameter(torch.ones(2, 3))
+        ...     def forward(self, x):
+        ...         return F.linear(x, self.weight)
+        >>> g = fx.symbolic_trace(Functional())
+        >>> linear = next(n for n in g.graph.nodes if n.op == "call_function")
+        >>> stored_tensor(g, linear.args[1]).shape, stored_tensor(g, linear.args[0])
+        (torch.Size([2, 3]), None)
     """
     if isinstance(node, fx.Node) and node.op == "get_attr":
         value = gm
@@ -118,7 +132,9 @@ def _from_module(gm: fx.GraphModule, node: fx.Node) -> Union[Site, Skipped, None
     name = str(node.target)
     if kind in ("conv1d", "conv2d"):
         if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
-            return Skipped(node, kind, name, f"padding={mod.padding!r}, padding_mode={mod.padding_mode!r} not supported")
+            return Skipped(
+                node, kind, name, f"padding={mod.padding!r}, padding_mode={mod.padding_mode!r} not supported"
+            )
         conv = dict(stride=list(mod.stride), padding=list(mod.padding), dilation=list(mod.dilation), groups=mod.groups)
     else:
         conv = {}
@@ -152,7 +168,9 @@ def _from_function(gm: fx.GraphModule, node: fx.Node) -> Union[Site, Skipped, No
         if target is F.embedding:
             x_at, w_node = (0, "input"), _arg(node, 1, "weight")
             if _arg(node, 3, "max_norm") is not None:
-                return Skipped(node, kind, _name_of(node, w_node), "max_norm renormalizes the table in place at run time")
+                return Skipped(
+                    node, kind, _name_of(node, w_node), "max_norm renormalizes the table in place at run time"
+                )
         else:  # aten.embedding(weight, indices, ...)
             w_node, x_at = _arg(node, 0, "weight"), (1, "indices")
         b_node = None
@@ -187,8 +205,13 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[Skipped]]:
             continue
         if isinstance(found, Site):
             if found.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-                found = Skipped(node, found.kind, found.name, f"weight dtype {found.weight.dtype} is not float32, float16 "
-                                "or bfloat16; cast the model with .float()")
+                found = Skipped(
+                    node,
+                    found.kind,
+                    found.name,
+                    f"weight dtype {found.weight.dtype} is not float32, float16 "
+                    "or bfloat16; cast the model with .float()",
+                )
             elif not isinstance(found.input, fx.Node):
                 found = Skipped(node, found.kind, found.name, "input is a constant, not a graph value")
         if isinstance(found, Site):

@@ -26,7 +26,9 @@ from fxcompress.ops.registry import register_op
 
 
 @torch.library.custom_op("fxcompress::linear_q8", mutates_args=())
-def linear_q8(x: Tensor, qweight: Tensor, scale: Tensor, zero_point: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+def linear_q8(
+    x: Tensor, qweight: Tensor, scale: Tensor, zero_point: Optional[Tensor], bias: Optional[Tensor]
+) -> Tensor:
     """y = x @ dequant(qweight) + bias, with qweight laid out [in_features, out_features] and one scale per column.
 
     Example:
@@ -71,5 +73,8 @@ def dequantize_matmul(x, qweight, scale, zero_point=None, bias=None):
     return op.Add(y, bias) if bias is not None else y
 
 
-register_op(torch.ops.fxcompress.linear_q8.default, {"dynamic": dynamic_quantize_matmul, "qdq": dequantize_matmul},
-            default="qdq")
+register_op(
+    torch.ops.fxcompress.linear_q8.default,
+    {"dynamic": dynamic_quantize_matmul, "qdq": dequantize_matmul},
+    default="qdq",
+)

@@ -38,7 +38,8 @@ def linear_nbits(
 
     Example:
         >>> packed = torch.full((2, 1, 8), 0x99, dtype=torch.uint8)  # every 4-bit code 9: zero point 8, so W = scale
-        >>> torch.ops.fxcompress.linear_nbits(torch.ones(1, 16), packed, torch.tensor([0.5, 1.0]), None, None, 16, 2, 4, 16)
+        >>> scales = torch.tensor([0.5, 1.0])
+        >>> torch.ops.fxcompress.linear_nbits(torch.ones(1, 16), packed, scales, None, None, 16, 2, 4, 16)
         tensor([[ 8., 16.]])
     """
     y = x @ nbits_weight(packed, scales, zero_points, k, n, bits, block_size).t().to(x.dtype)
@@ -93,8 +94,9 @@ def matmul_nbits(accuracy_level: int) -> Callable:
     """
 
     def translate(x, packed, scales, zero_points=None, bias=None, k=0, n=0, bits=8, block_size=32):
-        y = MSFT.MatMulNBits(x, packed, scales, zero_points, K=k, N=n, bits=bits, block_size=block_size,
-                             accuracy_level=accuracy_level)
+        y = MSFT.MatMulNBits(
+            x, packed, scales, zero_points, K=k, N=n, bits=bits, block_size=block_size, accuracy_level=accuracy_level
+        )
         return op.Add(y, bias) if bias is not None else y
 
     translate.__name__ = f"matmul_nbits_level{accuracy_level}"
@@ -143,10 +145,14 @@ embedding_nbits.register_autograd(_lookup_backward, setup_context=_count_inputs)
 
 
 def gather_block_quantized(indices, packed, scales, zero_points, bits=4, block_size=32):
-    return MSFT.GatherBlockQuantized(packed, indices, scales, zero_points, gather_axis=0, quantize_axis=1,
-                                     block_size=block_size, bits=bits)
+    return MSFT.GatherBlockQuantized(
+        packed, indices, scales, zero_points, gather_axis=0, quantize_axis=1, block_size=block_size, bits=bits
+    )
 
 
-register_op(torch.ops.fxcompress.linear_nbits.default,
-            {"per_block_activations": matmul_nbits(4), "weight_only": matmul_nbits(1)}, default="per_block_activations")
+register_op(
+    torch.ops.fxcompress.linear_nbits.default,
+    {"per_block_activations": matmul_nbits(4), "weight_only": matmul_nbits(1)},
+    default="per_block_activations",
+)
 register_op(torch.ops.fxcompress.embedding_nbits.default, {"gather": gather_block_quantized}, default="gather")

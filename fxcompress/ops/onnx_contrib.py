@@ -16,22 +16,45 @@ MSFT = onnxscript.values.Opset("com.microsoft", 1)
 
 _CONTRIB_SCHEMAS = {
     "DynamicQuantizeMatMul": dict(
-        inputs=[("A", "T1", False), ("B", "T2", False), ("b_scale", "T1", False), ("b_zero_point", "T2", True),
-                ("bias", "T1", True)],
+        inputs=[
+            ("A", "T1", False),
+            ("B", "T2", False),
+            ("b_scale", "T1", False),
+            ("b_zero_point", "T2", True),
+            ("bias", "T1", True),
+        ],
         types=[("T1", ["tensor(float)"]), ("T2", ["tensor(int8)", "tensor(uint8)"])],
         attributes=[],
     ),
     "MatMulNBits": dict(
-        inputs=[("A", "T1", False), ("B", "T2", False), ("scales", "T1", False), ("zero_points", "T3", True),
-                ("g_idx", "T4", True), ("bias", "T1", True)],
-        types=[("T1", ["tensor(float)", "tensor(float16)"]), ("T2", ["tensor(uint8)", "tensor(int32)"]),
-               ("T3", ["tensor(uint8)", "tensor(int32)", "tensor(float)", "tensor(float16)"]), ("T4", ["tensor(int32)"])],
+        inputs=[
+            ("A", "T1", False),
+            ("B", "T2", False),
+            ("scales", "T1", False),
+            ("zero_points", "T3", True),
+            ("g_idx", "T4", True),
+            ("bias", "T1", True),
+        ],
+        types=[
+            ("T1", ["tensor(float)", "tensor(float16)"]),
+            ("T2", ["tensor(uint8)", "tensor(int32)"]),
+            ("T3", ["tensor(uint8)", "tensor(int32)", "tensor(float)", "tensor(float16)"]),
+            ("T4", ["tensor(int32)"]),
+        ],
         attributes=[("K", True), ("N", True), ("bits", True), ("block_size", True), ("accuracy_level", False)],
     ),
     "GatherBlockQuantized": dict(
-        inputs=[("data", "T1", False), ("indices", "Tind", False), ("scales", "T2", False), ("zero_points", "T1", True)],
-        types=[("T1", ["tensor(uint8)", "tensor(int4)", "tensor(uint4)"]), ("Tind", ["tensor(int32)", "tensor(int64)"]),
-               ("T2", ["tensor(float)", "tensor(float16)"])],
+        inputs=[
+            ("data", "T1", False),
+            ("indices", "Tind", False),
+            ("scales", "T2", False),
+            ("zero_points", "T1", True),
+        ],
+        types=[
+            ("T1", ["tensor(uint8)", "tensor(int4)", "tensor(uint4)"]),
+            ("Tind", ["tensor(int32)", "tensor(int64)"]),
+            ("T2", ["tensor(float)", "tensor(float16)"]),
+        ],
         attributes=[("gather_axis", False), ("quantize_axis", False), ("block_size", False), ("bits", False)],
         output="T2",
     ),
@@ -51,7 +74,9 @@ def _register_contrib_schemas() -> None:
                 inputs=[param(n, t, param_option=optional) if opt else param(n, t) for n, t, opt in spec["inputs"]],
                 outputs=[param("Y", spec.get("output", "T1"))],
                 type_constraints=[(t, allowed, "") for t, allowed in spec["types"]],
-                attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, "", required=req) for a, req in spec["attributes"]],
+                attributes=[
+                    OpSchema.Attribute(a, OpSchema.AttrType.INT, "", required=req) for a, req in spec["attributes"]
+                ],
             )
         )
 

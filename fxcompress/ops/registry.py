@@ -45,6 +45,7 @@ def register_op(overload: Any, translations: dict[str, Callable], default: str) 
     """Declare ``overload`` (``torch.ops.fxcompress.<name>.default``) and its translations by variant name.
 
     Example:
+        >>> from fxcompress.ops.embedding_q8 import gather_int8
         >>> register_op(torch.ops.fxcompress.embedding_q8.default, {"gather": gather_int8}, default="gather").name
         'embedding_q8'
     """
@@ -88,8 +89,9 @@ def op_name(node: fx.Node) -> Optional[str]:
     """The compressed op ``node`` calls (``"linear_q8"``), or None for any other node.
 
     Example:
-        >>> op_name(next(n for n in cm.module.graph.nodes if n.op == "call_function"))
-        'linear_q8'
+        >>> cm = fxcompress.optimize(model, x, recipe="int8")
+        >>> [op_name(n) for n in cm.module.graph.nodes if n.op == "call_function"]
+        ['linear_q8', 'linear_q8']
     """
     if node.op != "call_function" or getattr(node.target, "namespace", None) != "fxcompress":
         return None
@@ -104,8 +106,10 @@ def op_args(node: fx.Node) -> dict[str, Any]:
     """The arguments of a compressed-op node by their schema names (positional and keyword alike).
 
     Example:
-        >>> op_args(node)["zero_point"] is None
-        True
+        >>> cm = fxcompress.optimize(model, x, recipe="int8")
+        >>> node = next(n for n in cm.module.graph.nodes if op_name(n) == "linear_q8")
+        >>> sorted(op_args(node)), op_args(node)["zero_point"] is None
+        (['bias', 'qweight', 'scale', 'x', 'zero_point'], True)
     """
     names = _argument_names(node)
     values = dict(zip(names, node.args))
@@ -120,7 +124,11 @@ def set_op_args(node: fx.Node, **values: Any) -> None:
     """Set arguments of a compressed-op node by schema name, wherever (positional or keyword) they were given.
 
     Example:
-        >>> set_op_args(node, zero_point=zero_point_node)
+        >>> cm = fxcompress.optimize(model, x, recipe="int8")
+        >>> node = next(n for n in cm.module.graph.nodes if op_name(n) == "linear_q8")
+        >>> set_op_args(node, bias=None)
+        >>> op_args(node)["bias"] is None
+        True
     """
     names = _argument_names(node)
     unknown = set(values) - set(names)

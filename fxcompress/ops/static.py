@@ -44,9 +44,19 @@ def _qdq(x, scale, zero_point):
 # --- Conv --------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fxcompress::conv_qdq", mutates_args=())
 def conv_qdq(
-    x: Tensor, x_scale: Tensor, x_zero_point: Tensor, qweight: Tensor, w_scale: Tensor, w_zero_point: Optional[Tensor],
-    qbias: Optional[Tensor], y_scale: Tensor, y_zero_point: Tensor, stride: list[int], padding: list[int],
-    dilation: list[int], groups: int,
+    x: Tensor,
+    x_scale: Tensor,
+    x_zero_point: Tensor,
+    qweight: Tensor,
+    w_scale: Tensor,
+    w_zero_point: Optional[Tensor],
+    qbias: Optional[Tensor],
+    y_scale: Tensor,
+    y_zero_point: Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
 ) -> Tensor:
     """Conv1d/2d with uint8 input/output and per-channel 8-bit weights; ``qbias`` int32 at scale x_scale * w_scale.
 
@@ -61,24 +71,65 @@ def conv_qdq(
 
 
 @conv_qdq.register_fake
-def _(x, x_scale, x_zero_point, qweight, w_scale, w_zero_point, qbias, y_scale, y_zero_point, stride, padding, dilation, groups):
+def _(
+    x,
+    x_scale,
+    x_zero_point,
+    qweight,
+    w_scale,
+    w_zero_point,
+    qbias,
+    y_scale,
+    y_zero_point,
+    stride,
+    padding,
+    dilation,
+    groups,
+):
     return x.new_empty(*conv_output_shape(x, qweight, stride, padding, dilation))
 
 
-def qdq_conv(x, x_scale, x_zero_point, qweight, w_scale, w_zero_point=None, qbias=None, y_scale=None,
-              y_zero_point=None, stride=(1,), padding=(0,), dilation=(1,), groups=1):
+def qdq_conv(
+    x,
+    x_scale,
+    x_zero_point,
+    qweight,
+    w_scale,
+    w_zero_point=None,
+    qbias=None,
+    y_scale=None,
+    y_zero_point=None,
+    stride=(1,),
+    padding=(0,),
+    dilation=(1,),
+    groups=1,
+):
     w = op.DequantizeLinear(qweight, w_scale, w_zero_point, axis=0)
     bias = op.DequantizeLinear(qbias, op.Mul(x_scale, w_scale), axis=0) if qbias is not None else None
-    y = op.Conv(_qdq(x, x_scale, x_zero_point), w, bias, strides=list(stride), pads=list(padding) + list(padding),
-                dilations=list(dilation), group=groups)
+    y = op.Conv(
+        _qdq(x, x_scale, x_zero_point),
+        w,
+        bias,
+        strides=list(stride),
+        pads=list(padding) + list(padding),
+        dilations=list(dilation),
+        group=groups,
+    )
     return _qdq(y, y_scale, y_zero_point)
 
 
 # --- Linear ------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fxcompress::linear_qdq", mutates_args=())
 def linear_qdq(
-    x: Tensor, x_scale: Tensor, x_zero_point: Tensor, qweight: Tensor, w_scale: Tensor, w_zero_point: Optional[Tensor],
-    bias: Optional[Tensor], y_scale: Tensor, y_zero_point: Tensor,
+    x: Tensor,
+    x_scale: Tensor,
+    x_zero_point: Tensor,
+    qweight: Tensor,
+    w_scale: Tensor,
+    w_zero_point: Optional[Tensor],
+    bias: Optional[Tensor],
+    y_scale: Tensor,
+    y_zero_point: Tensor,
 ) -> Tensor:
     """x @ W with uint8 input, int8 per-column weights ([K, N]) and a uint8 product; the float bias is added after
     the product's quantization (the ``QLinearMatMul`` output), so the bias itself loses nothing.
@@ -96,7 +147,9 @@ def _(x, x_scale, x_zero_point, qweight, w_scale, w_zero_point, bias, y_scale, y
     return x.new_empty(*x.shape[:-1], qweight.shape[1])
 
 
-def qdq_matmul(x, x_scale, x_zero_point, qweight, w_scale, w_zero_point=None, bias=None, y_scale=None, y_zero_point=None):
+def qdq_matmul(
+    x, x_scale, x_zero_point, qweight, w_scale, w_zero_point=None, bias=None, y_scale=None, y_zero_point=None
+):
     y = op.MatMul(_qdq(x, x_scale, x_zero_point), op.DequantizeLinear(qweight, w_scale, w_zero_point, axis=1))
     y = _qdq(y, y_scale, y_zero_point)
     return op.Add(y, bias) if bias is not None else y

@@ -23,13 +23,18 @@ class PassManager:
 
     Example:
         >>> gm = fx.symbolic_trace(nn.Sequential(nn.Linear(8, 8)))
-        >>> records = PassManager(parse_recipe("int8")).run(gm, PassContext((torch.randn(1, 8),)))
+        >>> from fxcompress.recipe.parse import parse_recipe
+        >>> records = PassManager(parse_recipe("fold_bn,int8")).run(gm, PassContext((torch.randn(1, 8),)))
+        >>> [(r.pass_name, r.layer, r.action) for r in records]
+        [('int8', '0', 'int8')]
     """
 
     def __init__(self, configs: Sequence[PassConfig]):
         self.configs = list(configs)
 
-    def run(self, gm: fx.GraphModule, ctx: PassContext, on_pass_done: Callable[[str], None] = lambda _: None) -> list[LayerRecord]:
+    def run(
+        self, gm: fx.GraphModule, ctx: PassContext, on_pass_done: Callable[[str], None] = lambda _: None
+    ) -> list[LayerRecord]:
         records: list[LayerRecord] = []
         done: list[str] = []
         for cfg in self.configs:
@@ -41,7 +46,9 @@ class PassManager:
             except FxCompressError:
                 raise
             except Exception as exc:
-                raise PassError(f"pass {cfg.name!r} failed after [{', '.join(done)}]: {type(exc).__name__}: {exc}") from exc
+                raise PassError(
+                    f"pass {cfg.name!r} failed after [{', '.join(done)}]: {type(exc).__name__}: {exc}"
+                ) from exc
             gm = result.graph_module
             records.extend(result.records)
             done.append(cfg.name)
@@ -63,7 +70,10 @@ def select_sites(gm: fx.GraphModule, cfg: PassConfig, kinds: Iterable[str]) -> t
     """Sites of ``kinds`` selected by ``cfg``; every other candidate comes back as a skipped record with its reason.
 
     Example:
-        >>> sites, records = select_sites(gm, Int8Config(exclude=("classifier",)), ("linear",))
+        >>> from fxcompress.passes.int8 import Int8Config
+        >>> chosen, records = select_sites(gm, Int8Config(exclude=("2",)), ("linear",))
+        >>> [s.name for s in chosen], [(r.layer, r.reason) for r in records]
+        (['0'], [('2', "excluded by pattern '2'")])
     """
     sites, skipped = find_sites(gm)
     records = [skipped_record(s, cfg.name) for s in skipped]
@@ -72,13 +82,19 @@ def select_sites(gm: fx.GraphModule, cfg: PassConfig, kinds: Iterable[str]) -> t
     for site in sites:
         if site.kind not in kinds:
             why = f"{site.kind} is not handled by {cfg.name} (kinds={sorted(kinds)})"
-        elif site.weight.dtype != torch.float32:  # e.g. halved by an earlier fp16 pass: the kernels and lowerings read float32
-            why = (f"weights are {str(site.weight.dtype).removeprefix('torch.')}, {cfg.name} needs float32 weights; "
-                   f"put fp16 last in the recipe (e.g. 'int8,fp16')")
+        elif (
+            site.weight.dtype != torch.float32
+        ):  # e.g. halved by an earlier fp16 pass: the kernels and lowerings read float32
+            why = (
+                f"weights are {str(site.weight.dtype).removeprefix('torch.')}, {cfg.name} needs float32 weights; "
+                f"put fp16 last in the recipe (e.g. 'int8,fp16')"
+            )
         else:
             why = cfg.selects(site.name)
         if why is None:
             chosen.append(site)
         else:
-            records.append(LayerRecord(site.name, site.kind, cfg.name, "skipped", why, site.weight_bytes, site.weight_bytes))
+            records.append(
+                LayerRecord(site.name, site.kind, cfg.name, "skipped", why, site.weight_bytes, site.weight_bytes)
+            )
     return chosen, records

@@ -22,7 +22,9 @@ def _hints(cfg_cls: type[PassConfig]) -> dict[str, Any]:
 
 
 def _option_error(cfg_cls: type[PassConfig], key: str, hint: Any, raw: Any) -> RecipeError:
-    return RecipeError(f"option {key!r} of pass {cfg_cls.name!r} expects {getattr(hint, '__name__', hint)}, got {raw!r}")
+    return RecipeError(
+        f"option {key!r} of pass {cfg_cls.name!r} expects {getattr(hint, '__name__', hint)}, got {raw!r}"
+    )
 
 
 def _coerce(cfg_cls: type[PassConfig], key: str, raw: str) -> Any:
@@ -60,7 +62,9 @@ def _checked(cfg_cls: type[PassConfig], key: str, value: Any) -> Any:
         raise _option_error(cfg_cls, key, "a list of strings", value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint in (int, float, bool, str) and not (isinstance(value, hint) and (hint is bool or not isinstance(value, bool))):
+    if hint in (int, float, bool, str) and not (
+        isinstance(value, hint) and (hint is bool or not isinstance(value, bool))
+    ):
         raise _option_error(cfg_cls, key, hint, value)
     return value
 
@@ -121,8 +125,10 @@ def parse_recipe(recipe: RecipeLike) -> list[PassConfig]:
             raise RecipeError(_EMPTY)
         return [_config_from_text(item) for item in _split_text(recipe)]
     if not isinstance(recipe, (list, tuple)):
-        raise RecipeError(f"recipe must be text such as 'fold_bn,int8', a pass config, a dict {{'pass': name, ...}} or "
-                          f"a list of those; got {type(recipe).__name__} {recipe!r}")
+        raise RecipeError(
+            f"recipe must be text such as 'fold_bn,int8', a pass config, a dict {{'pass': name, ...}} or "
+            f"a list of those; got {type(recipe).__name__} {recipe!r}"
+        )
     configs = [c for item in recipe for c in parse_recipe(item)]
     if not configs:
         raise RecipeError(_EMPTY)

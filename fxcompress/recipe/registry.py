@@ -17,6 +17,8 @@ from torch import fx
 from fxcompress.recipe.records import LayerRecord
 from fxcompress.recipe.tolerance import EXACT, Tolerance
 
+PASSES_PACKAGE = "fxcompress.passes"
+
 
 @dataclass(frozen=True)
 class PassConfig:
@@ -35,7 +37,8 @@ class PassConfig:
         """None when ``layer`` is selected, else the reason it is not.
 
         Example:
-            >>> Int8Config(exclude=("classifier",)).selects("classifier")
+            >>> from fxcompress.passes.int8 import Int8Config
+        >>> Int8Config(exclude=("classifier",)).selects("classifier")
             "excluded by pattern 'classifier'"
         """
         if self.include and not any(fnmatch.fnmatch(layer, p) for p in self.include):
@@ -49,7 +52,8 @@ class PassConfig:
         """JSON-ready form, with the pass name under ``"pass"``.
 
         Example:
-            >>> Int8Config(kinds=("linear",)).to_dict()["kinds"]
+            >>> from fxcompress.passes.int8 import Int8Config
+        >>> Int8Config(kinds=("linear",)).to_dict()["kinds"]
             ['linear']
         """
         d = {"pass": self.name}
@@ -57,7 +61,6 @@ class PassConfig:
             v = getattr(self, f.name)
             d[f.name] = list(v) if isinstance(v, tuple) else v
         return d
-
 
 
 @dataclass
@@ -119,11 +122,11 @@ def available_passes() -> list[str]:
 
 
 def _discover() -> None:
-    """Import every module under ``passes/``: each registers its own passes."""
-    import fxcompress.passes as package
-
+    """Import every module under ``passes/``: each registers its own passes. (Found by name, as plugins are: the
+    registry is a stage before the passes and depends on none of them.)"""
+    package = importlib.import_module(PASSES_PACKAGE)
     for info in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"fxcompress.passes.{info.name}")
+        importlib.import_module(f"{PASSES_PACKAGE}.{info.name}")
 
 
 def pass_entry(name: str) -> Optional[tuple[type["PassConfig"], PassFn]]:
@@ -153,8 +156,12 @@ def pass_help(name: str) -> tuple[str, str]:
         if f.name in ("include", "exclude"):
             continue
         value = getattr(defaults, f.name)
-        text = "+".join(map(str, value)) if isinstance(value, tuple) else str(value).lower() if isinstance(value, bool) else value
+        text = (
+            "+".join(map(str, value))
+            if isinstance(value, tuple)
+            else str(value).lower()
+            if isinstance(value, bool)
+            else value
+        )
         options.append(f"{f.name}={text}")
     return summary, " ".join(options)
-
-

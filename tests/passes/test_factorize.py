@@ -1,19 +1,18 @@
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import op_types
 from torch import nn
 
 import fxcompress
+from fxcompress.algorithms.block_refit import find_blocks, held_out_rows, refit_block
 from fxcompress.algorithms.kfac import output_gauss_newton
+from fxcompress.algorithms.quant import sqnr_db
+from fxcompress.errors import InputError, RecipeError
 from fxcompress.graph.calibration import Calibration
 from fxcompress.graph.capture import capture
-from fxcompress.errors import InputError, RecipeError
-from fxcompress.passes.svd import SVDConfig, refit_target, svd_factors, tucker2
-from fxcompress.algorithms.block_refit import find_blocks, held_out_rows, refit_block
-from fxcompress.algorithms.quant import sqnr_db
 from fxcompress.graph.sites import find_sites
-
-from helpers import op_types
+from fxcompress.passes.svd import SVDConfig, refit_target, svd_factors, tucker2
 
 
 def test_svd_factors_are_the_best_rank_r_approximation():
@@ -42,7 +41,9 @@ def test_tucker2_full_rank_is_exact_and_truncation_reduces_params():
     torch.manual_seed(0)
     w = torch.randn(16, 16, 3, 3)
     first, core, last = tucker2(w, SVDConfig(rank=16), "conv")
-    torch.testing.assert_close(torch.einsum("rskl,or,si->oikl", core, last[:, :, 0, 0], first[:, :, 0, 0]), w, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.einsum("rskl,or,si->oikl", core, last[:, :, 0, 0], first[:, :, 0, 0]), w, atol=1e-4, rtol=1e-4
+    )
     first, core, last = tucker2(w, SVDConfig(ratio=0.4), "conv")
     assert first.numel() + core.numel() + last.numel() <= 0.4 * w.numel()
 
@@ -83,8 +84,11 @@ def test_layers_where_factors_would_not_save_bytes_are_skipped():
 def test_bad_svd_inputs():
     model = nn.Sequential(nn.Linear(32, 16)).eval()
     x = torch.randn(2, 32)
-    for recipe, msg in [("svd:ratio=1.5", r"ratio must be in \(0, 1\)"), ("svd:ratio=0", r"ratio must be in \(0, 1\)"),
-                        ("svd:energy=1", "energy must be in")]:
+    for recipe, msg in [
+        ("svd:ratio=1.5", r"ratio must be in \(0, 1\)"),
+        ("svd:ratio=0", r"ratio must be in \(0, 1\)"),
+        ("svd:energy=1", "energy must be in"),
+    ]:
         with pytest.raises(RecipeError, match=msg):
             fxcompress.optimize(model, x, recipe=recipe)
     with pytest.raises(RecipeError, match=r"rank=64 is larger than layer '0' allows \(min\(out, in\) = 16\)"):
@@ -254,8 +258,12 @@ def test_sequential_refit_lets_each_layer_absorb_the_error_of_the_factorized_lay
     mixing = torch.randn(64, 64) * 0.2  # correlated inputs, so the whitened fit has something to use
     calib = [(torch.randn(64, 64) @ mixing,) for _ in range(8)]
     held_out = torch.randn(256, 64) @ mixing
-    cms = {seq: fxcompress.optimize(model, calib[0], recipe=f"svd:rank=12,aware=output,sequential={seq},exclude=8",
-                                    calibration=calib) for seq in ("false", "true")}
+    cms = {
+        seq: fxcompress.optimize(
+            model, calib[0], recipe=f"svd:rank=12,aware=output,sequential={seq},exclude=8", calibration=calib
+        )
+        for seq in ("false", "true")
+    }
     refitted = [r.layer for r in cms["true"].records if "refitted to the compressed inputs" in r.reason]
     assert refitted == ["2", "4", "6"]  # the first layer's inputs are the float model's: nothing to refit
     errors = {seq: _output_error(model, cm, held_out) for seq, cm in cms.items()}
@@ -273,8 +281,12 @@ def _mlp_and_data(seed: int = 0):
 def test_block_refit_trains_each_mlp_pair_jointly_and_lowers_the_held_out_output_error():
     model, calib, held_out = _mlp_and_data()
     recipe = "svd:rank=8,aware=output,probes=8,exclude=3"
-    cms = {refit: fxcompress.optimize(model, calib[0], recipe=recipe + f",refit={refit},refit_steps=300", calibration=calib)
-           for refit in ("none", "block")}
+    cms = {
+        refit: fxcompress.optimize(
+            model, calib[0], recipe=recipe + f",refit={refit},refit_steps=300", calibration=calib
+        )
+        for refit in ("none", "block")
+    }
     notes = [r.reason for r in cms["block"].records if not r.skipped]
     assert len(notes) == 2 and all("refitted as one block 0 -> 2" in note for note in notes)
     assert [r.bytes_after for r in cms["block"].records] == [r.bytes_after for r in cms["none"].records]
@@ -288,8 +300,9 @@ def test_block_refit_keeps_the_truncation_when_training_does_not_beat_it_on_held
     first = (torch.randn(4, 16), torch.randn(32, 4), torch.randn(32))
     second = (torch.randn(4, 32), torch.randn(16, 4), None)
     y = torch.randn(256, 16)
-    kept_first, kept_second, before, after = refit_block(x, y, torch.arange(256) // 8, first, second, torch.relu, torch.eye(16),
-                                                         steps=20, lr=1e3)
+    kept_first, kept_second, before, after = refit_block(
+        x, y, torch.arange(256) // 8, first, second, torch.relu, torch.eye(16), steps=20, lr=1e3
+    )
     assert after >= before  # an absurd lr diverges ...
     assert kept_first is first and kept_second is second  # ... and the factors are left as they were
 

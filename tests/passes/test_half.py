@@ -3,18 +3,22 @@ import collections
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import cosine, init_dtypes
 from torch import nn
 
 import fxcompress
 from fxcompress.errors import RecipeError
 
-from helpers import cosine, init_dtypes
-
 
 class Block(nn.Module):
     def __init__(self):
         super().__init__()
-        self.emb, self.fc1, self.norm, self.fc2 = nn.Embedding(20, 32), nn.Linear(32, 64), nn.LayerNorm(64), nn.Linear(64, 5)
+        self.emb, self.fc1, self.norm, self.fc2 = (
+            nn.Embedding(20, 32),
+            nn.Linear(32, 64),
+            nn.LayerNorm(64),
+            nn.Linear(64, 5),
+        )
 
     def forward(self, ids):
         h = torch.nn.functional.gelu(self.fc1(self.emb(ids)))
@@ -22,7 +26,9 @@ class Block(nn.Module):
 
 
 def _casts(gm):
-    return collections.Counter(str(n.kwargs["dtype"]) for n in gm.graph.nodes if n.target is torch.ops.aten._to_copy.default)
+    return collections.Counter(
+        str(n.kwargs["dtype"]) for n in gm.graph.nodes if n.target is torch.ops.aten._to_copy.default
+    )
 
 
 def _halved(recipe):
@@ -76,7 +82,10 @@ def test_fp16_after_int8_keeps_the_quantized_layer_float32_and_the_artifact_runs
     ids = torch.randint(0, 20, (3, 6))
     cm = fxcompress.optimize(model, ids, recipe="int8:include=fc1,fp16")
     assert [(r.layer, r.action) for r in cm.records if r.action in ("int8", "fp16")] == [
-        ("fc1", "int8"), ("emb", "fp16"), ("fc2", "fp16")]
+        ("fc1", "int8"),
+        ("emb", "fp16"),
+        ("fc2", "fp16"),
+    ]
     path = cm.export(tmp_path / "m.onnx")
     dtypes = set(init_dtypes(path).values())
     assert "float16" in dtypes and dtypes & {"int8", "uint8"}

@@ -1,15 +1,14 @@
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import cosine, op_types
 from torch import nn
 
 import fxcompress
+from fxcompress.algorithms.quant import dequantize_blocks as dequantize
+from fxcompress.algorithms.quant import quantize_gptq, quantize_rtn, sqnr_db
 from fxcompress.errors import InputError, RecipeError
 from fxcompress.ops.packing import pack_nbits, unpack_nbits
-from fxcompress.algorithms.quant import dequantize_blocks as dequantize, quantize_gptq, quantize_rtn
-from fxcompress.algorithms.quant import sqnr_db
-
-from helpers import cosine, op_types
 
 
 def test_pack_unpack_roundtrip_with_odd_count():
@@ -47,7 +46,9 @@ class Model(nn.Module):
         return self.odd(self.b(torch.relu(self.a(x))))
 
 
-@pytest.mark.parametrize("recipe", ["int4:block=32", "int4:block=32,algo=gptq", "int4:block=16,algo=gptq,act_order=true"])
+@pytest.mark.parametrize(
+    "recipe", ["int4:block=32", "int4:block=32,algo=gptq", "int4:block=16,algo=gptq,act_order=true"]
+)
 def test_int4_module_and_onnx_agree(tmp_path, recipe):
     torch.manual_seed(0)
     model = Model().eval()
@@ -73,11 +74,14 @@ def test_a_layer_the_block_does_not_divide_takes_a_smaller_block_and_one_no_bloc
     assert cosine(torch.from_numpy(out), cm(x)) > 0.995
 
 
-@pytest.mark.parametrize("recipe, message", [
-    ("int4:block=24", "block must be one of"),
-    ("int4:algo=awq", "algo must be 'rtn' or 'gptq'"),
-    ("int4:damp=0", "damp must be in (0, 1)"),
-])
+@pytest.mark.parametrize(
+    "recipe, message",
+    [
+        ("int4:block=24", "block must be one of"),
+        ("int4:algo=awq", "algo must be 'rtn' or 'gptq'"),
+        ("int4:damp=0", "damp must be in (0, 1)"),
+    ],
+)
 def test_bad_int4_options(recipe, message):
     with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
         fxcompress.optimize(nn.Linear(32, 4), torch.randn(1, 32), recipe=recipe)
@@ -90,8 +94,12 @@ def test_gptq_without_or_with_wrong_calibration_is_an_input_error():
     with pytest.raises(InputError, match="calibration data is empty|needs calibration"):
         fxcompress.optimize(model, torch.randn(2, 32), recipe="int4:block=32,algo=gptq", calibration=[])
     with pytest.raises(InputError, match=r"calibration batch 1 \(shapes \[\(2, 31\)\]\) does not fit"):
-        fxcompress.optimize(model, torch.randn(2, 32), recipe="int4:block=32,algo=gptq",
-                            calibration=[(torch.randn(2, 32),), (torch.randn(2, 31),)])
+        fxcompress.optimize(
+            model,
+            torch.randn(2, 32),
+            recipe="int4:block=32,algo=gptq",
+            calibration=[(torch.randn(2, 32),), (torch.randn(2, 31),)],
+        )
 
 
 def test_clip_search_never_increases_block_error():
@@ -100,7 +108,9 @@ def test_clip_search_never_increases_block_error():
     w[:, ::37] *= 8  # outliers stretch plain min/max grids
     plain = dequantize(*quantize_rtn(w, 32), 32)
     clipped = dequantize(*quantize_rtn(w, 32, clip=True), 32)
-    assert (clipped - w).pow(2).reshape(16, 4, 32).sum(-1).le((plain - w).pow(2).reshape(16, 4, 32).sum(-1) + 1e-9).all()
+    assert (
+        (clipped - w).pow(2).reshape(16, 4, 32).sum(-1).le((plain - w).pow(2).reshape(16, 4, 32).sum(-1) + 1e-9).all()
+    )
     assert sqnr_db(w, clipped) > sqnr_db(w, plain)
 
 
@@ -155,7 +165,9 @@ def test_sequential_and_one_shot_gptq_both_beat_rtn():
     errs = {}
     for recipe in ("int4:block=32", "int4:block=32,algo=gptq", "int4:block=32,algo=gptq,sequential=false"):
         errs[recipe] = sqnr_db(ref, fxcompress.optimize(model, x, recipe=recipe, calibration=calib)(x))
-    assert min(errs["int4:block=32,algo=gptq"], errs["int4:block=32,algo=gptq,sequential=false"]) > errs["int4:block=32"]
+    assert (
+        min(errs["int4:block=32,algo=gptq"], errs["int4:block=32,algo=gptq,sequential=false"]) > errs["int4:block=32"]
+    )
 
 
 def test_bad_int4_kinds():

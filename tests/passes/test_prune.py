@@ -4,13 +4,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import same_state, state_snapshot
 from torch import nn
 
 import fxcompress
 from fxcompress.errors import InputError, RecipeError
 from fxcompress.models import zoo
-
-from helpers import same_state, state_snapshot
 
 
 def _ort_matches(cm, inputs, tmp_path) -> None:
@@ -118,8 +117,12 @@ def test_activation_importance_needs_calibration_and_bad_options():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
     with pytest.raises(InputError, match="importance=activation needs calibration"):
         fxcompress.optimize(model, torch.randn(2, 8), recipe="prune:importance=activation")
-    for recipe, msg in [("prune:ratio=1", r"ratio must be in \(0, 1\)"), ("prune:ratio=0", r"ratio must be in \(0, 1\)"),
-                        ("prune:importance=taylor", "importance must be"), ("prune:scope=layer", "scope must be")]:
+    for recipe, msg in [
+        ("prune:ratio=1", r"ratio must be in \(0, 1\)"),
+        ("prune:ratio=0", r"ratio must be in \(0, 1\)"),
+        ("prune:importance=taylor", "importance must be"),
+        ("prune:scope=layer", "scope must be"),
+    ]:
         with pytest.raises(RecipeError, match=msg):
             fxcompress.optimize(model, torch.randn(2, 8), recipe=recipe)
 
@@ -154,7 +157,9 @@ class BertStyleAttention(nn.Module):
     def forward(self, x):
         b, s, _ = x.shape
         split = lambda t: t.view(b, s, -1, self.head_dim).transpose(1, 2)  # noqa: E731
-        att = nn.functional.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), scale=0.3)
+        att = nn.functional.scaled_dot_product_attention(
+            split(self.q(x)), split(self.k(x)), split(self.v(x)), scale=0.3
+        )
         att = att.reshape(b, -1, s, self.head_dim).transpose(1, 2).reshape(b, s, -1)
         return self.norm(self.out(att) + x)
 

@@ -1,12 +1,11 @@
 import pytest
 import torch
+from helpers import cosine
 from torch import nn
 
 import fxcompress
-from fxcompress.errors import InputError, RecipeError
 from fxcompress.algorithms.quant import quantize_per_channel, sqnr_db
-
-from helpers import cosine
+from fxcompress.errors import InputError, RecipeError
 
 
 def test_per_channel_quantization_bounds_error_by_half_a_step():
@@ -45,7 +44,9 @@ def test_conv_sites_quantize_with_high_sqnr(bias, groups):
     assert [r.action for r in cm.records] == ["int8", "int8"]
     out, ref = cm(x), model(x)
     assert sqnr_db(ref, out) > 30
-    assert [n.target for n in cm.module.graph.nodes if n.op == "call_function"].count(torch.ops.fxcompress.conv_q8.default) == 2
+    assert [n.target for n in cm.module.graph.nodes if n.op == "call_function"].count(
+        torch.ops.fxcompress.conv_q8.default
+    ) == 2
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -144,15 +145,17 @@ def _correlated(seed: int, rows: int = 64) -> torch.Tensor:
     return torch.randn(rows, 32, generator=g) @ torch.randn(32, 32, generator=torch.Generator().manual_seed(99))
 
 
-@pytest.mark.parametrize("recipe, target, how", [
-    ("int8:algo=gptq,act_order=true", "cpu", "GPTQ, act_order"),
-    ("int8:algo=gptq,act_order=true", "cpu-weightonly", "GPTQ, act_order"),
-    ("int8:algo=gptq,sequential=false", "cpu", "GPTQ"),  # one-shot Hessians from the float model
-    ("int8_dynamic:algo=gptq", "cpu", "GPTQ"),
-])
+@pytest.mark.parametrize(
+    "recipe, target, how",
+    [
+        ("int8:algo=gptq,act_order=true", "cpu", "GPTQ, act_order"),
+        ("int8:algo=gptq,act_order=true", "cpu-weightonly", "GPTQ, act_order"),
+        ("int8:algo=gptq,sequential=false", "cpu", "GPTQ"),  # one-shot Hessians from the float model
+        ("int8_dynamic:algo=gptq", "cpu", "GPTQ"),
+    ],
+)
 def test_int8_gptq_end_to_end_beats_rtn_and_exports_the_same_int8_layout(tmp_path, recipe, target, how):
     import onnxruntime as ort
-
     from helpers import init_dtypes
 
     torch.manual_seed(0)
@@ -176,13 +179,17 @@ def test_int8_gptq_needs_calibration_and_leaves_what_it_cannot_round_to_rtn():
         fxcompress.optimize(Mlp().eval(), torch.randn(2, 32), recipe="int8:algo=gptq")
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
     x = torch.randn(2, 1, 8, 8)
-    cm = fxcompress.optimize(model, x, recipe="int8:algo=gptq", calibration=[(torch.randn(72, 1, 8, 8),) for _ in range(8)])
+    cm = fxcompress.optimize(
+        model, x, recipe="int8:algo=gptq", calibration=[(torch.randn(72, 1, 8, 8),) for _ in range(8)]
+    )
     assert [r.reason for r in cm.records] == ["round-to-nearest (GPTQ rounds Linear layers only)", "GPTQ"]
     with pytest.raises(RecipeError, match="algo must be 'rtn' or 'gptq'"):
         fxcompress.optimize(model, x, recipe="int8:algo=awq")
 
 
-@pytest.mark.parametrize("recipe", ["int8:algo=gptq", "int4:block=32,algo=gptq", "int4:block=32,algo=gptq,act_order=true"])
+@pytest.mark.parametrize(
+    "recipe", ["int8:algo=gptq", "int4:block=32,algo=gptq", "int4:block=32,algo=gptq,act_order=true"]
+)
 def test_gptq_rounds_an_input_the_calibration_never_activated_instead_of_zeroing_it(recipe):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32)).eval()
@@ -197,7 +204,9 @@ def test_int8_budget_keeps_the_most_sensitive_layer_float_within_the_bytes():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
     with torch.no_grad():
-        model[2].weight[:, 0] *= 300  # one huge column: the row scales it sets leave the rest of layer 2 on a coarse grid
+        model[2].weight[:, 0] *= (
+            300  # one huge column: the row scales it sets leave the rest of layer 2 on a coarse grid
+        )
     calibration = [(torch.randn(64, 64),) for _ in range(4)]
     cm = fxcompress.optimize(model, calibration[0], recipe="int8:budget=0.65", calibration=calibration)
     actions = {r.layer: r.action for r in cm.records}

@@ -1,12 +1,11 @@
 import pytest
 import torch
+from helpers import init_dtypes
 from torch import nn
 
 import fxcompress
 from fxcompress.errors import RecipeError
 from fxcompress.passes.sparsity import mask_2_4
-
-from helpers import init_dtypes
 
 
 def test_2_4_keeps_the_two_largest_of_every_four():
@@ -26,7 +25,9 @@ def test_sparsity_is_reported_honestly_and_exports_dense(tmp_path):
     for recipe, zeros in [("sparse24", 0.5), ("sparsity:ratio=0.75", 0.75)]:
         cm = fxcompress.optimize(model, x, recipe=recipe)
         recs = [r for r in cm.records if not r.skipped]
-        assert len(recs) == 2 and all(r.bytes_after == r.bytes_before and "no bytes or speed saved" in r.reason for r in recs)
+        assert len(recs) == 2 and all(
+            r.bytes_after == r.bytes_before and "no bytes or speed saved" in r.reason for r in recs
+        )
         assert cm.bytes_after == cm.bytes_before
         w = cm.module.get_submodule("0").weight
         assert abs((w == 0).float().mean().item() - zeros) < 0.02

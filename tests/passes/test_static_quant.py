@@ -2,13 +2,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import init_dtypes, op_types
 from torch import nn
 
 import fxcompress
 from fxcompress.errors import InputError, RecipeError
 from fxcompress.ops.static import fake_quant
-
-from helpers import init_dtypes, op_types
 
 
 class ConvNet(nn.Module):
@@ -75,10 +74,13 @@ def test_int8_static_without_calibration_names_the_pass():
         fxcompress.optimize(model, calib[0], recipe="int8_static", calibration=[(torch.randn(2, 5, 8, 8),)])
 
 
-@pytest.mark.parametrize("recipe, message", [
-    ("int8_static:percentile=50", "percentile must be in"),
-    ("int8_static:kinds=embedding", "kinds must be a non-empty subset"),
-])
+@pytest.mark.parametrize(
+    "recipe, message",
+    [
+        ("int8_static:percentile=50", "percentile must be in"),
+        ("int8_static:kinds=embedding", "kinds must be a non-empty subset"),
+    ],
+)
 def test_bad_int8_static_options(recipe, message):
     with pytest.raises(RecipeError, match=message):
         fxcompress.optimize(nn.Linear(4, 4), torch.randn(1, 4), recipe=recipe)

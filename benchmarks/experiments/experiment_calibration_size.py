@@ -1,6 +1,6 @@
 """Experiment: how much calibration text does activation-aware SVD need before it stops fitting the calibration set?
 
-Run:  pip install gensim && python benchmarks/experiment_calibration_size.py   (writes results/calibration_size.md
+Run:  pip install gensim && python benchmarks/experiments/experiment_calibration_size.py   (writes results/calibration_size.md
       and .json; about 10 minutes on 2 CPU cores)
 
 ``svd:ratio=0.5,aware=input`` on MiniLM's 12 FFN Linears, whitened by the 32 bundled calibration sentences or by
@@ -14,6 +14,9 @@ this is what ``fxcompress.CalibrationWarning`` is raised for.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 
 import fxcompress
@@ -21,6 +24,7 @@ from fxcompress.algorithms.statistics import MIN_ROWS_PER_FEATURE
 from fxcompress.graph.calibration import Calibration
 from fxcompress.models import zoo
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py
 from common import environment, save_results
 from experiment_svd_distill import FFN, HELD_OUT, corpus
 
@@ -52,19 +56,30 @@ def main() -> None:
         tokens = sum(int(mask.sum()) for _, mask in calibration)
         cm = fxcompress.optimize(model, example, recipe=RECIPE, calibration=calibration)
         own = list(calibration)[:8]
-        rows.append(dict(calibration=name, tokens=tokens, rows_per_feature=tokens / WIDEST,
-                         on_calibration=cosine(cm.module, own, embed(model, own)),
-                         **{key: cosine(cm.module, batches, reference[key]) for key, batches in fixed.items()}))
+        rows.append(
+            dict(
+                calibration=name,
+                tokens=tokens,
+                rows_per_feature=tokens / WIDEST,
+                on_calibration=cosine(cm.module, own, embed(model, own)),
+                **{key: cosine(cm.module, batches, reference[key]) for key, batches in fixed.items()},
+            )
+        )
         print(rows[-1])
     env = environment()
-    lines = [f"# Experiment: calibration size for activation-aware SVD (MiniLM FFN, 50% of their bytes)\n\n{env}\n",
-             f"Command: `python benchmarks/experiment_calibration_size.py` (`{RECIPE}`; cosine to fp32 in torch; "
-             f"CalibrationWarning below {MIN_ROWS_PER_FEATURE} rows per feature)\n",
-             "| calibration | real tokens | rows per feature (1,536 inputs) | cosine on the calibration text | "
-             "on the 64 eval sentences | on 256 held-out sentences |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['calibration']} | {r['tokens']} | {r['rows_per_feature']:.1f} | {r['on_calibration']:.4f} | "
-              f"{r['eval']:.4f} | {r['held_out']:.4f} |" for r in rows]
+    lines = [
+        f"# Experiment: calibration size for activation-aware SVD (MiniLM FFN, 50% of their bytes)\n\n{env}\n",
+        f"Command: `python benchmarks/experiments/experiment_calibration_size.py` (`{RECIPE}`; cosine to fp32 in torch; "
+        f"CalibrationWarning below {MIN_ROWS_PER_FEATURE} rows per feature)\n",
+        "| calibration | real tokens | rows per feature (1,536 inputs) | cosine on the calibration text | "
+        "on the 64 eval sentences | on 256 held-out sentences |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r['calibration']} | {r['tokens']} | {r['rows_per_feature']:.1f} | {r['on_calibration']:.4f} | "
+        f"{r['eval']:.4f} | {r['held_out']:.4f} |"
+        for r in rows
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     save_results("calibration_size", text, {"env": env, "recipe": RECIPE, "rows": rows})
