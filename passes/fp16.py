@@ -149,8 +149,9 @@ def mixed_precision(gm: fx.GraphModule, cfg: HalfConfig, ctx: PassContext) -> Pa
     """Cast weights and compute to half precision, keeping sensitive ops and excluded layers in float32.
 
     Example:
-        >>> cm = fxcompress.optimize(model, x, recipe="fp16")        # or "fp16:dtype=bf16,exclude=classifier"
-        >>> cm = fxcompress.optimize(model, x, recipe="fp16:include=fc1")  # fc1 alone in half
+        >>> cm = fxcompress.optimize(model, x, recipe="fp16:exclude=2")  # the logits layer stays fp32
+        >>> [(r.layer, r.action, r.bytes_after) for r in cm.records]
+        [('2', 'skipped', 2600), ('0', 'fp16', 8320)]
     """
     half = HALF_DTYPES[cfg.dtype]
     ShapeProp(gm).propagate(*ctx.example_inputs)
@@ -159,6 +160,28 @@ def mixed_precision(gm: fx.GraphModule, cfg: HalfConfig, ctx: PassContext) -> Pa
     fp32_sites = {s.node for s in find_sites(gm)[0]} - site_nodes  # excluded by include/exclude
     default = torch.float32 if cfg.include else half
     wants = {n: _wants(gm, n, fp32_sites, site_nodes, half, default) for n in gm.graph.nodes}
+    _apply_dtypes(gm, wants, half)
+    numerics = Numerics(str(half).removeprefix("torch."))
+    for site in sites:  # a site's weight and bias are read only by the site, so they are now stored in half
+        records.append(
+            LayerRecord(
+                site.name,
+                site.kind,
+                cfg.name,
+                cfg.dtype,
+                "",
+                site.weight_bytes,
+                site.weight_bytes // 2,
+                numerics=numerics,
+            )
+        )
+    return PassResult(gm, bool(sites), records)
+
+
+def _apply_dtypes(gm: fx.GraphModule, wants: dict[fx.Node, Optional[torch.dtype]], half: torch.dtype) -> None:
+    """One walk in graph order: each node computes in the dtype it wants, with a cast inserted only on an edge whose
+    producer's actual dtype differs (one cast per producer and dtype, shared by its readers); weights read only by
+    half ops are stored in half."""
     actual: dict[fx.Node, Optional[torch.dtype]] = {}
     casts: dict[tuple[fx.Node, torch.dtype], fx.Node] = {}
 
@@ -172,9 +195,7 @@ def mixed_precision(gm: fx.GraphModule, cfg: HalfConfig, ctx: PassContext) -> Pa
         if node.op == "get_attr" and _out_dtype(node) is not None:
             actual[node] = _store_half_if_only_half_reads(gm, node, wants, half)
             continue
-        want = wants.get(node)
-        if node.op == "output":
-            want = torch.float32
+        want = torch.float32 if node.op == "output" else wants.get(node)
         srcs = _float_inputs(node)
         if want is not None:
             for src in srcs:
@@ -185,21 +206,6 @@ def mixed_precision(gm: fx.GraphModule, cfg: HalfConfig, ctx: PassContext) -> Pa
         # A node with float inputs now computes in `want`; one without (full, arange) or a conversion keeps its own.
         owns_weights = node.op == "call_module" and any(True for _ in gm.get_submodule(str(node.target)).parameters())
         actual[node] = want if want is not None and (srcs or owns_weights) else _passthrough(node, srcs, actual)
-    for site in sites:  # a site's weight and bias are read only by the site, so they are now stored in half
-        after = site.weight_bytes // 2
-        records.append(
-            LayerRecord(
-                site.name,
-                site.kind,
-                cfg.name,
-                cfg.dtype,
-                "",
-                site.weight_bytes,
-                after,
-                numerics=Numerics(str(half).removeprefix("torch.")),
-            )
-        )
-    return PassResult(gm, bool(sites), records)
 
 
 _METHOD_DTYPES = {"float": torch.float32, "half": torch.float16, "double": torch.float64, "bfloat16": torch.bfloat16}

@@ -64,6 +64,9 @@ class Int4Config(PassConfig):
     """int4 weights in blocks of ``block`` input features, by round-to-nearest or GPTQ (needs calibration)."""
 
     name: ClassVar[str] = "int4"
+    other_kinds: ClassVar[dict[str, str]] = {
+        kind: f"; int8 quantizes {kind}: put 'int8:kinds={kind}' before int4" for kind in ("conv1d", "conv2d")
+    }
     tolerance: ClassVar[Tolerance] = Tolerance(cosine_min=0.98, top1_agreement_min=0.95, accuracy_drop_max_pp=2.0)
     block: int = 128
     algo: str = "rtn"

@@ -23,7 +23,7 @@ import math
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -248,53 +248,37 @@ class _Analysis:
         self.layouts[node] = (((g, g.size, 1),), 1 if conv else -1)
 
     def _propagate(self, node: fx.Node, tracked: list[fx.Node]) -> None:
-        target = node.target
-        first_layout, axis = self.layouts[tracked[0]]
+        """Apply the first rule of :data:`_RULES` that matches ``node``; refuse its groups when none does."""
         if node.op == "output":
             for t in tracked:
                 self.refuse(self.layouts[t][0], "feeds the model's output")
             return
-        mod = self.gm.get_submodule(str(target)) if node.op == "call_module" else None
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm) or target in _BN_FNS:
-            self._batch_norm(node, mod, first_layout, axis)
-        elif isinstance(mod, _PASS_MODULES) or target in _UNARY or (target in _POOL and axis == 1):
-            if len(tracked) == 1:
-                self.layouts[node] = (first_layout, axis)
-            else:
-                self._refuse_all(tracked, f"{node.name} ({_op(node)}) mixes several channel tensors")
-        elif target in _BINARY:
-            self._binary(node, tracked)
-        elif target in _FLATTEN and axis == 1 and _flatten_start(node) == 1:
-            spatial = math.prod(tracked[0].meta["tensor_meta"].shape[2:])
-            self.layouts[node] = (tuple((g, n, r * spatial) for g, n, r in first_layout), -1)
-        elif target in _RESHAPE and len(tracked) == 1:
-            self._reshape(node, tracked[0])
-        elif target in _TRANSPOSE and isinstance(axis, tuple):
-            self._transpose(node, tracked[0])
-        elif target in _MATMUL:
-            self._matmul(node, tracked)
-        elif target in _SDPA:
-            self._attention(node, tracked)
-        elif (
-            target in _SOFTMAX
-            and isinstance(axis, tuple)
-            and _dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"), _rank(node)) != axis[1]
-        ):
-            self.layouts[node] = (first_layout, axis)
-        elif (
-            target in _CAT
-            and len(node.args) > 0
-            and _cat_dim(node, tracked[0]) == axis
-            and all(isinstance(a, fx.Node) and a in self.layouts for a in node.args[0])
-        ):
-            self.layouts[node] = (tuple(seg for a in node.args[0] for seg in self.layouts[a][0]), axis)
+        mod = self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        axis = self.layouts[tracked[0]][1]
+        for matches, handle in _RULES:
+            if matches(self, node, mod, axis, tracked):
+                handle(self, node, tracked)
+                return
+        self._refuse_all(tracked, f"reaches {node.name} ({_op(node)}), which the dependency graph does not understand")
+
+    # -- channel-preserving ops --------------------------------------------------------------------------------------
+    def _same_layout(self, node: fx.Node, tracked: list[fx.Node]) -> None:
+        if len(tracked) == 1:
+            self.layouts[node] = self.layouts[tracked[0]]
         else:
-            self._refuse_all(
-                tracked, f"reaches {node.name} ({_op(node)}), which the dependency graph does not understand"
-            )
+            self._refuse_all(tracked, f"{node.name} ({_op(node)}) mixes several channel tensors")
+
+    def _flatten(self, node: fx.Node, tracked: list[fx.Node]) -> None:
+        spatial = math.prod(tracked[0].meta["tensor_meta"].shape[2:])
+        self.layouts[node] = (tuple((g, n, r * spatial) for g, n, r in self.layouts[tracked[0]][0]), -1)
+
+    def _concat(self, node: fx.Node, tracked: list[fx.Node]) -> None:
+        axis = self.layouts[tracked[0]][1]
+        self.layouts[node] = (tuple(seg for a in node.args[0] for seg in self.layouts[a][0]), axis)
 
     # -- attention heads: reshape (split / merge), transpose, q @ k^T, att @ v ---------------------------------------
-    def _reshape(self, node: fx.Node, src: fx.Node) -> None:
+    def _reshape(self, node: fx.Node, tracked: list[fx.Node]) -> None:
+        src = tracked[0]
         layout, axis = self.layouts[src]
         shape = _shape_arg(node)
         ins, outs = tuple(src.meta["tensor_meta"].shape), tuple(node.meta["tensor_meta"].shape)
@@ -343,7 +327,8 @@ class _Analysis:
                 return None
         return self.refuse(layout, why)
 
-    def _transpose(self, node: fx.Node, src: fx.Node) -> None:
+    def _transpose(self, node: fx.Node, tracked: list[fx.Node]) -> None:
+        src = tracked[0]
         layout, (_, head, dim, size) = self.layouts[src]
         rank = _rank(src)
         a, b = _dim(node.args[1], rank), _dim(node.args[2], rank)
@@ -413,7 +398,9 @@ class _Analysis:
                 return
         self.layouts[node] = (layout, axis)
 
-    def _batch_norm(self, node: fx.Node, mod: Optional[nn.Module], layout: Layout, axis: int) -> None:
+    def _batch_norm(self, node: fx.Node, tracked: list[fx.Node]) -> None:
+        layout, axis = self.layouts[tracked[0]]
+        mod = self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
         if axis != 1:
             self.refuse(layout, f"{node.name} normalizes a non-channel axis")
             return
@@ -426,6 +413,45 @@ class _Analysis:
                 if isinstance(a, fx.Node) and a.op == "get_attr":
                     self.uses.append(_Use(*attr_owner(self.gm, str(a.target)), 0, layout))
         self.layouts[node] = (layout, axis)
+
+
+# How each op moves a tracked tensor's channels: (does it match, what to do), the first match wins. A matcher gets
+# (analysis, node, its module or None, the first tracked input's channel axis, the tracked inputs).
+_RULES: tuple[tuple[Callable[..., bool], Callable[..., None]], ...] = (
+    (
+        lambda a, n, m, axis, t: isinstance(m, nn.modules.batchnorm._BatchNorm) or n.target in _BN_FNS,
+        _Analysis._batch_norm,
+    ),
+    (
+        lambda a, n, m, axis, t: (
+            isinstance(m, _PASS_MODULES) or n.target in _UNARY or (n.target in _POOL and axis == 1)
+        ),
+        _Analysis._same_layout,
+    ),
+    (lambda a, n, m, axis, t: n.target in _BINARY, _Analysis._binary),
+    (lambda a, n, m, axis, t: n.target in _FLATTEN and axis == 1 and _flatten_start(n) == 1, _Analysis._flatten),
+    (lambda a, n, m, axis, t: n.target in _RESHAPE and len(t) == 1, _Analysis._reshape),
+    (lambda a, n, m, axis, t: n.target in _TRANSPOSE and isinstance(axis, tuple), _Analysis._transpose),
+    (lambda a, n, m, axis, t: n.target in _MATMUL, _Analysis._matmul),
+    (lambda a, n, m, axis, t: n.target in _SDPA, _Analysis._attention),
+    (lambda a, n, m, axis, t: n.target in _SOFTMAX and _softmax_over_keys(n, axis), _Analysis._same_layout),
+    (lambda a, n, m, axis, t: n.target in _CAT and _concatenates_channels(a, n, t, axis), _Analysis._concat),
+)
+
+
+def _softmax_over_keys(node: fx.Node, axis: Any) -> bool:
+    """A softmax over attention scores that keeps the heads axis (it normalizes over another one)."""
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    return isinstance(axis, tuple) and _dim(dim, _rank(node)) != axis[1]
+
+
+def _concatenates_channels(analysis: "_Analysis", node: fx.Node, tracked: list[fx.Node], axis: Any) -> bool:
+    """A concatenation along the channel axis of tensors whose channels are all tracked."""
+    return (
+        len(node.args) > 0
+        and _cat_dim(node, tracked[0]) == axis
+        and all(isinstance(a, fx.Node) and a in analysis.layouts for a in node.args[0])
+    )
 
 
 def _op(node: fx.Node) -> str:

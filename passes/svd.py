@@ -37,7 +37,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Union
+from typing import Callable, ClassVar, Optional, Union
 
 import torch
 from torch import Tensor, fx
@@ -327,6 +327,45 @@ def _rewrite_conv(gm: fx.GraphModule, site: Site, first: Tensor, core: Tensor, l
     replace_node(gm, site.node, aten.conv2d.default, (h, nodes[2], bias))
 
 
+@dataclass
+class _Plan:
+    """How one site is factorized: its factors, what they approximate, and the edit that writes them."""
+
+    action: str
+    what: str
+    factors: tuple[Tensor, ...]
+    approx: Tensor
+    write: Callable[[], Optional[tuple[str, str, Optional[str]]]]  # returns a Linear's factor buffer names
+
+
+def _plan_linear(gm: fx.GraphModule, site: Site, sp: Spectrum, rank: int, note: str) -> _Plan:
+    a, b = factors_at_rank(sp, rank)
+    return _Plan("svd", f"rank {a.shape[0]}{note}", (a, b), b @ a, lambda: _rewrite_linear(gm, site, a, b))
+
+
+def _plan_conv(gm: fx.GraphModule, site: Site, cfg: SVDConfig) -> _Plan:
+    w = site.weight.float()
+    if cfg.conv == "spatial":
+        vertical, horizontal = spatial_svd(w, cfg, site.name)
+        approx = torch.einsum("rikz,orzl->oikl", vertical, horizontal)
+        return _Plan(
+            "spatial-svd",
+            f"spatial rank {vertical.shape[0]}",
+            (vertical, horizontal),
+            approx,
+            lambda: _rewrite_spatial(gm, site, vertical, horizontal),
+        )
+    first, core, last = tucker2(w, cfg, site.name)
+    approx = torch.einsum("rskl,or,si->oikl", core, last[:, :, 0, 0], first[:, :, 0, 0])
+    return _Plan(
+        "tucker2",
+        f"ranks {core.shape[1]}->{core.shape[0]}",
+        (first, core, last),
+        approx,
+        lambda: _rewrite_conv(gm, site, first, core, last),
+    )
+
+
 @register_pass(SVDConfig)
 def factorize(gm: fx.GraphModule, cfg: SVDConfig, ctx: PassContext) -> PassResult:
     """Replace selected Linear (and Conv2d) sites by low-rank factors when that saves bytes.
@@ -346,7 +385,6 @@ def factorize(gm: fx.GraphModule, cfg: SVDConfig, ctx: PassContext) -> PassResul
     changed = False
     for site in sites:
         ctx.progress(site.name)
-        w = site.weight.float()
         if site.kind == "conv2d" and site.conv["groups"] != 1:
             records.append(_skip(cfg, site, f"grouped conv (groups={site.conv['groups']}) is not factorized"))
             continue
@@ -355,40 +393,29 @@ def factorize(gm: fx.GraphModule, cfg: SVDConfig, ctx: PassContext) -> PassResul
             sp = spectra[site.name]
             if refit:
                 sp = _refit(gm, float_graph, float_inputs[site.name], site, cfg, ctx, output_gns.get(site.name))
-            a, b = factors_at_rank(sp, ranks[site.name])
-            factors, approx, what = (a, b), b @ a, f"rank {a.shape[0]}" + _AWARE_NOTE[cfg.aware]
-            if refit:
-                what += ", refitted to the compressed inputs"
-        elif cfg.conv == "spatial":
-            vertical, horizontal = spatial_svd(w, cfg, site.name)
-            factors, what = (vertical, horizontal), f"spatial rank {vertical.shape[0]}"
-            approx = torch.einsum("rikz,orzl->oikl", vertical, horizontal)
+            note = _AWARE_NOTE[cfg.aware] + (", refitted to the compressed inputs" if refit else "")
+            plan = _plan_linear(gm, site, sp, ranks[site.name], note)
         else:
-            first, core, last = tucker2(w, cfg, site.name)
-            factors, what = (first, core, last), f"ranks {core.shape[1]}->{core.shape[0]}"
-            approx = torch.einsum("rskl,or,si->oikl", core, last[:, :, 0, 0], first[:, :, 0, 0])
-        after = nbytes(*factors, site.bias)
+            plan = _plan_conv(gm, site, cfg)
+        after = nbytes(*plan.factors, site.bias)
         if after >= site.weight_bytes:
-            records.append(_skip(cfg, site, f"{what} would not save bytes ({after} >= {site.weight_bytes})"))
+            records.append(_skip(cfg, site, f"{plan.what} would not save bytes ({after} >= {site.weight_bytes})"))
             continue
-        if site.kind == "linear":
-            written[site.name] = (_rewrite_linear(gm, site, *factors), len(records))
-        elif cfg.conv == "spatial":
-            _rewrite_spatial(gm, site, *factors)
-        else:
-            _rewrite_conv(gm, site, *factors)
+        names = plan.write()
+        if names is not None:
+            written[site.name] = (names, len(records))
         changed = True
-        action = "svd" if site.kind == "linear" else ("spatial-svd" if cfg.conv == "spatial" else "tucker2")
+        error = sqnr_db(site.weight.float(), plan.approx)
         records.append(
             LayerRecord(
                 site.name,
                 site.kind,
                 cfg.name,
-                action,
-                what,
+                plan.action,
+                plan.what,
                 site.weight_bytes,
                 after,
-                sqnr_db(w, approx),
+                error,
                 "weight SQNR dB",
                 numerics=Numerics("float32"),
             )

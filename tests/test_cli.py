@@ -110,8 +110,16 @@ def test_help_and_python_dash_m_do_not_import_torch():
     proc = subprocess.run([sys.executable, "-m", "fxcompress", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "optimize" in proc.stdout and "bench" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "fxcompress", "optimize", "--help"], capture_output=True, text=True)
-    for flag in ("--target", "--calibration", "--dynamic-axes", "--check", "--json", "--provider", "--no-baseline",
-                 "--no-progress"):
+    for flag in (
+        "--target",
+        "--calibration",
+        "--dynamic-axes",
+        "--check",
+        "--json",
+        "--provider",
+        "--no-baseline",
+        "--no-progress",
+    ):
         assert flag in proc.stdout
 
 
@@ -120,8 +128,13 @@ def test_a_factory_in_the_current_folder_is_found_without_pythonpath(tmp_path):
         "import torch\n\ndef make():\n    return torch.nn.Sequential(torch.nn.Linear(8, 4)).eval(), torch.randn(2, 8)\n"
     )
     env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-m", "fxcompress", "optimize", "mymodel:make", "-o", "m.onnx", "--no-progress"],
-                          cwd=tmp_path, capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fxcompress", "optimize", "mymodel:make", "-o", "m.onnx", "--no-progress"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "m.onnx").is_file()
 

@@ -77,8 +77,12 @@ def test_every_import_points_to_the_same_or_an_earlier_stage():
 def test_no_pass_imports_another_pass():
     modules = _modules()
     passes = {m for m in modules if m.startswith("fxcompress.passes.")}
-    wrong = [f"{m} imports {_resolve(i, modules)}" for m in passes for i in _imports(modules[m], False)
-             if _resolve(i, modules) in passes - {m}]
+    wrong = [
+        f"{m} imports {_resolve(i, modules)}"
+        for m in passes
+        for i in _imports(modules[m], False)
+        if _resolve(i, modules) in passes - {m}
+    ]
     assert not wrong, "\n".join(wrong)
 
 
@@ -91,7 +95,7 @@ def test_module_level_imports_have_no_circle():
         state[node] = 1
         for nxt in graph.get(node, ()):
             if state.get(nxt) == 1:
-                raise AssertionError("import circle: " + " -> ".join(trail[trail.index(nxt):] + [nxt]))
+                raise AssertionError("import circle: " + " -> ".join(trail[trail.index(nxt) :] + [nxt]))
             if nxt not in state:
                 visit(nxt, trail + [nxt])
         state[node] = 2

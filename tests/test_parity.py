@@ -133,3 +133,22 @@ def test_missing_onnxruntime_says_which_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(RuntimeMissingError, match=r"fxcompress\[cpu\].*fxcompress\[gpu\]"):
         import_ort()
+
+
+def test_a_cuda_provider_that_cannot_start_is_said_once_and_cuda_asked_for_is_not_run_on_the_cpu(
+    mlp_artifact, monkeypatch
+):
+    """Simulates onnxruntime-gpu without its CUDA libraries: the session is asked for CUDA and gets the CPU."""
+    import fxcompress.checker.runtime as runtime
+
+    model, x, path = mlp_artifact
+    monkeypatch.setattr(runtime, "choose_providers", lambda provider: [runtime.CUDA, runtime.CPU])
+    rep = check(model, path, x, fp32_baseline=False)
+    assert rep.passed and rep.provider == "CPUExecutionProvider"
+    assert (
+        [n for n in rep.notes if "could not start" in n]
+        == [n for n in rep.notes if "CUDA 13 and cuDNN 9" in n and "ran on the CPU instead" in n]
+        != []
+    )
+    strict = check(model, path, x, fp32_baseline=False, provider="cuda")
+    assert not strict.passed and "--provider cuda asked for it: not run" in strict.failures[0]

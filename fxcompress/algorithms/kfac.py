@@ -111,7 +111,10 @@ def output_gauss_newton(
                     sums[name] = sums[name] + gg if name in sums else gg
     missing = sorted(set(outputs_of) - set(sums))
     if missing:
-        raise InputError(f"the model's outputs do not depend on layer(s) {missing}; exclude them from the pass")
+        raise InputError(
+            f"the model's outputs do not depend on layer(s) {missing}: exclude them from the pass, e.g. recipe "
+            f"'svd:aware=output,exclude={'+'.join(missing)}'"
+        )
     # per example, summed over its rows (tokens, pixels): with the per-row input Hessian, tr(dW H dW^T G) then
     # estimates one example's output error whatever the layer's row count, so layers compare fairly
     return {name: sums[name] / (probes * examples) for name in sums}

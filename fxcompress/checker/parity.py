@@ -173,6 +173,8 @@ def check(
     np_batches = [tuple(t.detach().cpu().numpy() for t in b) for b in batches]
     run = probe(path, np_batches, provider=provider, repeat=latency_repeat)
     report.provider = run.provider
+    if run.note:
+        report.notes.append(run.note)
     if run.provider == "CPUExecutionProvider":
         report.notes += kernel_notes(report.target, proto, cpu_has_vnni())
     if run.load_error:

@@ -9,6 +9,12 @@ import subprocess
 import sys
 import time
 
+CUDA = "CUDAExecutionProvider"
+CUDA_FAILED = (
+    "the CUDA execution provider is installed (onnxruntime-gpu) but could not start: it needs the CUDA 13 and cuDNN 9 "
+    "libraries on the library path (see ONNX Runtime's CUDA EP requirements)"
+)
+
 
 def _status_mb(field: str) -> float:
     try:
@@ -71,12 +77,22 @@ def main(spec_path: str) -> None:
     so = ort.SessionOptions()
     if spec["threads"]:
         so.intra_op_num_threads = spec["threads"]
+    # a GPU build without its CUDA / cuDNN libraries logs an error per missing library and falls back to the CPU:
+    # keep the log quiet and say it once, in the report
+    ort.set_default_logger_severity(4)
+    so.log_severity_level = 4
     try:
         sess = ort.InferenceSession(spec["model"], so, providers=spec["providers"])
     except Exception as exc:
         print(json.dumps({"error": f"ONNX Runtime could not load the model: {str(exc).strip().splitlines()[0][:500]}"}))
         return
     provider = sess.get_providers()[0]
+    note = None
+    if spec["providers"][0] == CUDA and provider != CUDA:
+        if spec.get("strict"):
+            print(json.dumps({"provider": provider, "error": CUDA_FAILED + "; --provider cuda asked for it: not run"}))
+            return
+        note = CUDA_FAILED + "; it ran on the CPU instead"
     load = _rss_mb()
     names = [i.name for i in sess.get_inputs()]
     outputs = {}
@@ -120,6 +136,7 @@ def main(spec_path: str) -> None:
                 p50_ms=times[len(times) // 2] if times else None,
                 p90_ms=times[int(len(times) * 0.9)] if times else None,
                 gpu_mem_mb=gpu,
+                note=note,
             )
         )
     )

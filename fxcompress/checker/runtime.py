@@ -72,7 +72,9 @@ def cpu_has_vnni() -> Optional[bool]:
 
 
 def choose_providers(provider: str = "auto") -> list[str]:
-    """Provider list for a session: ``auto`` takes CUDA when this onnxruntime build offers it, else CPU.
+    """Provider list for a session. ``auto`` takes CUDA when this onnxruntime build offers it, else CPU (and when the
+    CUDA EP is offered but cannot start, :func:`probe` runs on the CPU and says so in its ``note``); ``cuda`` must run
+    on CUDA: an error on a CPU build, and a failed probe when the GPU build cannot start it.
 
     Example:
         >>> choose_providers("cpu")
@@ -103,6 +105,7 @@ class ProbeResult:
     latency_ms_p90: Optional[float]
     gpu_mem_mb: Optional[float] = None
     load_error: Optional[str] = None
+    note: Optional[str] = None  # e.g. the CUDA EP could not start and ``auto`` fell back to the CPU
 
     @classmethod
     def failed(cls, provider: str, error: str) -> "ProbeResult":
@@ -143,6 +146,7 @@ def probe(
             warmup=warmup,
             repeat=repeat,
             threads=threads,
+            strict=provider == "cuda",
         )
         Path(tmp, "spec.json").write_text(json.dumps(spec))
         proc = subprocess.run(
@@ -170,6 +174,7 @@ def probe(
         res["p50_ms"],
         res["p90_ms"],
         res.get("gpu_mem_mb"),
+        note=res.get("note"),
     )
 
 

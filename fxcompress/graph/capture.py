@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from fxcompress.errors import CaptureError, InputError
+from fxcompress.graph.edit import finalize
 from fxcompress.graph.inputs import DynamicAxes, batch_of_two, first_line, input_axes, normalize_inputs, run_reference
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def capture(model: nn.Module, example_inputs: Any, dynamic_axes: DynamicAxes = (
     try:
         gm = fx.symbolic_trace(work)
         if _outputs_match(run_reference(gm, inputs), expected):
-            return Captured(gm, "fx", dynamic_axes=axes)
+            return Captured(finalize(gm), "fx", dynamic_axes=axes)
         fx_failure = "symbolic_trace produced a graph whose outputs differ from the model's"
     except InputError as exc:
         fx_failure = f"the traced graph fails on the example inputs: {exc}"
@@ -109,4 +110,6 @@ def capture(model: nn.Module, example_inputs: Any, dynamic_axes: DynamicAxes = (
             f"torch.export failed ({type(exc).__name__}: {first_line(exc)}). Make the data-dependent Python "
             "control flow named above tensor-shaped (e.g. torch.where / torch.cond), or pass a submodule that traces."
         ) from exc
-    return Captured(gm, "export", fx_failure, axes)
+    # computations nothing returns (e.g. a Hugging Face encoder's pooler under a model that returns token states) are
+    # dropped here, so that no pass spends calibration or bytes on layers the outputs do not depend on
+    return Captured(finalize(gm), "export", fx_failure, axes)

@@ -81,7 +81,9 @@ def select_sites(gm: fx.GraphModule, cfg: PassConfig, kinds: Iterable[str]) -> t
     chosen = []
     for site in sites:
         if site.kind not in kinds:
-            why = f"{site.kind} is not handled by {cfg.name} (kinds={sorted(kinds)})"
+            why = f"{site.kind} is not handled by {cfg.name} (kinds={sorted(kinds)})" + type(cfg).other_kinds.get(
+                site.kind, ""
+            )
         elif (
             site.weight.dtype != torch.float32
         ):  # e.g. halved by an earlier fp16 pass: the kernels and lowerings read float32

@@ -30,6 +30,8 @@ class PassConfig:
 
     name: ClassVar[str] = ""
     tolerance: ClassVar[Tolerance] = EXACT
+    # layer kinds the pass leaves, and what to write instead: said in their skipped records
+    other_kinds: ClassVar[dict[str, str]] = {}
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
 
