@@ -1,6 +1,8 @@
 """``fxcompress optimize | check | bench | list``: the command-line front end.
 
-Exit codes: 0 success, 1 parity failed, 2 bad input (the message says which and what to do).
+Exit codes: 0 success, 1 parity failed, 2 bad input (the message says which and what to do: an unknown option, a
+model factory or calibration function that raises or does not import, a path that cannot be written), 3 an internal
+error (a bug to report: the traceback follows). A CI pipeline can tell a broken script from a failed parity.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
-from fxcompress.errors import FxCompressError, InputError
+from fxcompress.errors import FxCompressError, InputError, PassError
 from fxcompress.export.targets import TARGETS, target_names
 
-EXIT_OK, EXIT_PARITY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_PARITY_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR = 0, 1, 2, 3
 
 
 def load_factory(spec: str) -> Callable[[], tuple]:
@@ -38,8 +41,8 @@ def load_factory(spec: str) -> Callable[[], tuple]:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise InputError(f"cannot import {module_name!r} from {spec!r}: {exc}") from exc
+    except Exception as exc:  # ImportError, and whatever the module raises while it loads (SyntaxError, ...)
+        raise InputError(f"cannot import {module_name!r} from {spec!r}: {_user_error(exc)}") from exc
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise InputError(
@@ -59,7 +62,7 @@ def load_calibration(spec: Optional[str], model_spec: str) -> Optional[list]:
         from fxcompress.models.zoo import CALIBRATION
 
         return CALIBRATION[model_spec]() if model_spec in CALIBRATION else None
-    batches = load_factory(spec)()
+    batches = _run_user(load_factory(spec), f"--calibration {spec}")
     import torch
 
     if not isinstance(batches, (list, tuple)) or not all(isinstance(b, (list, tuple, torch.Tensor)) for b in batches):
@@ -84,8 +87,41 @@ def parse_axes(text: Optional[str], model_spec: str) -> tuple[int, ...]:
         raise InputError(f"--dynamic-axes takes comma-separated axis numbers (e.g. 0,1), got {text!r}") from None
 
 
+def _user_error(exc: BaseException) -> str:
+    """A user's exception as one line, with where it was raised in their code (the last frame outside fxcompress)."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "fxcompress" not in Path(f.filename).parts]
+    where = f" ({Path(frames[-1].filename).name}, line {frames[-1].lineno})" if frames else ""
+    if isinstance(exc, SyntaxError):
+        where = f" ({Path(exc.filename or '?').name}, line {exc.lineno})"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}{where}" if text else f"{type(exc).__name__}{where}"
+
+
+def _run_user(fn: Callable[[], Any], what: str) -> Any:
+    """Call a user's factory or calibration function; what it raises becomes an InputError naming it (exit 2)."""
+    try:
+        return fn()
+    except FxCompressError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{what} raised {_user_error(exc)}") from exc
+
+
+def _writable_file(path: Optional[str], flag: str) -> None:
+    """Refuse, before any long work, a file the run could not write at the end."""
+    if path is None:
+        return
+    parent = Path(path).resolve().parent
+    if Path(path).is_dir():
+        raise InputError(f"{flag} {path} is a directory; give a file name")
+    if not parent.is_dir():
+        raise InputError(f"{flag} {path}: directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"{flag} {path}: directory {parent} is not writable")
+
+
 def _call_factory(spec: str):
-    made = load_factory(spec)()
+    made = _run_user(load_factory(spec), spec)
     if not isinstance(made, tuple) or len(made) not in (2, 3):
         raise InputError(
             f"{spec} must return (model, example_inputs) or (model, example_inputs, EvalData), "
@@ -94,7 +130,7 @@ def _call_factory(spec: str):
     return made[0], made[1], made[2] if len(made) == 3 else None
 
 
-def _check(model, path: Path, example_inputs, eval_data, args, layers: Optional[list] = None) -> int:
+def _check(model, path: Path, example_inputs, eval_data, args, layers: Optional[list] = None, compressed=None) -> int:
     from fxcompress.checker.parity import check
 
     print(f"checking {path} on ONNX Runtime ...", file=sys.stderr)
@@ -102,6 +138,9 @@ def _check(model, path: Path, example_inputs, eval_data, args, layers: Optional[
         model,
         path,
         example_inputs,
+        recipe=getattr(args, "recipe", None),
+        compressed=compressed,
+        trust_metadata=getattr(args, "trust_metadata", False),
         eval_inputs=eval_data.inputs if eval_data else None,
         labels=eval_data.labels if eval_data else None,
         classifier=eval_data.classifier if eval_data else None,
@@ -132,6 +171,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     """
     from fxcompress.api import optimize
 
+    _writable_file(args.output, "-o")
+    _writable_file(args.json, "--json")
     model, example_inputs, eval_data = _call_factory(args.model)
     cm = optimize(
         model,
@@ -149,7 +190,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps({"layers": layers}, indent=2))
         return EXIT_OK
-    return _check(model, path, example_inputs, eval_data, args, layers)
+    return _check(model, path, example_inputs, eval_data, args, layers, compressed=cm)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -164,9 +205,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         ...
         0
     """
-    model, example_inputs, eval_data = _call_factory(args.model)
+    _writable_file(args.json, "--json")
     if not Path(args.onnx).is_file():
         raise InputError(f"no such file: {args.onnx}")
+    model, example_inputs, eval_data = _call_factory(args.model)
     return _check(model, Path(args.onnx), example_inputs, eval_data, args)
 
 
@@ -184,6 +226,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """
     from fxcompress.bench import format_rows, rows_to_json, run_benchmark
 
+    _writable_file(args.json, "--json")
     targets = [t for t in args.targets.split(",") if t]
     unknown = sorted(set(targets) - set(TARGETS))
     if unknown:
@@ -284,6 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="check an ONNX artifact against MODULE:FACTORY's model")
     c.add_argument("model")
     c.add_argument("onnx")
+    c.add_argument(
+        "--recipe", help="the recipe that made the artifact: its floors apply (default: the library's, those of 'int8')"
+    )
+    c.add_argument(
+        "--trust-metadata",
+        action="store_true",
+        help="hold the artifact to the floors its own metadata states (not done unless asked)",
+    )
     common(c)
     c.set_defaults(func=cmd_check)
 
@@ -304,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the ``fxcompress`` command line on ``argv``; 0 on success, 1 when parity fails, 2 on bad input.
+    """Run the ``fxcompress`` command line on ``argv``; 0 on success, 1 when parity fails, 2 on bad input, 3 on an
+    internal error.
 
     Example:
         >>> main(["optimize", "mlp", "-o", "mlp.onnx", "--no-progress"])  # doctest: +ELLIPSIS
@@ -324,8 +376,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         hint = ""
         if "calibration=[" in str(exc) and args.command in ("optimize", "bench"):  # the API's wording, said for the CLI
             hint = "; on the command line: --calibration MODULE:FUNC, a function returning a list of input tuples"
+        if isinstance(exc, PassError):  # a pass failed on a model it accepted: ours to fix
+            print(f"fxcompress {args.command}: internal error: {exc}", file=sys.stderr)
+            traceback.print_exception(exc, file=sys.stderr)
+            return EXIT_INTERNAL_ERROR
         print(f"fxcompress {args.command}: error: {exc}{hint}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"fxcompress {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        print(
+            f"fxcompress {args.command}: internal error ({type(exc).__name__}: {exc}); please report it with the "
+            "traceback below",
+            file=sys.stderr,
+        )
+        traceback.print_exc()
+        return EXIT_INTERNAL_ERROR
 
 
 if __name__ == "__main__":

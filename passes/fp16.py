@@ -83,7 +83,7 @@ class HalfConfig(PassConfig):
     """Half-precision weights and compute (``dtype=fp16`` or ``bf16``), sensitive ops in float32."""
 
     name: ClassVar[str] = "fp16"
-    tolerance: ClassVar[Tolerance] = Tolerance(cosine_min=0.9999, top1_agreement_min=0.99, accuracy_drop_max_pp=0.5)
+    tolerance: ClassVar[Tolerance] = Tolerance(0.9999, 0.9995, 40.0, 0.01, 0.001, 0.99, 0.5)
     dtype: str = "fp16"
 
     def __post_init__(self) -> None:

@@ -67,7 +67,8 @@ class Int4Config(PassConfig):
     other_kinds: ClassVar[dict[str, str]] = {
         kind: f"; int8 quantizes {kind}: put 'int8:kinds={kind}' before int4" for kind in ("conv1d", "conv2d")
     }
-    tolerance: ClassVar[Tolerance] = Tolerance(cosine_min=0.98, top1_agreement_min=0.95, accuracy_drop_max_pp=2.0)
+    # measured: MiniLM GPTQ b128 cosine 0.977, SQNR 13.3 dB, max_rel 0.25; a random MLP's outputs shrink 3% (gain 0.97)
+    tolerance: ClassVar[Tolerance] = Tolerance(0.98, 0.95, 10.0, 0.35, 0.05, 0.95, 2.0)
     block: int = 128
     algo: str = "rtn"
     act_order: bool = False

@@ -28,7 +28,7 @@ from fxcompress.graph.sites import Site
 from fxcompress.recipe.manager import select_sites
 from fxcompress.recipe.records import LayerRecord
 from fxcompress.recipe.registry import PassConfig, PassContext, PassResult, register_pass
-from fxcompress.recipe.tolerance import Tolerance
+from fxcompress.recipe.tolerance import PER_TENSOR_ACTIVATIONS, Tolerance
 
 QUANTIZABLE_KINDS = ("linear", "conv1d", "conv2d", "embedding")
 
@@ -44,7 +44,7 @@ class Int8Config(PassConfig):
     """
 
     name: ClassVar[str] = "int8"
-    tolerance: ClassVar[Tolerance] = Tolerance(cosine_min=0.999, top1_agreement_min=0.98, accuracy_drop_max_pp=1.0)
+    tolerance: ClassVar[Tolerance] = Tolerance()  # weight-only int8: MiniLM 0.9995, SQNR 30 dB, max_rel 0.04
     kinds: tuple[str, ...] = QUANTIZABLE_KINDS
     algo: str = "rtn"
     act_order: bool = False
@@ -74,7 +74,7 @@ class Int8DynamicConfig(Int8Config):
     saturate on AVX2 CPUs without VNNI). Its floor includes the run-time activation rounding."""
 
     name: ClassVar[str] = "int8_dynamic"
-    tolerance: ClassVar[Tolerance] = Tolerance(cosine_min=0.99, top1_agreement_min=0.97, accuracy_drop_max_pp=1.0)
+    tolerance: ClassVar[Tolerance] = PER_TENSOR_ACTIVATIONS
     kinds: tuple[str, ...] = ("linear", "embedding")
 
 

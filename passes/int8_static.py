@@ -24,7 +24,7 @@ from fxcompress.ops.static import QMAX, QMIN
 from fxcompress.recipe.manager import select_sites
 from fxcompress.recipe.records import LayerRecord, Numerics
 from fxcompress.recipe.registry import PassConfig, PassContext, PassResult, register_pass
-from fxcompress.recipe.tolerance import Tolerance
+from fxcompress.recipe.tolerance import PER_TENSOR_ACTIVATIONS, Tolerance
 
 STATIC = Numerics("int8", activations="uint8-static")
 
@@ -36,7 +36,7 @@ class Int8StaticConfig(PassConfig):
     """int8 weights and calibrated uint8 activations for Conv1d/2d and Linear (needs ``calibration``)."""
 
     name: ClassVar[str] = "int8_static"
-    tolerance: ClassVar[Tolerance] = Tolerance(cosine_min=0.99, top1_agreement_min=0.97, accuracy_drop_max_pp=1.0)
+    tolerance: ClassVar[Tolerance] = PER_TENSOR_ACTIVATIONS  # activations rounded to uint8 per tensor, like run-time
     kinds: tuple[str, ...] = STATIC_KINDS
     percentile: float = 100.0
 

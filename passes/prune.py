@@ -128,7 +128,7 @@ class PruneConfig(PassConfig):
     """Remove ``ratio`` of the channels of every prunable group of coupled Conv/Linear layers."""
 
     name: ClassVar[str] = "prune"
-    tolerance: ClassVar[Tolerance] = Tolerance(cosine_min=0.9, top1_agreement_min=0.85, accuracy_drop_max_pp=5.0)
+    tolerance: ClassVar[Tolerance] = Tolerance(0.9, 0.75, 3.0, 1.0, 0.5, 0.85, 5.0)
     ratio: float = 0.5
     importance: str = "l2"
     scope: str = "local"

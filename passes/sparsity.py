@@ -32,7 +32,7 @@ class Sparse24Config(PassConfig):
     """2:4 semi-structured magnitude sparsity on Linear / Conv weights (dense storage)."""
 
     name: ClassVar[str] = "sparse24"
-    tolerance: ClassVar[Tolerance] = Tolerance(cosine_min=0.9, top1_agreement_min=0.85, accuracy_drop_max_pp=5.0)
+    tolerance: ClassVar[Tolerance] = Tolerance(0.9, 0.75, 3.0, 1.0, 0.5, 0.85, 5.0)
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class SparsityConfig(PassConfig):
     """Unstructured magnitude sparsity: zero the ``ratio`` smallest weights of each layer (dense storage)."""
 
     name: ClassVar[str] = "sparsity"
-    tolerance: ClassVar[Tolerance] = Tolerance(cosine_min=0.9, top1_agreement_min=0.85, accuracy_drop_max_pp=5.0)
+    tolerance: ClassVar[Tolerance] = Tolerance(0.9, 0.75, 3.0, 1.0, 0.5, 0.85, 5.0)
     ratio: float = 0.5
 
     def __post_init__(self) -> None:

@@ -84,7 +84,7 @@ class SVDConfig(PassConfig):
     """
 
     name: ClassVar[str] = "svd"
-    tolerance: ClassVar[Tolerance] = Tolerance(cosine_min=0.95, top1_agreement_min=0.9, accuracy_drop_max_pp=3.0)
+    tolerance: ClassVar[Tolerance] = Tolerance(0.95, 0.85, 8.0, 0.6, 0.2, 0.9, 3.0)
     ratio: float = 0.5
     energy: float = 0.0
     rank: int = 0

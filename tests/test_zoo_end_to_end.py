@@ -5,6 +5,7 @@ from helpers import same_state, state_snapshot
 
 import fxcompress
 from fxcompress.models import zoo
+from fxcompress.recipe.tolerance import EXACT
 
 # (factory, target, cosine floor). MiniLM's bar is 0.99 on sentence embeddings.
 CASES = [
@@ -43,6 +44,7 @@ def test_int8_on_ort_meets_the_bars(made, tmp_path, name, target, floor):
         model,
         path,
         example,
+        recipe=cm.recipe,
         eval_inputs=ev.inputs if ev else None,
         labels=ev.labels if ev else None,
         fp32_baseline=False,
@@ -67,14 +69,27 @@ def test_fold_bn_then_int8_on_digits(made, tmp_path):
     cm = fxcompress.optimize(model, example, recipe="fold_bn,int8")
     assert sum(r.action == "folded" for r in cm.records) == 2
     rep = fxcompress.check(
-        model, cm.export(tmp_path / "d.onnx"), example, eval_inputs=ev.inputs, labels=ev.labels, fp32_baseline=False
+        model,
+        cm.export(tmp_path / "d.onnx"),
+        example,
+        recipe=cm.recipe,
+        eval_inputs=ev.inputs,
+        labels=ev.labels,
+        fp32_baseline=False,
     )
     assert rep.passed and rep.metrics["accuracy_drop_pp"] <= 0.2
 
 
-def _check(model, path, example, ev):
+def _check(model, path, example, ev, recipe):
     return fxcompress.check(
-        model, path, example, eval_inputs=ev.inputs, labels=ev.labels, fp32_baseline=False, provider="cpu"
+        model,
+        path,
+        example,
+        recipe=recipe,
+        eval_inputs=ev.inputs,
+        labels=ev.labels,
+        fp32_baseline=False,
+        provider="cpu",
     )
 
 
@@ -85,7 +100,7 @@ def _check(model, path, example, ev):
 def test_digits_static_int8_and_int4_accuracy(made, tmp_path, recipe, drop):
     model, example, ev = made("digits_cnn")
     cm = fxcompress.optimize(model, example, recipe=recipe, calibration=zoo.digits_calibration())
-    rep = _check(model, cm.export(tmp_path / "d.onnx", target="cpu"), example, ev)
+    rep = _check(model, cm.export(tmp_path / "d.onnx", target="cpu"), example, ev, recipe)
     assert rep.passed, rep.failures
     assert rep.metrics["accuracy_drop_pp"] <= drop
 
@@ -97,7 +112,7 @@ def test_digits_pruned_distilled_int8_is_6x_smaller_within_half_a_point(made, tm
     train = [(x_train[i : i + 64],) for i in range(0, len(x_train), 64)]
     recipe = "fold_bn,prune:ratio=0.5,importance=activation,distill:steps=300,lr=1e-3,loss=kl,int8"
     cm = fxcompress.optimize(model, example, recipe=recipe, calibration=train)
-    rep = _check(model, cm.export(tmp_path / "d.onnx", target="cpu"), example, ev)
+    rep = _check(model, cm.export(tmp_path / "d.onnx", target="cpu"), example, ev, recipe)
     assert rep.passed, rep.failures
     assert rep.weights["ratio"] <= 1 / 6 and rep.metrics["accuracy_drop_pp"] <= 0.5
 
@@ -107,7 +122,13 @@ def test_minilm_fp16_is_half_the_bytes_at_cosine_0_9999(made, tmp_path):
     model, example, ev = made("minilm")
     cm = fxcompress.optimize(model, example, recipe="fp16")
     rep = fxcompress.check(
-        model, cm.export(tmp_path / "m.onnx"), example, eval_inputs=ev.inputs, fp32_baseline=False, provider="cpu"
+        model,
+        cm.export(tmp_path / "m.onnx"),
+        example,
+        recipe="fp16",
+        eval_inputs=ev.inputs,
+        fp32_baseline=False,
+        provider="cpu",
     )
     assert rep.passed, rep.failures
     assert rep.metrics["cosine"] >= 0.9999 and rep.weights["ratio"] <= 0.51
@@ -122,6 +143,7 @@ def test_minilm_int4_gptq_with_sensitivity_budget_meets_bytes_and_cosine(made, t
         model,
         cm.export(tmp_path / "m.onnx", target="cpu-nbits"),
         example,
+        recipe=recipe,
         eval_inputs=ev.inputs,
         fp32_baseline=False,
         provider="cpu",
@@ -141,8 +163,15 @@ def test_minilm_attention_heads_prune_whole_and_run_on_ort(made, tmp_path):
         assert len(removed) == 96 and len({c // 32 for c in removed}) == 3  # three whole heads (of 12, 32 wide)
     # reference = the pruned torch module: the artifact must compute exactly what it computes
     rep = fxcompress.check(
-        cm.module, cm.export(tmp_path / "m.onnx"), example, eval_inputs=ev.inputs, fp32_baseline=False, provider="cpu"
+        cm.module,
+        cm.export(tmp_path / "m.onnx"),
+        example,
+        tolerance=EXACT,
+        eval_inputs=ev.inputs,
+        fp32_baseline=False,
+        provider="cpu",
     )
+    assert rep.passed, rep.failures
     assert rep.metrics["max_abs"] <= 1e-4
     layer = cm.module.get_submodule("encoder.encoder.layer.3.attention")
     assert layer.self.value.weight.shape == (288, 384) and layer.output.dense.weight.shape == (384, 288)
@@ -158,6 +187,6 @@ def test_minilm_with_a_dynamic_length_runs_on_ort_at_each_sentence_length(made, 
         length = int(mask.sum(1).max())
         cut.append((ids[:, :length].contiguous(), mask[:, :length].contiguous()))
     assert len({ids.shape[1] for ids, _ in cut}) > 1
-    rep = fxcompress.check(model, path, example, eval_inputs=cut, fp32_baseline=False, provider="cpu")
+    rep = fxcompress.check(model, path, example, recipe="int8", eval_inputs=cut, fp32_baseline=False, provider="cpu")
     assert rep.passed, rep.failures
     assert rep.metrics["cosine"] >= 0.99

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -24,6 +25,8 @@ class ParityReport:
     memory: dict[str, Any] = field(default_factory=dict)
     latency: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # caveats the recipe stored in the artifact (e.g. dense sparsity)
+    gates: list[dict[str, Any]] = field(default_factory=list)  # every metric held to its floor, passed or not
+    floors_from: str = ""  # where the floors came from: the stated recipe, the library defaults, the artifact
 
     def to_json(self, indent: int = 2) -> str:
         """The report as JSON (what ``fxcompress check --json`` writes).
@@ -32,7 +35,7 @@ class ParityReport:
             >>> json.loads(fxcompress.check(model, "model.onnx", x, fp32_baseline=False).to_json())["passed"]
             True
         """
-        return json.dumps(asdict(self), indent=indent, default=float)
+        return json.dumps(_strict(asdict(self)), indent=indent, allow_nan=False)
 
     def to_text(self) -> str:
         """A human summary: verdict, provider, metrics, bytes, memory, latency.
@@ -43,14 +46,26 @@ class ParityReport:
             ONNX Runtime provider that ran: CPUExecutionProvider   (export target: cpu)
             ...
         """
-        m, w, mem, lat = self.metrics, self.weights, self.memory, self.latency
-        rows = [[k, f"{v:.6g}" if isinstance(v, float) else str(v)] for k, v in m.items()]
+        w, mem, lat = self.weights, self.memory, self.latency
         lines = [
             f"parity {'PASSED' if self.passed else 'FAILED'}: {self.artifact}",
             f"ONNX Runtime provider that ran: {self.provider}   (export target: {self.target})",
             "",
-            table(rows, ["metric", "value"]) if rows else "(no metrics: the artifact did not run)",
         ]
+        if self.gates:
+            rows = [
+                [
+                    g["name"],
+                    "" if g["output"] is None else str(g["output"]),
+                    _fmt(g["value"]),
+                    g["floor"],
+                    "ok" if g["passed"] else "FAILED",
+                ]
+                for g in self.gates
+            ]
+            lines += [f"floors: {self.floors_from}", table(rows, ["gate", "output", "value", "floor", ""])]
+        else:
+            lines.append("(no metrics: the artifact did not run)")
         if w:
             by = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in w["onnx_bytes_by_dtype"].items())
             lines += [
@@ -84,3 +99,19 @@ def _pair_line(label: str, d: dict, key: str, unit: str) -> str:
     if ref and v is not None:
         text += f"   (fp32 artifact {ref:.3g} {unit}; ratio {v / ref:.2f})"
     return text
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else "n/a" if value is None else str(value)
+
+
+def _strict(value: Any) -> Any:
+    """``value`` with every NaN or infinite float as None: strict JSON has no NaN (the gates say what was not
+    finite)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value

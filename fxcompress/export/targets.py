@@ -16,12 +16,7 @@ from typing import Optional, Sequence, Union
 
 from fxcompress.errors import ExportError
 from fxcompress.recipe.records import LayerRecord
-from fxcompress.recipe.tolerance import Tolerance
-
-# Activation quantization per tensor at run time (DynamicQuantizeMatMul): measured cosine on MiniLM 0.993, against
-# 0.9995 for weight-only int8.
-_PER_TENSOR = Tolerance(cosine_min=0.99, top1_agreement_min=0.97, accuracy_drop_max_pp=1.0)
-_PER_BLOCK = Tolerance(cosine_min=0.995, top1_agreement_min=0.98, accuracy_drop_max_pp=1.0)
+from fxcompress.recipe.tolerance import PER_BLOCK_ACTIVATIONS, PER_TENSOR_ACTIVATIONS, Tolerance
 
 
 @dataclass(frozen=True)
@@ -95,7 +90,7 @@ TARGETS: dict[str, Target] = {
             "fastest at batch 1 and 32 on AVX2 CPUs without VNNI",
             int8_linear="uint8",
             variants=(("linear_q8", "dynamic"),),
-            floor=_PER_TENSOR,
+            floor=PER_TENSOR_ACTIVATIONS,
             on_vnni_use="cpu-vnni",
         ),
         Target(
@@ -107,7 +102,7 @@ TARGETS: dict[str, Target] = {
             "without VNNI U8S8 saturates (the parity report notes it)",
             int8_linear="int8",
             variants=(("linear_q8", "dynamic"),),
-            floor=_PER_TENSOR,
+            floor=PER_TENSOR_ACTIVATIONS,
             requires_vnni=True,
         ),
         Target(
@@ -119,7 +114,7 @@ TARGETS: dict[str, Target] = {
             int8_linear="nbits",
             nbits_fallback="uint8",
             variants=(("linear_q8", "dynamic"), ("linear_nbits", "per_block_activations")),
-            floor=_PER_BLOCK,
+            floor=PER_BLOCK_ACTIVATIONS,
         ),
         Target(
             "cpu-weightonly",

@@ -30,14 +30,16 @@ def normalize_inputs(example_inputs: Any) -> tuple:
 
 
 def run_reference(model: nn.Module, inputs: Sequence[Any]) -> Any:
-    """Run ``model`` on ``inputs`` without gradients; wrap failures in an InputError that says what to fix.
+    """Run ``model`` on copies of ``inputs`` without gradients (a model that edits its input in place must not
+    change the caller's tensors, nor what the next run sees); wrap failures in an InputError that says what to fix.
 
     Example:
-        >>> outputs = run_reference(model, (torch.randn(4, 64),))
+        >>> run_reference(model, (torch.randn(4, 64),)).shape
+        torch.Size([4, 10])
     """
     try:
         with torch.no_grad():
-            return model(*inputs)
+            return model(*(t.clone() if isinstance(t, torch.Tensor) else t for t in inputs))
     except Exception as exc:  # the user's forward can raise anything
         shapes = ", ".join(
             f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}"
