@@ -208,6 +208,7 @@ def optimize(
     calib = None
     if calibration is not None:  # keeps a Calibration's token mask
         calib = Calibration((normalize_inputs(c) for c in calibration), getattr(calibration, "token_mask", None))
+        _check_finite(calib)
     captured = capture(model, inputs, dynamic_axes)
     gm = captured.graph_module
     before = state_bytes(gm)
@@ -223,7 +224,7 @@ def optimize(
     if not done:
         warnings.warn(
             f"recipe {[c.name for c in configs]} found nothing to compress in {type(model).__name__}: "
-            + ("; ".join(f"{r.layer}: {r.reason}" for r in records[:5]) or "no Linear/Conv/Embedding layer"),
+            + ("; ".join(f"{r.layer}: {r.reason}" for r in records[:5]) or _nothing_found(configs)),
             stacklevel=2,
         )
     return CompressedModel(
@@ -237,6 +238,22 @@ def optimize(
         captured.fx_failure,
         captured.dynamic_axes,
     )
+
+
+def _check_finite(batches: Sequence[tuple]) -> None:
+    """Refuse calibration with NaN or inf before any pass fits statistics to it (it would fail deep inside one, or
+    silently poison a Hessian)."""
+    for i, batch in enumerate(batches):
+        for k, t in enumerate(batch):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise InputError(
+                    f"calibration batch {i}, input {k} has {bad} NaN/inf value(s); calibrate on finite data"
+                )
+
+
+def _nothing_found(configs: Sequence[PassConfig]) -> str:
+    return "; ".join(f"{c.name}: {type(c).nothing_found}" for c in configs)
 
 
 def _check_axes(compressed: CompressedModel, batches: Sequence[tuple]) -> None:

@@ -30,6 +30,7 @@ class FoldBNConfig(PassConfig):
     """Fold BatchNorm1d/2d (eval mode) into the preceding Conv1d/Conv2d."""
 
     name: ClassVar[str] = "fold_bn"
+    nothing_found: ClassVar[str] = "no Conv1d/Conv2d followed by an inference-mode BatchNorm"
     tolerance: ClassVar[Tolerance] = EXACT
 
 

@@ -147,3 +147,63 @@ def test_bench_reports_progress_and_rejects_unknown_targets_and_batches(capsys):
     assert main(["bench", "mlp", "--targets", "cpu", "--batches", "1", "--repeat", "1", "--no-ort"]) == 0
     captured = capsys.readouterr()
     assert "[2/2] measuring fxcompress int8 [cpu]" in captured.err and "| fxcompress int8 [cpu] |" in captured.out
+
+
+def _module(tmp_path, name, text):
+    (tmp_path / f"{name}.py").write_text(text)
+    return name
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("def make():\n    raise ValueError('no weights file here')\n", "raised ValueError: no weights file here"),
+        ("def make(:\n    pass\n", "SyntaxError"),
+        ("import torch\n\ndef make():\n    return torch.nn.Linear(4, 2)\n", "must return (model, example_inputs)"),
+    ],
+)
+def test_a_broken_user_script_exits_2_with_its_own_message(tmp_path, monkeypatch, capsys, source, message):
+    monkeypatch.chdir(tmp_path)
+    name = _module(tmp_path, f"user_{abs(hash(source)) % 10_000}", source)
+    assert main(["optimize", f"{name}:make", "-o", str(tmp_path / "m.onnx"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_calibration_function_that_raises_exits_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    name = _module(tmp_path, "calib_broken", "def batches():\n    raise RuntimeError('dataset missing')\n")
+    argv = ["optimize", "mlp", "--recipe", "int8_static", "--calibration", f"{name}:batches", "-o", "m.onnx"]
+    assert main(argv + ["--no-progress"]) == 2
+    assert "--calibration calib_broken:batches raised RuntimeError: dataset missing" in capsys.readouterr().err
+
+
+def test_an_unwritable_json_path_is_refused_before_any_work(tmp_path, capsys):
+    argv = ["optimize", "mlp", "-o", str(tmp_path / "m.onnx"), "--json", str(tmp_path / "missing" / "r.json")]
+    assert main(argv + ["--check", "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert "--json" in captured.err and "does not exist" in captured.err and "parity" not in captured.out
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_an_internal_error_exits_3_with_the_traceback(monkeypatch, tmp_path, capsys):
+    import fxcompress.api
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(fxcompress.api, "optimize", broken)
+    assert main(["optimize", "mlp", "-o", str(tmp_path / "m.onnx"), "--no-progress"]) == 3
+    err = capsys.readouterr().err
+    assert "internal error (ZeroDivisionError: a bug)" in err and "Traceback" in err
+
+
+def test_check_states_its_floors_and_takes_the_recipe_or_trusts_the_file_only_when_asked(tmp_path, capsys):
+    path = str(tmp_path / "m.onnx")
+    assert main(["optimize", "mlp", "--recipe", "int4:block=32", "-o", path, "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["check", "mlp", path, "--no-baseline", "--recipe", "int4:block=32"]) == 0
+    assert "floors: recipe 'int4'" in capsys.readouterr().out
+    main(["check", "mlp", path, "--no-baseline", "--trust-metadata"])
+    assert "floors: the artifact's own metadata" in capsys.readouterr().out

@@ -185,7 +185,7 @@ def test_failed_export_leaves_no_partial_file(compressed, tmp_path, monkeypatch)
     def broken(*a, **k):
         raise ExportError("simulated failure")
 
-    monkeypatch.setattr(ex, "_export_proto", broken)
+    monkeypatch.setattr(ex, "_export_program", broken)
     with pytest.raises(ExportError):
         compressed[2].export(tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []

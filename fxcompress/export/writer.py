@@ -1,8 +1,8 @@
 """Write a captured/compressed GraphModule as ONNX with the dynamo exporter and fxcompress's op translations.
 
 The file is written atomically: the output directory is probed before the (slow) export, the model goes to a
-temporary file beside the target, is checked with ``onnx.checker``, then renamed into place. A failure at any
-step leaves no file behind.
+scratch folder beside the target, is checked with ``onnx.checker``, then moved into place. A failure at any step
+leaves no file behind. Models whose weights pass :data:`EXTERNAL_DATA_BYTES` keep them in ONNX external data.
 """
 
 from __future__ import annotations
@@ -31,6 +31,16 @@ log = logging.getLogger(__name__)
 META_PREFIX = "fxcompress."
 
 
+# Above this many initializer bytes the weights go to a ``<file>.data`` beside the model (ONNX external data): one
+# protobuf cannot exceed 2 GiB, and writing tensors out one at a time never holds the serialized model whole.
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+def _destination(path: Path) -> Path:
+    """Where the file really goes: the target of a symbolic link (writing beside the link would replace it)."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 def _probe_writable(path: Path) -> None:
     parent = path.parent
     if path.is_dir():
@@ -55,13 +65,14 @@ def export_onnx(
     target: Union[str, Target] = "cpu",
     metadata: Optional[dict[str, Any]] = None,
     dynamic_axes: DynamicAxes = (0,),
+    external_data: Optional[bool] = None,
 ) -> Path:
     """Export ``module`` to ONNX at ``path`` and return the path.
 
     Args:
         module: a GraphModule made by :func:`fxcompress.optimize` (or any exportable module).
         example_inputs: positional inputs used for tracing.
-        path: the ``.onnx`` file to write (its directory must exist).
+        path: the ``.onnx`` file to write (its directory must exist; a symbolic link is written through).
         target: an export target or its name (:mod:`fxcompress.export.targets`: ``"cpu"``, ``"cpu-vnni"``,
             ``"cpu-nbits"``, ``"cpu-weightonly"``, ``"cuda"``); picks the ONNX lowering of compressed sites.
         metadata: stored as ``fxcompress.<key>`` metadata_props (JSON values); ``fxcompress.check`` reads them.
@@ -69,36 +80,66 @@ def export_onnx(
             otherwise), as axis numbers for every input or one tuple per input; ``()`` fixes every shape. A module
             captured by torch.export takes only the axes it was captured with (``optimize(..., dynamic_axes=)``).
             Axes the model fixes are exported fixed, with a warning.
+        external_data: write the weights to ``<path>.data`` beside the model (ONNX external data); default: when they
+            exceed :data:`EXTERNAL_DATA_BYTES` (a protobuf cannot hold 2 GiB). ONNX Runtime reads the pair as one.
+
+    The file appears whole or not at all (written in a scratch folder beside it, checked by ``onnx.checker``, then
+    moved into place), with the permissions the umask gives new files.
 
     Example:
         >>> export_onnx(torch.nn.Linear(4, 2), (torch.randn(1, 4),), "linear.onnx")
         PosixPath('linear.onnx')
+        >>> export_onnx(torch.nn.Linear(4, 2), (torch.randn(1, 4),), "big.onnx", external_data=True)
+        PosixPath('big.onnx')
+        >>> sorted(p.name for p in Path(".").glob("big.onnx*"))
+        ['big.onnx', 'big.onnx.data']
     """
     path = Path(path)
+    destination = _destination(path)
     target = get_target(target)
-    _probe_writable(path)
+    _probe_writable(destination)
     module = lower_for_target(module, target) if isinstance(module, fx.GraphModule) else module
     inputs = tuple(example_inputs)
-    proto = _export_proto(module, inputs, target, input_axes(inputs, dynamic_axes))
+    program = _export_program(module, inputs, target, input_axes(inputs, dynamic_axes))
+    if not program.model.graph.outputs:
+        raise ExportError(f"{type(module).__name__} returns no tensor: the ONNX graph would have no output")
     meta = dict(metadata or {})
     meta.update(target=target.name)
     for key, value in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = META_PREFIX + key, json.dumps(value)
-    try:
-        onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as exc:
-        raise ExportError(f"exported graph failed onnx.checker: {exc}") from exc
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto.SerializeToString())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        program.model.metadata_props[META_PREFIX + key] = json.dumps(value)
+    if external_data is None:
+        external_data = _initializer_bytes(program.model) > EXTERNAL_DATA_BYTES
+    _write(program.model, destination, external_data)
     return path
+
+
+def _initializer_bytes(model: Any) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def _write(model: Any, destination: Path, external_data: bool) -> None:
+    """Write the IR ``model`` (and its ``.data`` file) in a scratch folder beside ``destination``, check it, then move
+    it into place: a failure leaves nothing behind, and readers never see half a file."""
+    import onnx_ir as ir
+
+    data_name = destination.name + ".data"
+    umask = os.umask(0)
+    os.umask(umask)
+    with tempfile.TemporaryDirectory(prefix=f".{destination.name}.", dir=destination.parent) as scratch:
+        written = Path(scratch, destination.name)
+        if external_data:
+            ir.save(model, written, external_data=data_name)
+        else:
+            ir.save(model, written)
+        try:
+            onnx.checker.check_model(str(written))  # by path: the check reads external data as ORT will
+        except onnx.checker.ValidationError as exc:
+            raise ExportError(f"exported graph failed onnx.checker: {first_line(exc)}") from exc
+        for f in Path(scratch).iterdir():
+            f.chmod(0o666 & ~umask)
+        if external_data:
+            os.replace(Path(scratch, data_name), destination.parent / data_name)
+        os.replace(written, destination)
 
 
 def translation_table(target: Target) -> dict[object, Callable]:
@@ -112,21 +153,17 @@ def translation_table(target: Target) -> dict[object, Callable]:
     return {op.overload: op.translation(target.variant(name)) for name, op in compressed_ops().items()}
 
 
-def _export_proto(
-    module: torch.nn.Module, inputs: tuple, target: Target, axes: list[tuple[int, ...]]
-) -> onnx.ModelProto:
+def _export_program(module: torch.nn.Module, inputs: tuple, target: Target, axes: list[tuple[int, ...]]) -> Any:
     # The exporter logs a warning per missing torchvision op and per deprecation on every call: noise to a user.
     # onnxscript's constant folder also logs each sub-graph it declines to fold (harmless).
     for name in ("torch.onnx._internal.exporter._registration", "onnxscript.optimizer._constant_folding"):
         logging.getLogger(name).setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _export_proto_inner(module, inputs, target, axes)
+        return _export_program_inner(module, inputs, target, axes)
 
 
-def _export_proto_inner(
-    module: torch.nn.Module, inputs: tuple, target: Target, axes: list[tuple[int, ...]]
-) -> onnx.ModelProto:
+def _export_program_inner(module: torch.nn.Module, inputs: tuple, target: Target, axes: list[tuple[int, ...]]) -> Any:
     kwargs = dict(
         dynamo=True,
         custom_translation_table=translation_table(target),
@@ -149,7 +186,7 @@ def _export_proto_inner(
             for name, x in zip(_input_names(module, len(inputs)), wanted)
         )
         try:
-            return torch.onnx.export(module, batch_of_two(inputs, wanted), dynamic_shapes=shapes, **kwargs).model_proto
+            return torch.onnx.export(module, batch_of_two(inputs, wanted), dynamic_shapes=shapes, **kwargs)
         except Exception as exc:
             log.warning(
                 "export with dynamic axes %s failed (%s); %s",
@@ -158,7 +195,7 @@ def _export_proto_inner(
                 "trying the batch axis alone" if wanted is not attempts[-1] else "exporting with fixed shapes",
             )
     try:
-        return torch.onnx.export(module, inputs, **kwargs).model_proto
+        return torch.onnx.export(module, inputs, **kwargs)
     except Exception as exc:
         raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {first_line(exc)}") from exc
 

@@ -17,7 +17,15 @@ from torch import fx, nn
 
 from fxcompress.errors import CaptureError, InputError
 from fxcompress.graph.edit import finalize
-from fxcompress.graph.inputs import DynamicAxes, batch_of_two, first_line, input_axes, normalize_inputs, run_reference
+from fxcompress.graph.inputs import (
+    DynamicAxes,
+    batch_of_two,
+    first_line,
+    input_axes,
+    normalize_inputs,
+    output_tensors,
+    run_reference,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +49,34 @@ def _outputs_match(a: Any, b: Any) -> bool:
         torch.allclose(x, y, rtol=1e-4, atol=1e-5) if isinstance(x, torch.Tensor) else x == y
         for x, y in zip(flat_a, flat_b)
     )
+
+
+# torch.nn modules that symbolic_trace treats as leaves although they hold what would be sites (MultiheadAttention's
+# packed in-projection, TransformerEncoderLayer's Linears, an LSTM's weight matrices)
+_SITE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+
+
+def opaque_leaves(gm: fx.GraphModule) -> dict[str, str]:
+    """The ``call_module`` nodes of ``gm`` whose module is not a site but holds site-like weights (a Linear / Conv /
+    Embedding inside, or a weight matrix of its own): name -> module type.
+
+    Example:
+        >>> gm = fx.symbolic_trace(nn.Sequential(nn.MultiheadAttention(8, 2)))
+        >>> opaque_leaves(gm)
+        {'0': 'MultiheadAttention'}
+    """
+    found = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(str(node.target))
+        if isinstance(mod, _SITE_MODULES):
+            continue
+        inner = any(isinstance(m, _SITE_MODULES) for m in mod.modules())
+        matrices = any(p.dim() >= 2 for _, p in mod.named_parameters(recurse=False))
+        if inner or matrices:
+            found[str(node.target)] = type(mod).__name__
+    return found
 
 
 def _export_module(model: nn.Module, inputs: tuple, axes: DynamicAxes = (0,)) -> fx.GraphModule:
@@ -88,12 +124,27 @@ def capture(model: nn.Module, example_inputs: Any, dynamic_axes: DynamicAxes = (
     axes = input_axes(inputs, dynamic_axes)  # a malformed spec fails here, whichever capture runs
     work = copy.deepcopy(model).eval()
     expected = run_reference(work, inputs)
+    if not output_tensors(expected):
+        raise InputError(
+            f"{type(model).__name__} returns no tensor (got {type(expected).__name__}): there is nothing to compare "
+            "or export; return the model's outputs from forward"
+        )
 
+    traced = None
     try:
         gm = fx.symbolic_trace(work)
         if _outputs_match(run_reference(gm, inputs), expected):
-            return Captured(finalize(gm), "fx", dynamic_axes=axes)
-        fx_failure = "symbolic_trace produced a graph whose outputs differ from the model's"
+            hidden = opaque_leaves(gm)
+            if not hidden:
+                return Captured(finalize(gm), "fx", dynamic_axes=axes)
+            traced = gm  # kept if torch.export cannot see inside either; its sites then say what stays float
+            fx_failure = (
+                "symbolic_trace keeps "
+                + ", ".join(f"{name} ({kind})" for name, kind in hidden.items())
+                + (" opaque, with the weights inside")
+            )
+        else:
+            fx_failure = "symbolic_trace produced a graph whose outputs differ from the model's"
     except InputError as exc:
         fx_failure = f"the traced graph fails on the example inputs: {exc}"
     except Exception as exc:  # symbolic tracing raises many exception types
@@ -105,6 +156,9 @@ def capture(model: nn.Module, example_inputs: Any, dynamic_axes: DynamicAxes = (
     except InputError:
         raise
     except Exception as exc:
+        if traced is not None:
+            log.warning("%s, and torch.export failed (%s): their weights stay float", fx_failure, first_line(exc))
+            return Captured(finalize(traced), "fx", fx_failure, axes)
         raise CaptureError(
             f"cannot capture {type(model).__name__}: torch.fx.symbolic_trace failed ({fx_failure}) and "
             f"torch.export failed ({type(exc).__name__}: {first_line(exc)}). Make the data-dependent Python "

@@ -128,7 +128,7 @@ def _from_module(gm: fx.GraphModule, node: fx.Node) -> Union[Site, Skipped, None
     mod = gm.get_submodule(str(node.target))
     kind = _MODULE_KINDS.get(type(mod))
     if kind is None:
-        return None
+        return _opaque(node, mod)
     name = str(node.target)
     if kind in ("conv1d", "conv2d"):
         if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
@@ -145,8 +145,36 @@ def _from_module(gm: fx.GraphModule, node: fx.Node) -> Union[Site, Skipped, None
     return Site(node, kind, name, (0, "input"), w, b, _key(w), conv)
 
 
+def _opaque(node: fx.Node, mod: nn.Module) -> Optional[Skipped]:
+    """A module the graph calls as one opaque op although it holds what would be sites: its weights stay float."""
+    inner = [n for n, m in mod.named_modules() if n and type(m) in _MODULE_KINDS]
+    matrices = [n for n, p in mod.named_parameters(recurse=False) if p.dim() >= 2]
+    if not inner and not matrices:
+        return None
+    held = ", ".join((inner + matrices)[:4]) + (", ..." if len(inner) + len(matrices) > 4 else "")
+    return Skipped(
+        node,
+        "opaque",
+        str(node.target),
+        f"{type(mod).__name__} is one opaque call in the captured graph "
+        f"(torch.fx does not trace into it and torch.export could not capture the model): its weights "
+        f"({held}) stay float",
+    )
+
+
+_RECURRENT = {aten.lstm.input: "LSTM", aten.gru.input: "GRU", aten.rnn_tanh.input: "RNN", aten.rnn_relu.input: "RNN"}
+
+
 def _from_function(gm: fx.GraphModule, node: fx.Node) -> Union[Site, Skipped, None]:
     target = node.target
+    if target in _RECURRENT:
+        return Skipped(
+            node,
+            "recurrent",
+            node.name,
+            f"{_RECURRENT[target]} weights are not compressed (ONNX's "
+            f"{_RECURRENT[target]} op takes float weights): they stay float",
+        )
     if target in _LINEAR_FNS:
         kind, x_at, w_node, b_node = "linear", (0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
         conv: dict[str, Any] = {}

@@ -32,6 +32,8 @@ class PassConfig:
     tolerance: ClassVar[Tolerance] = EXACT
     # layer kinds the pass leaves, and what to write instead: said in their skipped records
     other_kinds: ClassVar[dict[str, str]] = {}
+    # what the pass looks for, said when a model has none of it
+    nothing_found: ClassVar[str] = "no Linear/Conv/Embedding layer"
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
 
