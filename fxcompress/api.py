@@ -20,7 +20,7 @@ from fxcompress.export.targets import Target, get_target
 from fxcompress.export.writer import export_onnx
 from fxcompress.graph.calibration import Calibration
 from fxcompress.graph.capture import capture
-from fxcompress.graph.edit import state_bytes
+from fxcompress.graph.edit import state_bytes, unshare
 from fxcompress.graph.inputs import DynamicAxes, input_axes, normalize_inputs, run_reference
 from fxcompress.progress import progress_bar
 from fxcompress.recipe.manager import PassManager
@@ -216,6 +216,7 @@ def optimize(
     with progress_bar(show, desc="fxcompress", total=len(configs)) as bar:
         ctx = PassContext(inputs, calib, progress=bar.note, teacher=model)
         records = PassManager(configs).run(gm, ctx, on_pass_done=bar.advance)
+    unshare(gm, model)  # the compressed module never aliases the user's weights: editing one must not change the other
     try:  # the rewritten graph must still run on what the original ran on
         run_reference(gm, inputs)
     except InputError as exc:

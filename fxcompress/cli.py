@@ -130,6 +130,16 @@ def _call_factory(spec: str):
     return made[0], made[1], made[2] if len(made) == 3 else None
 
 
+def _peak_memory() -> str:
+    """The run's peak resident memory, this process and its largest child (ONNX Runtime sessions run in children)."""
+    import resource
+
+    scale = 2**20 if sys.platform != "darwin" else 2**30  # ru_maxrss: KiB on Linux, bytes on macOS
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / scale
+    return f"peak memory: {own:.2f} GiB (fxcompress), {child:.2f} GiB (largest ONNX Runtime process)"
+
+
 def _check(model, path: Path, example_inputs, eval_data, args, layers: Optional[list] = None, compressed=None) -> int:
     from fxcompress.checker.parity import check
 
@@ -371,7 +381,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.recipe = ["int8"]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        code = args.func(args)
+        if args.command in ("optimize", "check"):
+            print(_peak_memory(), file=sys.stderr)
+        return code
     except FxCompressError as exc:
         hint = ""
         if "calibration=[" in str(exc) and args.command in ("optimize", "bench"):  # the API's wording, said for the CLI

@@ -202,7 +202,7 @@ def _apply_dtypes(gm: fx.GraphModule, wants: dict[fx.Node, Optional[torch.dtype]
                 if actual.get(src, _out_dtype(src)) != want:
                     node.replace_input_with(src, cast(src, want, node))
             if node.op == "call_module" and want == half:
-                gm.get_submodule(str(node.target)).to(half)
+                _halve(gm.get_submodule(str(node.target)), half)
         # A node with float inputs now computes in `want`; one without (full, arange) or a conversion keeps its own.
         owns_weights = node.op == "call_module" and any(True for _ in gm.get_submodule(str(node.target)).parameters())
         actual[node] = want if want is not None and (srcs or owns_weights) else _passthrough(node, srcs, actual)
@@ -223,6 +223,15 @@ def _passthrough(node: fx.Node, srcs: list[fx.Node], actual: dict) -> Optional[t
     if explicit is not None or name == "type_as":
         return declared
     return actual.get(srcs[0], declared)
+
+
+def _halve(module: nn.Module, half: torch.dtype) -> None:
+    """``module.to(half)`` by replacing its tensors: ``Module.to`` rewrites each Parameter's data in place, and the
+    captured graph shares its tensors with the user's model."""
+    for owner in module.modules():
+        for attr, t in [*owner._parameters.items(), *owner._buffers.items()]:
+            if t is not None and t.is_floating_point():
+                replace_tensor(owner, attr, t.detach().to(half))
 
 
 def _store_half_if_only_half_reads(gm: fx.GraphModule, node: fx.Node, wants: dict, half: torch.dtype) -> torch.dtype:

@@ -148,10 +148,10 @@ def _as_int8(
     quantized = (
         quantize_per_channel_gptq(site.weight, hessian, cfg.act_order, cfg.damp) if hessian is not None else None
     )
-    _, tensors, dq = rewrite_int8(gm, site, quantized=quantized)
+    _, tensors, codes = rewrite_int8(gm, site, quantized=quantized)
     how = ", GPTQ" if quantized is not None else ""
     return int8_record(
-        site, cfg.name, tensors, dq, f"kept int8 by budget={cfg.budget} (int4 output error {sensitivity_:.2e}){how}"
+        site, cfg.name, tensors, codes, f"kept int8 by budget={cfg.budget} (int4 output error {sensitivity_:.2e}){how}"
     )
 
 

@@ -112,10 +112,10 @@ def quantize_int8(gm: fx.GraphModule, cfg: Int8Config, ctx: PassContext) -> Pass
         if site.name in gptq_names:
             quantized = quantize_per_channel_gptq(site.weight, hessians.pop(site), cfg.act_order, cfg.damp)
             how = "GPTQ" + (", act_order" if cfg.act_order else "")
-        new, tensors, dq = rewrite_int8(gm, site, shared=tie[1] if tie else None, quantized=quantized)
+        new, tensors, codes = rewrite_int8(gm, site, shared=tie[1] if tie else None, quantized=quantized)
         if tie is None:
             done[(site.weight_key, layout)] = (site.name, {"qweight": new.args[1], "scale": new.args[2]})
-        records.append(int8_record(site, cfg.name, tensors, dq, how, tied_to=tie[0] if tie else None))
+        records.append(int8_record(site, cfg.name, tensors, codes, how, tied_to=tie[0] if tie else None))
     return PassResult(gm, bool(sites), records)
 
 

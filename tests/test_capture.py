@@ -3,6 +3,7 @@ import torch
 from helpers import same_state, state_snapshot
 from torch import nn
 
+import fxcompress
 from fxcompress.errors import CaptureError, InputError
 from fxcompress.graph.capture import capture
 from fxcompress.models.zoo import TinyTransformer
@@ -111,3 +112,17 @@ def test_a_dynamic_axis_of_size_one_is_refused_with_the_reason():
     model, ids = _tiny_transformer()
     with pytest.raises(InputError, match=r"size 1 on dynamic axes \[1\].*2 or more"):
         capture(model, ids[:, :1], dynamic_axes=(0, 1))
+
+
+def test_capture_shares_the_weights_and_the_compressed_module_owns_its_own():
+    import itertools
+
+    model = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), nn.Linear(16, 4)).eval()
+    storages = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
+    captured = capture(model, torch.randn(2, 16)).graph_module
+    assert {p.untyped_storage().data_ptr() for p in captured.parameters()} <= storages  # no copy of the weights
+    cm = fxcompress.optimize(model, torch.randn(2, 16), recipe="int8:exclude=2")  # LayerNorm and layer 2 stay float
+    assert not {t.untyped_storage().data_ptr() for t in cm.module.state_dict().values()} & storages
+    before = model[2].weight.clone()
+    cm.module.get_submodule("2").weight.data.mul_(0)  # a user editing the compressed module in place
+    assert torch.equal(model[2].weight, before)

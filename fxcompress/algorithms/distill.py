@@ -30,6 +30,7 @@ from torch import Tensor, fx, nn
 from fxcompress.errors import InputError
 from fxcompress.graph.calibration import batch_mask, real_rows
 from fxcompress.graph.capture import capture
+from fxcompress.graph.edit import unshare
 from fxcompress.graph.inputs import normalize_inputs, output_tensors
 from fxcompress.progress import progress_bar
 
@@ -368,6 +369,7 @@ def distill_module(
     batches = [normalize_inputs(b) for b in data]
     if not batches:
         raise InputError("distill data is empty; pass at least one input tuple")
+    unshare(student, teacher)  # training edits weights in place: never the teacher's, which a capture may share
     masks = [batch_mask(data, i, b) for i, b in enumerate(batches)]
     teacher, names = _teacher_and_taps(student, teacher, batches, options.hidden_spec)
     dev = torch.device(

@@ -11,7 +11,7 @@ from torch import Tensor, fx
 import fxcompress.ops.conv_q8  # noqa: F401  (registers the op)
 import fxcompress.ops.embedding_q8  # noqa: F401
 import fxcompress.ops.linear_q8  # noqa: F401
-from fxcompress.algorithms.quant import dequantize_per_channel, quantize_per_channel, sqnr_db
+from fxcompress.algorithms.quant import quantize_per_channel, sqnr_db_per_channel
 from fxcompress.graph.edit import replace_site
 from fxcompress.graph.sites import Site, nbytes
 from fxcompress.recipe.records import LayerRecord, Numerics
@@ -28,12 +28,12 @@ def rewrite_int8(
     """Replace ``site`` by its ``fxcompress::*_q8`` op with per-output-channel int8 weights.
 
     ``shared`` passes the get_attr nodes of a tied weight already quantized; ``quantized`` the (codes, scales) to
-    store when not round-to-nearest. Returns the new node, the tensors it stores and the dequantized weight (for the
+    store when not round-to-nearest. Returns the new node, the tensors it stores and the (codes, scales) (for the
     error).
 
     Example:
         >>> gm = fx.symbolic_trace(nn.Sequential(nn.Linear(8, 4)))
-        >>> node, tensors, dq = rewrite_int8(gm, find_sites(gm)[0][0])
+        >>> node, tensors, (q, scale) = rewrite_int8(gm, find_sites(gm)[0][0])
         >>> node.target, tensors["qweight"].dtype
         (<OpOverload(op='fxcompress.linear_q8', overload='default')>, torch.int8)
     """
@@ -51,14 +51,14 @@ def rewrite_int8(
         target, tensors = ops.conv_q8.default, {"qweight": q, "scale": scale, "zero_point": None, "bias": bias}
         extra = (c["stride"], c["padding"], c["dilation"], c["groups"])
     new = replace_site(gm, site, target, tensors, extra, shared=shared)
-    return new, tensors, dequantize_per_channel(q, scale)
+    return new, tensors, (q, scale)
 
 
 def int8_record(
     site: Site,
     pass_name: str,
     tensors: dict[str, Optional[Tensor]],
-    dequantized: Tensor,
+    quantized: tuple[Tensor, Tensor],
     note: str,
     tied_to: Optional[str] = None,
 ) -> LayerRecord:
@@ -66,8 +66,8 @@ def int8_record(
     (its bytes are then counted there, only its bias here).
 
     Example:
-        >>> node, tensors, dq = rewrite_int8(gm, site)
-        >>> int8_record(site, "int8", tensors, dq, "").bytes_after  # Linear(64, 64): 4,096 codes, 64 scales, 64 biases
+        >>> node, tensors, codes = rewrite_int8(gm, site)
+        >>> int8_record(site, "int8", tensors, codes, "").bytes_after  # 4,096 codes, 64 scales, 64 biases
         4608
     """
     if tied_to is None:
@@ -83,7 +83,7 @@ def int8_record(
         note,
         before,
         after,
-        sqnr_db(site.weight, dequantized),
+        sqnr_db_per_channel(site.weight, *quantized),
         "weight SQNR dB",
         numerics=INT8,
     )

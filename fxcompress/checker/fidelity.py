@@ -8,6 +8,7 @@ names the tensor, where output metrics would need the error to be larger than th
 
 from __future__ import annotations
 
+import gc
 from typing import Any, Optional
 
 import numpy as np
@@ -88,6 +89,8 @@ def weight_gate(proto: onnx.ModelProto, compressed: Any, target_name: Optional[s
                 f"{where}: {have.reshape(-1)[where].item()!r} where the compression made "
                 f"{want.reshape(-1)[where].item()!r})"
             )
+    del lowered, expected
+    gc.collect()  # the lowered copy's re-encoded tensors sit in fx's reference cycles: free them before going on
     floor = f"0 of {compared} compressed tensors differ"
     if compared == 0:
         return Gate(

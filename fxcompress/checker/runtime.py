@@ -186,12 +186,22 @@ def optimized_graph(model_path: str | os.PathLike, provider: str = "auto") -> on
         >>> "DynamicQuantizeMatMul" in {n.op_type for n in optimized_graph("model.onnx").graph.node}
         True
     """
-    ort = import_ort()
     import onnx
 
+    providers = choose_providers(provider)
     with tempfile.TemporaryDirectory(prefix="fxc-opt-") as tmp:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        so.optimized_model_filepath = str(Path(tmp, "optimized.onnx"))
-        ort.InferenceSession(str(model_path), so, providers=choose_providers(provider))
-        return onnx.load(so.optimized_model_filepath)
+        # in a fresh process, like every session: a large model's weights never load into the caller's memory, and
+        # the optimized model keeps them in external data (only the graph and tensor shapes are read back)
+        spec = dict(
+            mode="optimized_graph", model=str(model_path), out=str(Path(tmp, "optimized.onnx")), providers=providers
+        )
+        Path(tmp, "spec.json").write_text(json.dumps(spec))
+        proc = subprocess.run(
+            [sys.executable, "-m", "fxcompress.checker.probe_main", str(Path(tmp, "spec.json"))],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0 or not Path(spec["out"]).exists():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+            raise RuntimeError(f"ONNX Runtime could not save its optimized graph: {tail[0]}")
+        return onnx.load(spec["out"], load_external_data=False)

@@ -17,7 +17,6 @@ Ops are read and edited by their schema's argument names (:func:`fxcompress.ops.
 
 from __future__ import annotations
 
-import copy
 from typing import Optional
 
 import torch
@@ -26,7 +25,7 @@ from torch import fx
 import fxcompress.ops.linear_q8  # noqa: F401  (registers the ops the lowering writes)
 import fxcompress.ops.nbits  # noqa: F401
 from fxcompress.export.targets import Target
-from fxcompress.graph.edit import add_constant, replace_node
+from fxcompress.graph.edit import add_constant, replace_node, shared_copy
 from fxcompress.ops.registry import op_args, op_name, set_op_args
 
 NBITS_BLOCK_SIZES = (128, 64, 32, 16)
@@ -43,7 +42,7 @@ def lower_for_target(gm: fx.GraphModule, target: Target) -> fx.GraphModule:
         >>> [str(t.dtype) for n, t in lowered.named_buffers() if n.endswith("qweight")]
         ['torch.uint8']
     """
-    gm = copy.deepcopy(gm)
+    gm = shared_copy(gm)  # the lowering replaces tensors, never edits one in place: no need to copy the weights
     uint8_cache: dict[str, fx.Node] = {}  # tied weights: each shared buffer converted once
     for node in list(gm.graph.nodes):
         name = op_name(node)

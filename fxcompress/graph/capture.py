@@ -1,13 +1,13 @@
 """Capture a model as an fx GraphModule: torch.fx.symbolic_trace first, torch.export as the fallback.
 
 Both paths give a GraphModule whose compressible layers are found by :mod:`fxcompress.graph.sites`, so passes never
-care which capture ran. The user's model is deep-copied first: fx shares submodules with the traced model,
-and a pass that edits a weight in place must never reach the caller's module.
+care which capture ran. The user's module tree is copied first (fx shares submodules with the traced model), but not
+its weights: a model half the size of memory can be compressed. Passes therefore replace tensors and never edit one in
+place, and :func:`fxcompress.optimize` gives the compressed module its own copy of whatever it still shares at the end.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 
 from fxcompress.errors import CaptureError, InputError
-from fxcompress.graph.edit import finalize
+from fxcompress.graph.edit import finalize, shared_copy
 from fxcompress.graph.inputs import (
     DynamicAxes,
     batch_of_two,
@@ -122,7 +122,7 @@ def capture(model: nn.Module, example_inputs: Any, dynamic_axes: DynamicAxes = (
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs)
     axes = input_axes(inputs, dynamic_axes)  # a malformed spec fails here, whichever capture runs
-    work = copy.deepcopy(model).eval()
+    work = shared_copy(model).eval()  # the structure is copied, the weights shared (see graph.edit.shared_copy)
     expected = run_reference(work, inputs)
     if not output_tensors(expected):
         raise InputError(

@@ -6,6 +6,8 @@ Edits follow torch.fx's subgraph rewriter: insert before the old node, ``replace
 
 from __future__ import annotations
 
+import copy
+import itertools
 import re
 from typing import Any
 
@@ -155,6 +157,47 @@ def _drop_unused_attributes(gm: fx.GraphModule) -> None:
                 del owner._parameters[attr]
             elif attr in owner._buffers:
                 del owner._buffers[attr]
+
+
+def shared_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module``'s structure (modules, graph, attributes) that shares its parameters and buffers instead of
+    copying them: no memory for the weights. Edits that *replace* a tensor (every pass's, through
+    :func:`replace_tensor` or new buffers) touch only the copy; nothing may change a shared tensor in place.
+
+    Example:
+        >>> twin = shared_copy(model)
+        >>> twin is model, twin[0].weight is model[0].weight
+        (False, True)
+    """
+    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, memo)
+
+
+def unshare(module: torch.nn.Module, other: torch.nn.Module) -> int:
+    """Give ``module`` its own copy of every tensor it still shares with ``other`` (a tensor tied between two of its
+    layers stays tied: both names get the same copy); returns the bytes copied.
+
+    Example:
+        >>> twin = shared_copy(model)
+        >>> unshare(twin, model), twin[0].weight is model[0].weight
+        (19240, False)
+    """
+    theirs = {t.untyped_storage().data_ptr() for t in itertools.chain(other.parameters(), other.buffers())}
+    copies: dict[int, Tensor] = {}
+    for fqn, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+        if t.untyped_storage().data_ptr() not in theirs:
+            continue
+        if id(t) not in copies:
+            fresh = t.detach().clone()
+            copies[id(t)] = (
+                torch.nn.Parameter(fresh, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else fresh
+            )
+        owner, attr = attr_owner(module, fqn)
+        if attr in owner._parameters:
+            owner._parameters[attr] = copies[id(t)]
+        else:
+            owner._buffers[attr] = copies[id(t)]
+    return sum(nbytes(t) for t in copies.values())
 
 
 def finalize(gm: fx.GraphModule) -> fx.GraphModule:
