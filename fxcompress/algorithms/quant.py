@@ -40,16 +40,7 @@ def quantize_per_channel(w: Tensor, axis: int = 0, bits: int = 8) -> tuple[Tenso
     qmax = 2 ** (bits - 1) - 1
     w = w.detach()
     rows = w.movedim(axis, 0)  # a view: channels first
-    amax = (
-        torch.stack(
-            [
-                chunk.abs().amax(dim=tuple(range(1, chunk.dim()))) if chunk.dim() > 1 else chunk.abs()
-                for chunk in rows.split(CHUNK_ROWS)
-            ]
-        ).reshape(-1)
-        if rows.numel()
-        else rows.new_zeros(0)
-    )
+    amax = torch.cat([chunk.abs().reshape(chunk.shape[0], -1).amax(dim=1) for chunk in rows.split(CHUNK_ROWS)])
     amax = amax.to(torch.float32)
     scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
     q = torch.empty(rows.shape, dtype=torch.int8)

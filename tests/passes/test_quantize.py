@@ -217,3 +217,18 @@ def test_int8_budget_keeps_the_most_sensitive_layer_float_within_the_bytes():
     all_int8 = fxcompress.optimize(model, calibration[0], recipe="int8")
     x = torch.randn(16, 64)
     assert sqnr_db(model(x), cm(x)) > sqnr_db(model(x), all_int8(x)) + 3
+
+
+def test_quantization_and_its_error_are_computed_in_row_chunks_with_the_same_numbers():
+    from fxcompress.algorithms.quant import CHUNK_ROWS, sqnr_db_per_channel
+
+    w = torch.randn(2 * CHUNK_ROWS + 37, 24)  # several chunks, the last one short
+    q, scale = quantize_per_channel(w)
+    amax = w.abs().amax(1)
+    torch.testing.assert_close(scale, amax / 127)
+    assert torch.equal(q, torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8))
+    whole = sqnr_db(w, q.float() * scale[:, None])
+    assert abs(sqnr_db_per_channel(w, q, scale) - whole) < 1e-5 and abs(sqnr_db(w, w * 1.01) - 40.0) < 1e-4
+    conv = torch.randn(CHUNK_ROWS + 3, 2, 3, 3)
+    q4, s4 = quantize_per_channel(conv)
+    assert q4.shape == conv.shape and s4.shape == (CHUNK_ROWS + 3,)
