@@ -82,15 +82,16 @@ class CompressedModel:
         return self.bytes_before / max(self.bytes_after, 1)
 
     def export(
-        self, path: str | os.PathLike, target: Union[str, Target] = "cpu", dynamic_axes: Optional[DynamicAxes] = None
+        self, path: str | os.PathLike, target: Union[str, Target] = "auto", dynamic_axes: Optional[DynamicAxes] = None
     ) -> Path:
         """Write the compressed model as ONNX and return the path.
 
         Args:
             path: the ``.onnx`` file to write; nothing is left there if export fails.
             target: an export target or its name: how compressed layers are lowered for the runtime's kernels
-                (``fxcompress list`` and :data:`fxcompress.export.targets.TARGETS` describe each; default ``"cpu"``,
-                safe on every x86 CPU).
+                (``fxcompress list`` and :data:`fxcompress.export.targets.TARGETS` describe each). ``"auto"`` (the
+                default) picks one for this machine: ``cuda`` with onnxruntime-gpu, ``cpu-vnni`` on a CPU with VNNI,
+                else ``cpu``; the artifact's metadata says which and why.
             dynamic_axes: the input axes left symbolic in the ONNX graph; default: those given to
                 :func:`optimize`. ``()`` fixes every shape.
 
@@ -99,10 +100,9 @@ class CompressedModel:
             >>> cm.export("model.onnx").name
             'model.onnx'
         """
-        target = get_target(target)
         meta = {
             "recipe": [c.to_dict() for c in self.recipe],
-            "tolerance": target.tolerance(self.tolerance, self.records).__dict__,
+            "tolerance": get_target(target).tolerance(self.tolerance, self.records).__dict__,
             "bytes_before": self.bytes_before,
             "capture": self.capture_method,
             "notes": self.notes,

@@ -130,6 +130,24 @@ def _call_factory(spec: str):
     return made[0], made[1], made[2] if len(made) == 3 else None
 
 
+def read_target(path: Path) -> str:
+    """The export target an artifact's metadata names.
+
+    Example:
+        >>> from fxcompress.export.writer import export_onnx
+        >>> read_target(export_onnx(torch.nn.Linear(4, 2), (torch.randn(2, 4),), "l.onnx", target="cpu-nbits"))
+        'cpu-nbits'
+    """
+    try:
+        import onnx
+
+        from fxcompress.export.writer import read_metadata
+
+        return str(read_metadata(onnx.load(str(path), load_external_data=False)).get("target", "?"))
+    except Exception:
+        return "?"
+
+
 def _peak_memory() -> str:
     """This process's peak resident memory (ONNX Runtime sessions run in fresh processes; the parity report gives
     their memory)."""
@@ -173,7 +191,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         ... # doctest: +ELLIPSIS
         layer  kind    pass  action  before      after      weight SQNR
         ...
-        wrote mlp.onnx (target cpu)
+        wrote mlp.onnx (target ...)
         parity PASSED: mlp.onnx
         ...
         0
@@ -193,7 +211,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     )
     print(cm.summary())
     path = cm.export(args.output, target=args.target)
-    print(f"\nwrote {path} (target {args.target})")
+    written = read_target(path)
+    print(f"\nwrote {path} (target {written}{' (' + args.target + ')' if args.target != written else ''})")
     layers = [dataclasses.asdict(r) for r in cm.records]
     if not args.check:
         if args.json:
@@ -315,9 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("-o", "--output", required=True, help="ONNX file to write")
     o.add_argument(
         "--target",
-        default="cpu",
-        choices=target_names(),
-        help="ONNX lowering of compressed layers (see `fxcompress list`)",
+        default="auto",
+        choices=["auto", *target_names()],
+        help="ONNX lowering of compressed layers (see `fxcompress list`); auto: the fastest for this machine",
     )
     o.add_argument(
         "--dynamic-axes",
@@ -372,7 +391,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         layer ...
         module bytes 332.04 KiB -> 86.58 KiB (3.84x smaller)
         <BLANKLINE>
-        wrote mlp.onnx (target cpu)
+        wrote mlp.onnx (target ...)
         0
     """
     args = build_parser().parse_args(argv)

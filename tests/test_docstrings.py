@@ -88,7 +88,7 @@ def test_docstring_example_runs(example, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = _namespace()
     if any("model.onnx" in e.source for e in example.examples):
-        fxcompress.optimize(namespace["model"], namespace["x"], recipe="int8").export("model.onnx")
+        fxcompress.optimize(namespace["model"], namespace["x"], recipe="int8").export("model.onnx", target="cpu")
     example.globs = {**namespace, **example.globs}
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     report: list[str] = []

@@ -38,11 +38,11 @@ def compressed():
     return model, ids, fxcompress.optimize(model, ids, recipe="int8")
 
 
-EXPECTED_OPS = {
-    "cpu": {"DynamicQuantizeMatMul", "Conv", "DequantizeLinear", "Gather"},
-    "cpu-vnni": {"DynamicQuantizeMatMul", "Conv", "DequantizeLinear", "Gather"},
-    "cpu-nbits": {"MatMulNBits", "Conv", "DequantizeLinear", "Gather"},
-    "cpu-weightonly": {"MatMulNBits", "Conv", "DequantizeLinear", "Gather"},
+EXPECTED_OPS = {  # CPU targets: int8 Conv weights Cast + Mul (expanded once when the session loads)
+    "cpu": {"DynamicQuantizeMatMul", "Conv", "Cast", "Gather"},
+    "cpu-vnni": {"DynamicQuantizeMatMul", "Conv", "Cast", "Gather"},
+    "cpu-nbits": {"MatMulNBits", "Conv", "Cast", "Gather"},
+    "cpu-weightonly": {"MatMulNBits", "Conv", "Cast", "Gather"},
     "cuda": {"MatMul", "Conv", "DequantizeLinear", "Gather"},
 }
 
@@ -137,7 +137,7 @@ def test_the_cli_choices_are_the_registry_and_every_variant_a_target_names_exist
 
     optimize = build_parser()._subparsers._group_actions[0].choices["optimize"]
     choices = next(a.choices for a in optimize._actions if a.dest == "target")
-    assert list(choices) == target_names() == list(TARGETS)
+    assert list(choices) == ["auto", *target_names()] and target_names() == list(TARGETS)
     ops = compressed_ops()
     for target in TARGETS.values():
         for op, variant in target.variants:
@@ -146,7 +146,7 @@ def test_the_cli_choices_are_the_registry_and_every_variant_a_target_names_exist
 
 
 def test_unknown_target_names_the_choices():
-    with pytest.raises(ExportError, match="unknown export target 'gpu'; choose one of cpu, cpu-vnni"):
+    with pytest.raises(ExportError, match="unknown export target 'gpu'; choose one of auto, cpu, cpu-vnni"):
         get_target("gpu")
 
 
@@ -264,3 +264,36 @@ def test_an_axis_the_model_fixes_is_exported_fixed_with_a_warning(tmp_path):
         logger.removeHandler(handler)
     assert _input_dims(path) == [["batch", 5, 8]]  # the batch axis alone stays dynamic
     assert any("input 0: (0, 1)" in r.getMessage() and "batch axis alone" in r.getMessage() for r in records)
+
+
+def test_cpu_targets_expand_int8_conv_weights_once_at_load_and_the_checker_says_so(tmp_path):
+    from fxcompress.checker.speed import slow_reasons
+    from fxcompress.checker.weights import expanded_at_load
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)
+    )
+    x = torch.randn(2, 3, 8, 8)
+    cm = fxcompress.optimize(model.eval(), x, recipe="int8")
+    cpu = onnx.load(str(cm.export(tmp_path / "cpu.onnx", target="cpu")))
+    cuda = onnx.load(str(cm.export(tmp_path / "cuda.onnx", target="cuda")))
+    assert expanded_at_load(cpu) == 16 * 3 * 9 + 8 * 16 * 9 and expanded_at_load(cuda) == 0
+    rep = fxcompress.check(model, tmp_path / "cpu.onnx", x, compressed=cm, fp32_baseline=False)
+    assert rep.passed and rep.weights["folded_back"] is False  # expanded by design, not a fold-back
+    assert "expanded to float32 when the session loads" in rep.to_text()
+    assert any("dequantized on every call" in r for r in slow_reasons(cuda, "CPUExecutionProvider", False, 5.0))
+    assert not any("dequantized on every call" in r for r in slow_reasons(cpu, "CPUExecutionProvider", False, 5.0))
+
+
+def test_auto_picks_the_target_for_this_machine_and_records_why(tmp_path, monkeypatch):
+    import fxcompress.export.targets as targets
+
+    cm = fxcompress.optimize(nn.Sequential(nn.Linear(16, 4)), torch.randn(2, 16), recipe="int8")
+    for vnni, expected in ((True, "cpu-vnni"), (False, "cpu")):
+        monkeypatch.setattr(targets, "cpu_has_vnni", lambda vnni=vnni: vnni)
+        monkeypatch.setattr(targets, "cuda_provider_listed", lambda: False)
+        meta = read_metadata(onnx.load(str(cm.export(tmp_path / f"{expected}.onnx"))))
+        assert meta["target"] == expected and meta["target_choice"].startswith("auto: ")
+    monkeypatch.setattr(targets, "cuda_provider_listed", lambda: True)
+    assert read_metadata(onnx.load(str(cm.export(tmp_path / "g.onnx"))))["target"] == "cuda"

@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # in data-path order; a module may import from its own stage and the ones above it
 STAGES = [
-    ("common", ("fxcompress", "fxcompress.errors", "fxcompress.progress", "fxcompress.text")),
+    ("common", ("fxcompress", "fxcompress.errors", "fxcompress.progress", "fxcompress.text", "fxcompress.platform")),
     ("graph", ("fxcompress.graph",)),
     ("models", ("fxcompress.models",)),
     ("ops", ("fxcompress.ops",)),

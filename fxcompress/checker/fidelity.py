@@ -38,7 +38,7 @@ def weight_gate(proto: onnx.ModelProto, compressed: Any, target_name: Optional[s
 
     Example:
         >>> cm = fxcompress.optimize(model, x, recipe="int8")
-        >>> gate = weight_gate(onnx.load(cm.export("model.onnx")), cm, "cpu")
+        >>> gate = weight_gate(onnx.load(cm.export("model.onnx", target="cpu")), cm, "cpu")
         >>> gate.passed, gate.value
         (True, 0.0)
     """

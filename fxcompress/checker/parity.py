@@ -25,6 +25,7 @@ from fxcompress.checker.gates import Gate, classifier_gates, output_gates
 from fxcompress.checker.metrics import compare, outputs_to_numpy
 from fxcompress.checker.report import ParityReport
 from fxcompress.checker.runtime import cpu_has_vnni, probe
+from fxcompress.checker.speed import speed_note
 from fxcompress.checker.weights import weight_report
 from fxcompress.export.targets import TARGETS
 from fxcompress.export.writer import export_onnx, read_metadata
@@ -277,6 +278,11 @@ def check(
         }
         if fp32_baseline:
             _fp32_baseline(model, batches[0], provider, report, latency_repeat)
+            note = speed_note(
+                report.latency.get("p50_ms"), report.latency.get("fp32_p50_ms"), proto, report.provider, cpu_has_vnni()
+            )
+            if note:
+                report.notes.append(note)
     finally:
         _set_training(model, was_training)
     report.passed = not report.failures

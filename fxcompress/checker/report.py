@@ -78,6 +78,8 @@ class ParityReport:
                 lines.append(f"weights after ORT graph optimization: {by}  (folded back to float: {w['folded_back']})")
             if "fused_note" in w:
                 lines.append(w["fused_note"])
+            if "expanded_note" in w:
+                lines.append(w["expanded_note"])
         if mem:
             lines.append(_pair_line("session RSS after load", mem, "rss_load_mb", "MiB"))
             lines.append(_pair_line("session RSS after runs", mem, "rss_run_mb", "MiB"))

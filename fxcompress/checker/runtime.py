@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import numpy as np
 
 from fxcompress.errors import RuntimeMissingError
+from fxcompress.platform import cpu_flags, cpu_has_vnni  # noqa: F401  (re-exported: checks note the CPU)
 
 if TYPE_CHECKING:
     import onnx
@@ -43,32 +44,6 @@ def import_ort():
             "(onnxruntime) or pip install 'fxcompress[gpu]' (onnxruntime-gpu)."
         ) from exc
     return onnxruntime
-
-
-def cpu_flags() -> Optional[set[str]]:
-    """The CPU's instruction-set flags from /proc/cpuinfo; None where it cannot tell (not Linux x86).
-
-    Example:
-        >>> "avx512_vnni" in (cpu_flags() or set())  # on a CPU with AVX-512 VNNI
-        True
-    """
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), None)
-    except OSError:
-        return None
-
-
-def cpu_has_vnni() -> Optional[bool]:
-    """Whether this CPU has VNNI (AVX-512 VNNI or AVX-VNNI): ORT's U8S8 int8 GEMM, which the ``cpu-vnni`` target
-    uses, saturates its int16 sums without it. None where the flags cannot be read.
-
-    Example:
-        >>> cpu_has_vnni() in (True, False, None)
-        True
-    """
-    flags = cpu_flags()
-    return None if flags is None else bool({"avx512_vnni", "avx_vnni"} & flags)
 
 
 def choose_providers(provider: str = "auto") -> list[str]:

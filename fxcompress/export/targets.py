@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 from fxcompress.errors import ExportError
+from fxcompress.platform import cpu_has_vnni, cuda_provider_listed
 from fxcompress.recipe.records import LayerRecord
 from fxcompress.recipe.tolerance import PER_BLOCK_ACTIVATIONS, PER_TENSOR_ACTIVATIONS, Tolerance
 
@@ -89,7 +90,7 @@ TARGETS: dict[str, Target] = {
             "weights int8 + activations quantized per tensor at run time",
             "fastest at batch 1 and 32 on AVX2 CPUs without VNNI",
             int8_linear="uint8",
-            variants=(("linear_q8", "dynamic"),),
+            variants=(("linear_q8", "dynamic"), ("conv_q8", "dequantize_once")),
             floor=PER_TENSOR_ACTIVATIONS,
             on_vnni_use="cpu-vnni",
         ),
@@ -101,7 +102,8 @@ TARGETS: dict[str, Target] = {
             "on CPUs with VNNI the int8 GEMM runs 2x faster than `cpu`'s (MiniLM batch 32: 0.47x vs 0.68x fp32); "
             "without VNNI U8S8 saturates (the parity report notes it)",
             int8_linear="int8",
-            variants=(("linear_q8", "dynamic"),),
+            static_uint8=False,  # QLinearConv / QLinearMatMul on signed weights: U8S8, 2x faster with VNNI
+            variants=(("linear_q8", "dynamic"), ("conv_q8", "dequantize_once")),
             floor=PER_TENSOR_ACTIVATIONS,
             requires_vnni=True,
         ),
@@ -113,7 +115,11 @@ TARGETS: dict[str, Target] = {
             "fast at batch 1, slower than fp32 at batch 32 on AVX2",
             int8_linear="nbits",
             nbits_fallback="uint8",
-            variants=(("linear_q8", "dynamic"), ("linear_nbits", "per_block_activations")),
+            variants=(
+                ("linear_q8", "dynamic"),
+                ("linear_nbits", "per_block_activations"),
+                ("conv_q8", "dequantize_once"),
+            ),
             floor=PER_BLOCK_ACTIVATIONS,
         ),
         Target(
@@ -126,7 +132,7 @@ TARGETS: dict[str, Target] = {
             "slow: 2.1x fp32 at batch 1 on MiniLM, 30x on the 84M MLP's 4096-wide layers; for checking accuracy",
             int8_linear="nbits",
             nbits_fallback="keep",
-            variants=(("linear_q8", "qdq"), ("linear_nbits", "weight_only")),
+            variants=(("linear_q8", "qdq"), ("linear_nbits", "weight_only"), ("conv_q8", "dequantize_once")),
         ),
         Target(
             "cuda",
@@ -153,8 +159,29 @@ def target_names() -> list[str]:
     return list(TARGETS)
 
 
+AUTO = "auto"
+
+
+def auto_target() -> tuple[Target, str]:
+    """The target ``auto`` picks for this machine, and why: ``cuda`` where onnxruntime-gpu offers the CUDA execution
+    provider, else ``cpu-vnni`` on a CPU with VNNI (its int8 kernels run 2x faster there), else ``cpu`` (uint8
+    weights, safe on every x86 CPU). It assumes the artifact runs on the machine that exports it; name a target when
+    it will not.
+
+    Example:
+        >>> auto_target()[0].name in ("cpu", "cpu-vnni", "cuda")
+        True
+    """
+    if cuda_provider_listed():
+        return TARGETS["cuda"], "auto: the installed onnxruntime offers the CUDA execution provider"
+    if cpu_has_vnni():
+        return TARGETS["cpu-vnni"], "auto: this CPU has VNNI, where signed int8 weights (U8S8) run fastest"
+    return TARGETS["cpu"], "auto: no VNNI found on this CPU, so uint8 weights (U8U8), which never saturate"
+
+
 def get_target(target: Union[str, Target]) -> Target:
-    """The :class:`Target` named ``target`` (a Target passes through); ExportError listing the names otherwise.
+    """The :class:`Target` named ``target`` (a Target passes through; ``"auto"`` picks one for this machine, see
+    :func:`auto_target`); ExportError listing the names otherwise.
 
     Example:
         >>> get_target("cpu-vnni").int8_linear
@@ -162,8 +189,10 @@ def get_target(target: Union[str, Target]) -> Target:
     """
     if isinstance(target, Target):
         return target
+    if target == AUTO:
+        return auto_target()[0]
     if target not in TARGETS:
-        raise ExportError(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
+        raise ExportError(f"unknown export target {target!r}; choose one of {AUTO}, {', '.join(TARGETS)}")
     return TARGETS[target]
 
 

@@ -23,7 +23,7 @@ from torch import fx
 
 from fxcompress.errors import ExportError
 from fxcompress.export.lowering import lower_for_target
-from fxcompress.export.targets import Target, get_target
+from fxcompress.export.targets import AUTO, Target, auto_target, get_target
 from fxcompress.graph.inputs import DynamicAxes, batch_of_two, first_line, input_axes
 from fxcompress.ops.onnx_contrib import ONNX_OPSET
 from fxcompress.ops.registry import compressed_ops
@@ -64,7 +64,7 @@ def export_onnx(
     example_inputs: tuple,
     path: str | os.PathLike,
     *,
-    target: Union[str, Target] = "cpu",
+    target: Union[str, Target] = "auto",
     metadata: Optional[dict[str, Any]] = None,
     dynamic_axes: DynamicAxes = (0,),
     external_data: Optional[bool] = None,
@@ -76,7 +76,8 @@ def export_onnx(
         example_inputs: positional inputs used for tracing.
         path: the ``.onnx`` file to write (its directory must exist; a symbolic link is written through).
         target: an export target or its name (:mod:`fxcompress.export.targets`: ``"cpu"``, ``"cpu-vnni"``,
-            ``"cpu-nbits"``, ``"cpu-weightonly"``, ``"cuda"``); picks the ONNX lowering of compressed sites.
+            ``"cpu-nbits"``, ``"cpu-weightonly"``, ``"cuda"``); picks the ONNX lowering of compressed sites. ``"auto"``
+            (the default) picks one for this machine and records why in the metadata.
         metadata: stored as ``fxcompress.<key>`` metadata_props (JSON values); ``fxcompress.check`` reads them.
         dynamic_axes: the input axes left symbolic in the ONNX graph (named ``batch`` for axis 0, ``<input>_dim<k>``
             otherwise), as axis numbers for every input or one tuple per input; ``()`` fixes every shape. A module
@@ -98,6 +99,7 @@ def export_onnx(
     """
     path = Path(path)
     destination = _destination(path)
+    choice = auto_target()[1] if target == AUTO else ""
     target = get_target(target)
     _probe_writable(destination)
     module = lower_for_target(module, target) if isinstance(module, fx.GraphModule) else module
@@ -106,7 +108,7 @@ def export_onnx(
     if not program.model.graph.outputs:
         raise ExportError(f"{type(module).__name__} returns no tensor: the ONNX graph would have no output")
     meta = dict(metadata or {})
-    meta.update(target=target.name)
+    meta.update(target=target.name, **({"target_choice": choice} if choice else {}))
     for key, value in meta.items():
         program.model.metadata_props[META_PREFIX + key] = json.dumps(value)
     if external_data is None:
@@ -159,6 +161,24 @@ def translation_table(target: Target) -> dict[object, Callable]:
     return {op.overload: op.translation(target.variant(name)) for name, op in compressed_ops().items()}
 
 
+def _keeps_codes(node: Any) -> Optional[bool]:
+    """Constant folding's veto: a Cast of quantized codes stays in the file (the CPU targets' Conv lowering), where
+    ONNX Runtime expands it when the session loads; folded at export, the file would hold the float weights."""
+    if node.op_type == "Cast" and node.inputs and node.inputs[0] is not None:
+        value = node.inputs[0].const_value
+        if value is not None and str(value.dtype).lower().replace("dtype.", "") in ("int8", "uint8", "int4", "uint4"):
+            return False
+    return None
+
+
+def _optimized(program: Any) -> Any:
+    """torch.onnx.export's own optimization (onnxscript's optimizer), with :func:`_keeps_codes`'s veto."""
+    import onnxscript.optimizer
+
+    onnxscript.optimizer.optimize_ir(program.model, should_fold=_keeps_codes)
+    return program
+
+
 def _export_program(module: torch.nn.Module, inputs: tuple, target: Target, axes: list[tuple[int, ...]]) -> Any:
     # The exporter logs a warning per missing torchvision op and per deprecation on every call: noise to a user.
     # onnxscript's constant folder also logs each sub-graph it declines to fold (harmless).
@@ -174,7 +194,7 @@ def _export_program_inner(module: torch.nn.Module, inputs: tuple, target: Target
         dynamo=True,
         custom_translation_table=translation_table(target),
         opset_version=ONNX_OPSET,
-        optimize=True,
+        optimize=False,  # optimized below: constant folding must leave quantized weights quantized
         verbose=False,
     )
     # what was asked, then the batch axis alone, then fixed shapes: a model that fixes a size is exported fixed there
@@ -192,7 +212,7 @@ def _export_program_inner(module: torch.nn.Module, inputs: tuple, target: Target
             for name, x in zip(_input_names(module, len(inputs)), wanted)
         )
         try:
-            return torch.onnx.export(module, batch_of_two(inputs, wanted), dynamic_shapes=shapes, **kwargs)
+            return _optimized(torch.onnx.export(module, batch_of_two(inputs, wanted), dynamic_shapes=shapes, **kwargs))
         except Exception as exc:
             log.warning(
                 "export with dynamic axes %s failed (%s); %s",
@@ -201,7 +221,7 @@ def _export_program_inner(module: torch.nn.Module, inputs: tuple, target: Target
                 "trying the batch axis alone" if wanted is not attempts[-1] else "exporting with fixed shapes",
             )
     try:
-        return torch.onnx.export(module, inputs, **kwargs)
+        return _optimized(torch.onnx.export(module, inputs, **kwargs))
     except Exception as exc:
         raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {first_line(exc)}") from exc
 

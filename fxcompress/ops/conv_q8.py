@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import onnx
 import torch
 import torch.nn.functional as F
 from onnxscript import opset21 as op
@@ -80,4 +81,20 @@ def dequantize_conv(x, qweight, scale, zero_point=None, bias=None, stride=(1,), 
     return op.Conv(x, w, bias, strides=list(stride), pads=pads, dilations=list(dilation), group=groups)
 
 
-register_op(torch.ops.fxcompress.conv_q8.default, {"qdq": dequantize_conv}, default="qdq")
+def dequantize_once_conv(
+    x, qweight, scale, zero_point=None, bias=None, stride=(1,), padding=(0,), dilation=(1,), groups=1
+):
+    # Cast + Mul of two initializers: ONNX Runtime folds them into one fp32 weight when the session loads, then
+    # prepacks it for its fast float convolution kernels. DequantizeLinear is exempt from that folding (ORT keeps it
+    # for QDQ fusion), so a DequantizeLinear + Conv dequantizes the weight on every call instead.
+    shape = op.Constant(value_ints=[-1] + [1] * (len(stride) + 1))
+    w = op.Mul(op.Cast(qweight, to=onnx.TensorProto.FLOAT), op.Reshape(scale, shape))
+    pads = list(padding) + list(padding)
+    return op.Conv(x, w, bias, strides=list(stride), pads=pads, dilations=list(dilation), group=groups)
+
+
+register_op(
+    torch.ops.fxcompress.conv_q8.default,
+    {"qdq": dequantize_conv, "dequantize_once": dequantize_once_conv},
+    default="qdq",
+)
