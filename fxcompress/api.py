@@ -18,11 +18,19 @@ from fxcompress.algorithms.distill import DistillOptions, distill_module, varyin
 from fxcompress.errors import InputError, PassError
 from fxcompress.export.targets import Target, get_target
 from fxcompress.export.writer import export_onnx
-from fxcompress.graph.calibration import Calibration
+from fxcompress.graph.calibration import positional_calibration
 from fxcompress.graph.capture import capture
 from fxcompress.graph.edit import state_bytes, unshare
-from fxcompress.graph.inputs import DynamicAxes, input_axes, normalize_inputs, run_reference
+from fxcompress.graph.inputs import (
+    DynamicAxes,
+    called_positionally,
+    input_axes,
+    keyword_names,
+    normalize_inputs,
+    run_reference,
+)
 from fxcompress.progress import progress_bar
+from fxcompress.recipe.canonical import drop_idle_canonical, with_canonical
 from fxcompress.recipe.manager import PassManager
 from fxcompress.recipe.parse import RecipeLike, parse_recipe, recipe_tolerance
 from fxcompress.recipe.records import LayerRecord
@@ -55,11 +63,12 @@ class CompressedModel:
     bytes_after: int
     capture_note: Optional[str] = None
     dynamic_axes: DynamicAxes = (0,)
+    input_names: Optional[tuple[str, ...]] = None  # the keywords of example inputs given as a dict
     onnx_path: Optional[Path] = field(default=None, repr=False)
 
-    def __call__(self, *args: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():
-            return self.module(*args)
+            return self.module(*args, **kwargs)
 
     @property
     def tolerance(self) -> Tolerance:
@@ -172,6 +181,7 @@ def optimize(
     calibration: Optional[Iterable[Any]] = None,
     progress: Optional[bool] = None,
     dynamic_axes: DynamicAxes = (0,),
+    canonicalize: bool = True,
 ) -> CompressedModel:
     """Capture ``model``, run the recipe's rewrite passes and return the compressed module.
 
@@ -179,9 +189,11 @@ def optimize(
 
     Args:
         model: any ``nn.Module``; captured with torch.fx, or torch.export when symbolic tracing fails.
-        example_inputs: a tensor or tuple of positional tensors the model accepts.
+        example_inputs: the model's inputs as it is called: a tensor, a tuple of positional inputs, or a dict of
+            keyword inputs (``{"input_ids": ids, "attention_mask": mask}``), whose names the ONNX inputs keep.
         recipe: pass names with options (``"fold_bn,int8"``), a config, or a list of either.
-        calibration: input tuples for passes that look at activations; a :class:`Calibration` can also mark
+        calibration: input batches (like ``example_inputs``: tuples, or dicts with the same keywords) for passes that
+            look at activations; a :class:`Calibration` can also mark
             padding so that statistics skip it.
         progress: a progress bar on stderr over the passes, naming the layer being rewritten; default: when stderr
             is a terminal.
@@ -189,6 +201,8 @@ def optimize(
             for every input or one tuple per input: e.g. ``(0, 1)`` for a transformer's batch and sequence length,
             so that the module (and its export) takes any length and ``distill`` can train on batches cut to their
             longest sentence instead of padded ones.
+        canonicalize: run the exact rewrites (BatchNorm folded into its conv) ahead of the recipe; their records say
+            so, and the recipe kept on the result names them only where they changed something.
 
     Returns:
         A :class:`CompressedModel`; ``.module`` runs in torch, ``.export(path)`` writes ONNX.
@@ -203,29 +217,34 @@ def optimize(
         >>> round(cm.compression_ratio, 1)
         3.6
     """
-    configs = parse_recipe(recipe)
-    inputs = normalize_inputs(example_inputs)
+    user_configs = parse_recipe(recipe)
+    configs = with_canonical(user_configs) if canonicalize else user_configs
+    names = keyword_names(example_inputs)
+    inputs = normalize_inputs(example_inputs, names)
     calib = None
     if calibration is not None:  # keeps a Calibration's token mask
-        calib = Calibration((normalize_inputs(c) for c in calibration), getattr(calibration, "token_mask", None))
+        calib = positional_calibration(calibration, names)
         _check_finite(calib)
-    captured = capture(model, inputs, dynamic_axes)
+    called = called_positionally(model, names)  # keyword inputs become the graph's (and the ONNX file's) named inputs
+    captured = capture(called, inputs, dynamic_axes)
     gm = captured.graph_module
     before = state_bytes(gm)
     show = sys.stderr.isatty() if progress is None else progress
     with progress_bar(show, desc="fxcompress", total=len(configs)) as bar:
-        ctx = PassContext(inputs, calib, progress=bar.note, teacher=model)
+        ctx = PassContext(inputs, calib, progress=bar.note, teacher=called)
         records = PassManager(configs).run(gm, ctx, on_pass_done=bar.advance)
+    configs, records = drop_idle_canonical(configs, user_configs, records)
     unshare(gm, model)  # the compressed module never aliases the user's weights: editing one must not change the other
     try:  # the rewritten graph must still run on what the original ran on
         run_reference(gm, inputs)
     except InputError as exc:
         raise PassError(f"recipe {[c.name for c in configs]} produced a graph that no longer runs: {exc}") from exc
-    done = [r for r in records if not r.skipped]
-    if not done:
+    asked = {c.name for c in user_configs}
+    if not any(not r.skipped and r.pass_name in asked for r in records):
+        theirs = [r for r in records if r.pass_name in asked]
         warnings.warn(
-            f"recipe {[c.name for c in configs]} found nothing to compress in {type(model).__name__}: "
-            + ("; ".join(f"{r.layer}: {r.reason}" for r in records[:5]) or _nothing_found(configs)),
+            f"recipe {[c.name for c in user_configs]} found nothing to compress in {type(model).__name__}: "
+            + ("; ".join(f"{r.layer}: {r.reason}" for r in theirs[:5]) or _nothing_found(user_configs)),
             stacklevel=2,
         )
     return CompressedModel(
@@ -238,6 +257,7 @@ def optimize(
         state_bytes(gm),
         captured.fx_failure,
         captured.dynamic_axes,
+        input_names=names,
     )
 
 
@@ -318,11 +338,12 @@ def distill(
         )
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    _check_axes(compressed, [normalize_inputs(b) for b in data])
+    batches = positional_calibration(data, compressed.input_names)
+    _check_axes(compressed, batches)
     history = distill_module(
         compressed.module,
-        teacher,
-        data,
+        called_positionally(teacher, compressed.input_names),
+        batches,
         options,
         trainable=trainable,
         device=device,

@@ -22,7 +22,7 @@ from fxcompress.checker.weights import initializer_bytes
 from fxcompress.export.targets import target_names
 from fxcompress.export.writer import export_onnx
 from fxcompress.graph.capture import capture
-from fxcompress.graph.inputs import normalize_inputs, run_reference
+from fxcompress.graph.inputs import called_positionally, keyword_names, normalize_inputs, run_reference
 from fxcompress.text import fmt_bytes
 
 
@@ -177,10 +177,11 @@ def run_benchmark(
         ['fp32', 'fxcompress int8 [cpu]']
     """
     made = factory()
-    model, inputs = made[0], normalize_inputs(made[1])
-    eval_batches = [normalize_inputs(b) for b in made[2].inputs] if len(made) > 2 else [inputs]
+    names = keyword_names(made[1])
+    model, inputs = called_positionally(made[0], names), normalize_inputs(made[1], names)
+    eval_batches = [normalize_inputs(b, names) for b in made[2].inputs] if len(made) > 2 else [inputs]
     labels = made[2].labels.numpy() if len(made) > 2 and made[2].labels is not None else None
-    calib = [normalize_inputs(c) for c in calibration] if calibration is not None else None
+    calib = [normalize_inputs(c, names) for c in calibration] if calibration is not None else None
     reference = [outputs_to_numpy(run_reference(model, b)) for b in eval_batches]
     targets = list(targets or target_names())
     total = 1 + len(recipes) * len(targets) + bool(ort_quantize_dynamic) + len(ort_nbits)

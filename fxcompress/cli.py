@@ -208,6 +208,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         progress=False if args.no_progress else None,
         calibration=load_calibration(args.calibration, args.model),
         dynamic_axes=parse_axes(args.dynamic_axes, args.model),
+        canonicalize=not args.no_canonicalize,
     )
     print(cm.summary())
     path = cm.export(args.output, target=args.target)
@@ -345,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     o.add_argument("--check", action="store_true", help="run the parity checker on the result (exit 1 if it fails)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o.add_argument(
+        "--no-canonicalize", action="store_true", help="skip the exact rewrites run by default (BatchNorm folding)"
+    )
     o.add_argument(
         "--calibration",
         help="MODULE:FUNC returning a list of input tuples (bundled models have default calibration batches)",

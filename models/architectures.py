@@ -354,3 +354,59 @@ def param_count(model: nn.Module) -> int:
         10
     """
     return sum(p.numel() for p in model.parameters())
+
+
+# --- transformers encoders from their public configurations -----------------------------------------------------------
+def _hf_config(kind: str, scale: float) -> tuple[type, object]:
+    """(model class, config) of a transformers architecture at its published size (``scale=1``) or shrunk."""
+    import transformers as hf
+
+    def s(v: int, floor: int = 1) -> int:
+        return max(floor, int(v * scale))
+
+    if kind == "bert":  # bert-base-uncased
+        cfg = hf.BertConfig(
+            hidden_size=s(768, 32), num_hidden_layers=s(12), num_attention_heads=s(12, 2),
+            intermediate_size=s(3072, 64),
+        )  # fmt: skip
+        return hf.BertModel, cfg
+    if kind == "distilbert":  # distilbert-base-uncased
+        cfg = hf.DistilBertConfig(dim=s(768, 32), n_layers=s(6), n_heads=s(12, 2), hidden_dim=s(3072, 64))
+        return hf.DistilBertModel, cfg
+    if kind == "t5_encoder":  # t5-small
+        cfg = hf.T5Config(
+            d_model=s(512, 32), d_kv=64 if scale == 1 else 16, d_ff=s(2048, 64), num_layers=s(6), num_heads=s(8, 2),
+        )  # fmt: skip
+        return hf.T5EncoderModel, cfg
+    if kind == "whisper_encoder":  # whisper-tiny's encoder
+        cfg = hf.WhisperConfig(
+            d_model=s(384, 32), encoder_layers=s(4), encoder_attention_heads=s(6, 2), encoder_ffn_dim=s(1536, 64),
+            max_source_positions=s(1500, 16),
+        )  # fmt: skip
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        return WhisperEncoder, cfg
+    raise ValueError(f"unknown transformers architecture {kind!r}: bert, distilbert, t5_encoder or whisper_encoder")
+
+
+def hf_encoder(kind: str = "bert", scale: float = 1.0, batch: int = 2, length: int = 32) -> tuple[nn.Module, dict]:
+    """A transformers encoder (``bert``, ``distilbert``, ``t5_encoder``, ``whisper_encoder``) with random weights,
+    and keyword example inputs as it is called (``input_ids`` + ``attention_mask``; ``input_features`` for Whisper).
+
+    Example:
+        >>> model, example = hf_encoder("distilbert", scale=0.1)
+        >>> sorted(example), model(**example).last_hidden_state.shape
+        (['attention_mask', 'input_ids'], torch.Size([2, 32, 76]))
+    """
+    cls, cfg = _hf_config(kind, scale)
+    if scale < 1 and hasattr(cfg, "vocab_size"):
+        cfg.vocab_size = 1000  # a 30k-row embedding would dominate a shrunk model's bytes and test time
+    g = _seeded()
+    model = cls(cfg).eval()
+    if kind == "whisper_encoder":  # log-mel frames: two per encoder position (its second conv has stride 2)
+        frames = 2 * cfg.max_source_positions
+        return model, {"input_features": torch.randn(batch, cfg.num_mel_bins, frames, generator=g)}
+    ids = torch.randint(0, cfg.vocab_size, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, length // 2 :] = 0  # one padded sentence, so that the mask matters
+    return model, {"input_ids": ids, "attention_mask": mask}

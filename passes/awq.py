@@ -25,6 +25,7 @@ from torch import Tensor, fx, nn
 
 from fxcompress.algorithms.quant import (
     INT4_BLOCK_SIZES,
+    block_for,
     dequantize_blocks,
     dequantize_per_channel,
     quantize_per_channel,
@@ -79,7 +80,7 @@ def round_trip(w: Tensor, bits: int, block: int) -> Tensor:
     """
     if bits == 8:
         return dequantize_per_channel(*quantize_per_channel(w))
-    fitting = next(b for b in sorted(INT4_BLOCK_SIZES, reverse=True) if b <= block and w.shape[1] % b == 0)
+    fitting = block_for(w.shape[1], block)
     return dequantize_blocks(*quantize_rtn(w, fitting), fitting)
 
 
@@ -201,6 +202,13 @@ def scale_awq(gm: fx.GraphModule, cfg: AWQConfig, ctx: PassContext) -> PassResul
             "awq needs calibration data to measure activation magnitudes: optimize(..., calibration=[input_tuple, ...])"
         )
     sites, records = select_sites(gm, cfg, ("linear",))
+    if cfg.bits == 4:  # int4 leaves these float, so there is no grid to fit scales to
+        unfit = [s for s in sites if block_for(s.weight.shape[1], cfg.block) is None]
+        records += [
+            LayerRecord(s.name, s.kind, cfg.name, "skipped", f"in_features {s.weight.shape[1]} fits no int4 block")
+            for s in unfit
+        ]
+        sites = [s for s in sites if s not in unfit]
     every = find_sites(gm)[0]
     groups = _groups(sites, every)
     grouped = {s.name for members in groups.values() for s in members}

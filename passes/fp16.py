@@ -14,12 +14,13 @@ module is a drop-in replacement.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 import torch
-from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from fxcompress.graph.edit import attr_owner, replace_tensor
 from fxcompress.graph.sites import find_sites
@@ -76,6 +77,9 @@ FP32_MODULES = (
 )
 HALF_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 CONVERSIONS = frozenset({"to", "_to_copy", "type", "float", "half", "double", "bfloat16", "type_as"})
+# Ops returning several tensors in their input's dtype; any other op returning several (an LSTM, a GRU, a fused
+# normalization) computes in float32, since its outputs cannot be cast one by one where it is called.
+SPLITTING_OPS = frozenset({"split", "split_with_sizes", "chunk", "unbind", "tensor_split", "unsafe_split"})
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,7 @@ class HalfConfig(PassConfig):
     name: ClassVar[str] = "fp16"
     tolerance: ClassVar[Tolerance] = Tolerance(0.9999, 0.9995, 40.0, 0.01, 0.001, 0.99, 0.5)
     dtype: str = "fp16"
+    shares_tied_weights: ClassVar[bool] = True  # a tied tensor read only by half ops is stored once, in half
 
     def __post_init__(self) -> None:
         if self.dtype not in HALF_DTYPES:
@@ -105,6 +110,11 @@ def _out_dtype(node: Any) -> Optional[torch.dtype]:
     return dtype if dtype is not None and dtype.is_floating_point else None
 
 
+def _returns_several(node: Any) -> bool:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return isinstance(meta, (tuple, list)) and not isinstance(meta, TensorMetadata)  # (a NamedTuple itself)
+
+
 def _float_inputs(node: fx.Node) -> list[fx.Node]:
     return [a for a in node.all_input_nodes if _out_dtype(a) is not None]
 
@@ -120,7 +130,11 @@ def _wants(
     """The dtype ``node`` should compute in; None for nodes left as they are (non-float, conversions, get_attr).
     ``default`` is what an op that is neither a site nor numerically sensitive gets: half, or float32 when the config
     names the layers to halve."""
-    if node.op in ("placeholder", "output", "get_attr") or _out_dtype(node) is None:
+    if node.op in ("placeholder", "output", "get_attr") or node.target is operator.getitem:
+        return None
+    if _returns_several(node):
+        return None if _op_name(node) in SPLITTING_OPS else torch.float32
+    if _out_dtype(node) is None:
         return None
     if node in fp32_sites:
         return torch.float32
@@ -162,18 +176,13 @@ def mixed_precision(gm: fx.GraphModule, cfg: HalfConfig, ctx: PassContext) -> Pa
     wants = {n: _wants(gm, n, fp32_sites, site_nodes, half, default) for n in gm.graph.nodes}
     _apply_dtypes(gm, wants, half)
     numerics = Numerics(str(half).removeprefix("torch."))
-    for site in sites:  # a site's weight and bias are read only by the site, so they are now stored in half
+    counted: dict[object, str] = {}  # a tied weight is stored once: its bytes go to its first reader's record
+    for site in sites:  # every reader of a selected weight computes in half, so the weight is now stored in half
+        first = counted.setdefault(site.weight_key, site.name)
+        before = site.weight_bytes if first == site.name else 0
+        note = "" if first == site.name else f"shares the {cfg.dtype} weight of {first}"
         records.append(
-            LayerRecord(
-                site.name,
-                site.kind,
-                cfg.name,
-                cfg.dtype,
-                "",
-                site.weight_bytes,
-                site.weight_bytes // 2,
-                numerics=numerics,
-            )
+            LayerRecord(site.name, site.kind, cfg.name, cfg.dtype, note, before, before // 2, numerics=numerics)
         )
     return PassResult(gm, bool(sites), records)
 
@@ -184,6 +193,7 @@ def _apply_dtypes(gm: fx.GraphModule, wants: dict[fx.Node, Optional[torch.dtype]
     half ops are stored in half."""
     actual: dict[fx.Node, Optional[torch.dtype]] = {}
     casts: dict[tuple[fx.Node, torch.dtype], fx.Node] = {}
+    halved: dict[int, Tensor] = {}
 
     def cast(src: fx.Node, dtype: torch.dtype, before: fx.Node) -> fx.Node:
         if (src, dtype) not in casts:
@@ -195,6 +205,9 @@ def _apply_dtypes(gm: fx.GraphModule, wants: dict[fx.Node, Optional[torch.dtype]
         if node.op == "get_attr" and _out_dtype(node) is not None:
             actual[node] = _store_half_if_only_half_reads(gm, node, wants, half)
             continue
+        if node.target is torch.ops.aten._assert_tensor_metadata.default:
+            gm.graph.erase_node(node)  # torch.export's check of a dtype this pass is changing
+            continue
         want = torch.float32 if node.op == "output" else wants.get(node)
         srcs = _float_inputs(node)
         if want is not None:
@@ -202,10 +215,15 @@ def _apply_dtypes(gm: fx.GraphModule, wants: dict[fx.Node, Optional[torch.dtype]
                 if actual.get(src, _out_dtype(src)) != want:
                     node.replace_input_with(src, cast(src, want, node))
             if node.op == "call_module" and want == half:
-                _halve(gm.get_submodule(str(node.target)), half)
+                _halve(gm.get_submodule(str(node.target)), half, halved)
         # A node with float inputs now computes in `want`; one without (full, arange) or a conversion keeps its own.
         owns_weights = node.op == "call_module" and any(True for _ in gm.get_submodule(str(node.target)).parameters())
-        actual[node] = want if want is not None and (srcs or owns_weights) else _passthrough(node, srcs, actual)
+        if _returns_several(node):  # the dtype of its float outputs, which getitem nodes read
+            actual[node] = want or (actual.get(srcs[0], _out_dtype(srcs[0])) if srcs else None)
+        elif node.target is operator.getitem and _returns_several(node.args[0]):
+            actual[node] = actual.get(node.args[0]) if _out_dtype(node) is not None else None
+        else:
+            actual[node] = want if want is not None and (srcs or owns_weights) else _passthrough(node, srcs, actual)
 
 
 _METHOD_DTYPES = {"float": torch.float32, "half": torch.float16, "double": torch.float64, "bfloat16": torch.bfloat16}
@@ -225,13 +243,20 @@ def _passthrough(node: fx.Node, srcs: list[fx.Node], actual: dict) -> Optional[t
     return actual.get(srcs[0], declared)
 
 
-def _halve(module: nn.Module, half: torch.dtype) -> None:
+def _halve(module: nn.Module, half: torch.dtype, halved: dict[int, Tensor]) -> None:
     """``module.to(half)`` by replacing its tensors: ``Module.to`` rewrites each Parameter's data in place, and the
-    captured graph shares its tensors with the user's model."""
+    captured graph shares its tensors with the user's model. ``halved`` maps each float tensor already replaced (by
+    id) to its half replacement, so a weight tied between two modules stays one tensor."""
     for owner in module.modules():
-        for attr, t in [*owner._parameters.items(), *owner._buffers.items()]:
-            if t is not None and t.is_floating_point():
-                replace_tensor(owner, attr, t.detach().to(half))
+        for slots in (owner._parameters, owner._buffers):
+            for attr, t in list(slots.items()):
+                if t is None or not t.is_floating_point() or t.dtype == half:
+                    continue
+                if id(t) in halved:
+                    slots[attr] = halved[id(t)]
+                else:
+                    replace_tensor(owner, attr, t.detach().to(half))
+                    halved[id(t)] = slots[attr]
 
 
 def _store_half_if_only_half_reads(gm: fx.GraphModule, node: fx.Node, wants: dict, half: torch.dtype) -> torch.dtype:

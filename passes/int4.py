@@ -39,6 +39,7 @@ from fxcompress.algorithms.int8_rewrite import int8_record, rewrite_int8
 from fxcompress.algorithms.quant import (
     INT4_BITS,
     INT4_BLOCK_SIZES,
+    block_for,
     dequantize_blocks,
     int4_bytes,
     int8_bytes,
@@ -48,8 +49,8 @@ from fxcompress.algorithms.quant import (
     sqnr_db,
 )
 from fxcompress.errors import InputError
-from fxcompress.graph.edit import replace_site
-from fxcompress.graph.sites import Site, nbytes
+from fxcompress.graph.edit import TiedWeights, attr_owner, replace_site
+from fxcompress.graph.sites import Site, nbytes, single_reader
 from fxcompress.ops.packing import pack_nbits
 from fxcompress.recipe.manager import select_sites
 from fxcompress.recipe.records import LayerRecord, Numerics
@@ -64,6 +65,7 @@ class Int4Config(PassConfig):
     """int4 weights in blocks of ``block`` input features, by round-to-nearest or GPTQ (needs calibration)."""
 
     name: ClassVar[str] = "int4"
+    shares_tied_weights: ClassVar[bool] = True
     other_kinds: ClassVar[dict[str, str]] = {
         kind: f"; int8 quantizes {kind}: put 'int8:kinds={kind}' before int4" for kind in ("conv1d", "conv2d")
     }
@@ -93,17 +95,6 @@ class Int4Config(PassConfig):
             )
         if not self.kinds or set(self.kinds) - {"linear", "embedding"}:
             raise ValueError(f"kinds must be a non-empty subset of ('linear', 'embedding'), got {self.kinds}")
-
-
-def block_for(width: int, block: int) -> Optional[int]:
-    """The block size a layer of input width ``width`` gets: ``block`` when it divides the width, else the largest
-    smaller block size that does; None when no block size (16 at least) divides it.
-
-    Example:
-        >>> block_for(512, 128), block_for(64, 128), block_for(10, 128)
-        (128, 64, None)
-    """
-    return next((b for b in sorted(INT4_BLOCK_SIZES, reverse=True) if b <= block and width % b == 0), None)
 
 
 def _pack_linear(codes: Tensor, scale: Tensor, zp: Tensor, block: int) -> dict[str, Tensor]:
@@ -173,18 +164,37 @@ def _fitting(sites: list[Site], cfg: Int4Config, records: list[LayerRecord]) -> 
 
 
 def _rewrite_int4(
-    gm: fx.GraphModule, site: Site, codes: Tensor, scale: Tensor, zp: Tensor, block: int
+    gm: fx.GraphModule, site: Site, codes: Tensor, scale: Tensor, zp: Tensor, block: int, tied: TiedWeights
 ) -> dict[str, Tensor]:
+    """Replace ``site`` by its 4-bit op; a further reader of a tied weight reuses the first reader's packed tensors."""
     ops = torch.ops.fxcompress
     w = site.weight
+    first = tied.lookup(site, "nbits")
     if site.kind == "linear":
         bias = site.bias.to(torch.float32) if site.bias is not None else None
         tensors = {**_pack_linear(codes, scale, zp, block), "bias": bias}
-        replace_site(gm, site, ops.linear_nbits.default, tensors, (w.shape[1], w.shape[0], INT4_BITS, block))
+        target, extra = ops.linear_nbits.default, (w.shape[1], w.shape[0], INT4_BITS, block)
     else:
         tensors = _pack_embedding(codes, scale, zp)
-        replace_site(gm, site, ops.embedding_nbits.default, tensors, (INT4_BITS, block))
-    return tensors
+        target, extra = ops.embedding_nbits.default, (INT4_BITS, block)
+    shared = _viewed_as(gm, first[1], tensors, site.node) if first else None
+    new = replace_site(gm, site, target, tensors, extra, shared=shared)
+    tied.remember(site, new, tensors, ("packed", "scales", "zero_points"), "nbits")
+    return tensors if first is None else {"bias": tensors.get("bias")}
+
+
+def _viewed_as(gm: fx.GraphModule, shared: dict[str, fx.Node], tensors: dict[str, Tensor], before: fx.Node):
+    """The first reader's packed tensors, reshaped where this reader's op lays the same bytes out differently (a
+    Linear head tied to an Embedding: [n, blocks, bytes] vs [n, bytes]); ONNX Runtime folds the reshape at load."""
+    viewed = {}
+    for key, node in shared.items():
+        want = list(tensors[key].shape)
+        if list(getattr(*attr_owner(gm, str(node.target))).shape) == want:
+            viewed[key] = node
+        else:
+            with gm.graph.inserting_before(before):
+                viewed[key] = gm.graph.call_function(torch.ops.aten.reshape.default, (node, want))
+    return viewed
 
 
 @register_pass(Int4Config)
@@ -201,12 +211,15 @@ def quantize_int4(gm: fx.GraphModule, cfg: Int4Config, ctx: PassContext) -> Pass
     blocks = _fitting(sites, cfg, records)
     fit = [s for s in sites if s.name in blocks]
     linear = [s for s in fit if s.kind == "linear"]
-    keep8 = _keep_int8(gm, linear, blocks, cfg, ctx.calibration) if cfg.budget else {}
-    gptq_sites = linear if cfg.algo == "gptq" else []  # (the layers kept int8 too: GPTQ on the int8 grid)
+    keep8 = _keep_int8(gm, single_reader(linear), blocks, cfg, ctx.calibration) if cfg.budget else {}
+    # GPTQ fits one reader's inputs: a weight read by several layers is rounded to nearest (the layers kept int8 too
+    # get GPTQ, on the int8 grid)
+    gptq_sites = single_reader(linear) if cfg.algo == "gptq" else []
     if gptq_sites and ctx.calibration is None:
         raise InputError("int4 algo=gptq needs calibration data: optimize(..., calibration=[input_tuple, ...])")
     hessians = LayerHessians(gm, gptq_sites, ctx.calibration, cfg.sequential) if gptq_sites else None
     gptq_names = {s.name for s in gptq_sites}
+    tied = TiedWeights()
     for site in fit:
         ctx.progress(site.name)
         hessian = hessians.pop(site) if site.name in gptq_names else None
@@ -218,8 +231,13 @@ def quantize_int4(gm: fx.GraphModule, cfg: Int4Config, ctx: PassContext) -> Pass
             codes, scale, zp = quantize_gptq(w, hessian, block, cfg.act_order, cfg.damp, cfg.clip)
         else:
             codes, scale, zp = quantize_rtn(w, block, cfg.clip)
-        tensors = _rewrite_int4(gm, site, codes, scale, zp, block)
+        first = tied.lookup(site, "nbits")
+        tensors = _rewrite_int4(gm, site, codes, scale, zp, block, tied)
         note = f"block {block}" + (", clip" if cfg.clip else "")
+        if first is not None:
+            note = f"shares the int4 weight of {first[0]}"
+        elif cfg.algo == "gptq" and hessian is None and site.kind == "linear":
+            note += ", round-to-nearest (GPTQ skips a weight that several layers read)"
         if block != cfg.block:
             what = "in_features" if site.kind == "linear" else "embedding_dim"
             note += f" (block {cfg.block} does not divide {what} {w.shape[1]})"
@@ -230,7 +248,7 @@ def quantize_int4(gm: fx.GraphModule, cfg: Int4Config, ctx: PassContext) -> Pass
                 cfg.name,
                 f"int4-{'gptq' if hessian is not None else 'rtn'}",
                 note,
-                site.weight_bytes,
+                site.weight_bytes if first is None else nbytes(site.bias),
                 nbytes(*tensors.values()),
                 sqnr_db(w, dequantize_blocks(codes, scale, zp, block)),
                 "weight SQNR dB",

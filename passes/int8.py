@@ -8,7 +8,6 @@ costs the model's outputs most per byte saved in float (:mod:`fxcompress.algorit
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,7 +23,7 @@ from fxcompress.algorithms.quant import (
     quantize_per_channel_gptq,
 )
 from fxcompress.errors import InputError
-from fxcompress.graph.sites import Site
+from fxcompress.graph.sites import Site, single_reader
 from fxcompress.recipe.manager import select_sites
 from fxcompress.recipe.records import LayerRecord
 from fxcompress.recipe.registry import PassConfig, PassContext, PassResult, register_pass
@@ -44,6 +43,7 @@ class Int8Config(PassConfig):
     """
 
     name: ClassVar[str] = "int8"
+    shares_tied_weights: ClassVar[bool] = True
     tolerance: ClassVar[Tolerance] = Tolerance()  # weight-only int8: MiniLM 0.9995, SQNR 30 dB, max_rel 0.04
     kinds: tuple[str, ...] = QUANTIZABLE_KINDS
     algo: str = "rtn"
@@ -117,17 +117,6 @@ def quantize_int8(gm: fx.GraphModule, cfg: Int8Config, ctx: PassContext) -> Pass
             done[(site.weight_key, layout)] = (site.name, {"qweight": new.args[1], "scale": new.args[2]})
         records.append(int8_record(site, cfg.name, tensors, codes, how, tied_to=tie[0] if tie else None))
     return PassResult(gm, bool(sites), records)
-
-
-def single_reader(sites: list[Site]) -> list[Site]:
-    """The sites whose weight no other selected site reads (GPTQ and the budget fit one reader's inputs).
-
-    Example:
-        >>> [s.name for s in single_reader(sites)]
-        ['0', '2']
-    """
-    readers = Counter(s.weight_key for s in sites)
-    return [s for s in sites if readers[s.weight_key] == 1]
 
 
 def _keep_float(gm: fx.GraphModule, sites: list[Site], cfg: Int8Config, batches) -> dict[str, float]:

@@ -18,7 +18,7 @@ from torch import Tensor, fx
 from fxcompress.algorithms.quant import quantize_per_channel, sqnr_db
 from fxcompress.algorithms.statistics import observe
 from fxcompress.errors import InputError
-from fxcompress.graph.edit import replace_site
+from fxcompress.graph.edit import TiedWeights, replace_site
 from fxcompress.graph.sites import Site, nbytes
 from fxcompress.ops.static import QMAX, QMIN
 from fxcompress.recipe.manager import select_sites
@@ -36,6 +36,7 @@ class Int8StaticConfig(PassConfig):
     """int8 weights and calibrated uint8 activations for Conv1d/2d and Linear (needs ``calibration``)."""
 
     name: ClassVar[str] = "int8_static"
+    shares_tied_weights: ClassVar[bool] = True
     tolerance: ClassVar[Tolerance] = PER_TENSOR_ACTIVATIONS  # activations rounded to uint8 per tensor, like run-time
     kinds: tuple[str, ...] = STATIC_KINDS
     percentile: float = 100.0
@@ -82,8 +83,8 @@ def _mean(v: list[float]) -> float:
 
 def _calibrate(gm: fx.GraphModule, sites: list[Site], cfg: Int8StaticConfig, batches) -> _Ranges:
     ranges = _Ranges(cfg.percentile)
-    watch = {f"{s.name}:in": s.input for s in sites} | {f"{s.name}:out": s.node for s in sites}
-    bias = {s.name: s.bias.detach().float() for s in sites if s.kind == "linear" and s.bias is not None}
+    watch = {f"{s.node.name}:in": s.input for s in sites} | {f"{s.node.name}:out": s.node for s in sites}
+    bias = {s.node.name: s.bias.detach().float() for s in sites if s.kind == "linear" and s.bias is not None}
 
     def on_value(key: str, t: Tensor) -> None:
         name, _, which = key.rpartition(":")
@@ -115,10 +116,12 @@ def quantize_int8_static(gm: fx.GraphModule, cfg: Int8StaticConfig, ctx: PassCon
         )
     ranges = _calibrate(gm, sites, cfg, ctx.calibration)
     ops = torch.ops.fxcompress
+    tied = TiedWeights()  # a weight read by several layers: its int8 codes stored once, each call its own scales
     for site in sites:
+        first = tied.lookup(site, site.kind)
         ctx.progress(site.name)
-        x_scale, x_zp = ranges.qparams(f"{site.name}:in")
-        y_scale, y_zp = ranges.qparams(f"{site.name}:out")
+        x_scale, x_zp = ranges.qparams(f"{site.node.name}:in")
+        y_scale, y_zp = ranges.qparams(f"{site.node.name}:out")
         q, w_scale = quantize_per_channel(site.weight, axis=0)
         bias = site.bias.detach().float() if site.bias is not None else None
         if site.kind == "linear":
@@ -132,7 +135,7 @@ def quantize_int8_static(gm: fx.GraphModule, cfg: Int8StaticConfig, ctx: PassCon
                 "y_scale": y_scale,
                 "y_zero_point": y_zp,
             }
-            replace_site(gm, site, ops.linear_qdq.default, tensors)
+            new = replace_site(gm, site, ops.linear_qdq.default, tensors, shared=first[1] if first else None)
         else:
             qbias = torch.round(bias / (x_scale * w_scale)).to(torch.int32) if bias is not None else None
             tensors = {
@@ -146,12 +149,16 @@ def quantize_int8_static(gm: fx.GraphModule, cfg: Int8StaticConfig, ctx: PassCon
                 "y_zero_point": y_zp,
             }
             c = site.conv
-            replace_site(
-                gm, site, ops.conv_qdq.default, tensors, (c["stride"], c["padding"], c["dilation"], c["groups"])
-            )
+            extra = (c["stride"], c["padding"], c["dilation"], c["groups"])
+            new = replace_site(gm, site, ops.conv_qdq.default, tensors, extra, shared=first[1] if first else None)
+        tied.remember(site, new, tensors, ("qweight", "w_scale"), site.kind)
         dq = q.float() * w_scale.reshape(-1, *([1] * (q.dim() - 1)))
         note = f"x in [{_lo(x_scale, x_zp):.3g}, {_hi(x_scale, x_zp):.3g}], y in [{_lo(y_scale, y_zp):.3g}, "
         note += f"{_hi(y_scale, y_zp):.3g}]"
+        stored = tensors
+        if first is not None:
+            note += f"; shares the int8 weight of {first[0]}"
+            stored = {k: v for k, v in tensors.items() if k not in first[1]}
         records.append(
             LayerRecord(
                 site.name,
@@ -159,8 +166,8 @@ def quantize_int8_static(gm: fx.GraphModule, cfg: Int8StaticConfig, ctx: PassCon
                 cfg.name,
                 "int8-static",
                 note,
-                site.weight_bytes,
-                nbytes(*tensors.values()),
+                site.weight_bytes if first is None else nbytes(site.bias),
+                nbytes(*stored.values()),
                 sqnr_db(site.weight, dq),
                 "weight SQNR dB",
                 numerics=STATIC,

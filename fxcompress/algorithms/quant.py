@@ -15,6 +15,7 @@ GPTQ (:mod:`fxcompress.algorithms.gptq`) chooses the codes of either grid agains
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -25,6 +26,19 @@ from fxcompress.graph.sites import Site, nbytes
 CHUNK_ROWS = 512  # output channels processed at once: temporaries stay a few MiB on 8192-wide layers
 INT4_BITS = 4
 INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+def block_for(width: int, block: int) -> Optional[int]:
+    """The block size a layer of input width ``width`` gets: ``block`` when it divides the width, else the largest
+    smaller block size that does; None when no block size (16 at least) divides it.
+
+    Example:
+        >>> block_for(512, 128), block_for(64, 128), block_for(10, 128)
+        (128, 64, None)
+    """
+    return next((b for b in sorted(INT4_BLOCK_SIZES, reverse=True) if b <= block and width % b == 0), None)
+
+
 CLIP_GRID = tuple(1.0 - 0.03 * i for i in range(11))  # shrink factors 1.0 .. 0.7 tried by clip=true
 
 

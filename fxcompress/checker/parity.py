@@ -31,7 +31,7 @@ from fxcompress.export.targets import TARGETS
 from fxcompress.export.writer import export_onnx, read_metadata
 from fxcompress.graph.capture import capture
 from fxcompress.graph.edit import state_bytes
-from fxcompress.graph.inputs import normalize_inputs, run_reference
+from fxcompress.graph.inputs import called_positionally, keyword_names, normalize_inputs, run_reference
 from fxcompress.recipe.parse import RecipeLike, parse_recipe, recipe_tolerance
 from fxcompress.recipe.tolerance import PER_BLOCK_ACTIVATIONS, PER_TENSOR_ACTIVATIONS, Tolerance
 
@@ -226,9 +226,8 @@ def check(
     path = Path(onnx_path)
     if recipe is None and compressed is not None and hasattr(compressed, "recipe"):
         recipe = compressed.recipe
-    batches = (
-        [normalize_inputs(b) for b in eval_inputs] if eval_inputs is not None else [normalize_inputs(example_inputs)]
-    )
+    names = keyword_names(example_inputs)  # inputs given as keywords: the ONNX inputs carry those names, in order
+    batches = [normalize_inputs(b, names) for b in (eval_inputs if eval_inputs is not None else [example_inputs])]
     proto, meta, unreadable = _load(path)
     if proto is None:
         floors = tolerance or Tolerance()
@@ -237,7 +236,7 @@ def check(
     was_training = model.training
     try:
         _eval(model)
-        reference = [outputs_to_numpy(run_reference(model, b)) for b in batches]
+        reference = [outputs_to_numpy(run_reference(called_positionally(model, names), b)) for b in batches]
         np_batches = [_tensors_only(b) for b in batches]
         run = probe(path, np_batches, provider=provider, repeat=latency_repeat)
         report.provider = run.provider

@@ -18,9 +18,9 @@ QUANTIZED_DTYPES = ("int8", "uint8", "int4", "uint4")
 # weight-only
 RUN_TIME_QUANTIZED_OPS = ("MatMulNBits",)
 EXPANDED_NOTE = (
-    "{size} of int8 convolution weights are expanded to float32 when the session loads (the CPU targets' Conv "
-    "lowering): the file is 4x smaller, the session holds them as float and runs ONNX Runtime's float convolutions, as "
-    "fast as fp32; for integer convolutions, quantize activations too (int8_static)"
+    "{size} of quantized weights are expanded to float32 when the session loads (the CPU targets' Conv lowering, and "
+    "lookups at constant positions): the file is smaller, the session holds them as float and runs ONNX Runtime's "
+    "float kernels, as fast as fp32; for integer convolutions, quantize activations too (int8_static)"
 )
 FUSED_NOTE = (
     "ONNX Runtime fused {fused} DequantizeLinear + MatMul pair(s) into MatMulNBits, which quantizes activations per "
@@ -65,34 +65,42 @@ def initializer_bytes(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def expanded_at_load(proto: onnx.ModelProto) -> int:
-    """Bytes of quantized initializers the graph casts to float (the CPU targets' Conv lowering, ``Cast + Mul``): ONNX
-    Runtime folds them into float weights when the session loads, by design (the file stays small, the convolution
-    runs its fast float kernels).
+    """Bytes of quantized initializers that ONNX Runtime turns into float constants when the session loads, by design
+    of the lowering: a Conv weight lowered as ``Cast + Mul`` (the CPU targets', so that the convolution runs its
+    prepacked float kernels), and a table looked up at constant positions (e.g. Whisper's position embedding). Any
+    other quantized weight folded to float is a defect the weights gate reports.
 
     Example:
         >>> expanded_at_load(onnx.load("model.onnx"))  # an MLP: no convolution weights
         0
     """
-    inits = {t.name: t for t in proto.graph.initializer}
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    live = {i.name for i in graph.input if i.name not in inits}  # values that depend on what the caller feeds
+    for node in graph.node:  # nodes come in topological order
+        if any(name in live for name in node.input):
+            live.update(node.output)
     users: dict[str, list[onnx.NodeProto]] = {}
-    for node in proto.graph.node:
+    for node in graph.node:
         for name in node.input:
             users.setdefault(name, []).append(node)
 
-    def conv_weight(cast: onnx.NodeProto) -> bool:  # Cast -> Mul (the scale) -> Conv's weight input
-        muls = [m for m in users.get(cast.output[0], []) if m.op_type == "Mul"]
+    def conv_weight(node: onnx.NodeProto) -> bool:  # Cast -> Mul (the scale) -> Conv's weight input
+        muls = [m for m in users.get(node.output[0], []) if node.op_type == "Cast" and m.op_type == "Mul"]
         return any(
             c.op_type == "Conv" and len(c.input) > 1 and c.input[1] == m.output[0]
             for m in muls
             for c in users.get(m.output[0], [])
         )
 
-    expanded = {
-        n.input[0]
-        for n in proto.graph.node
-        if n.op_type == "Cast" and n.input and n.input[0] in inits and conv_weight(n)
-    }
-    return sum(_tensor_bytes(inits[name]) for name in expanded if _dtype(inits[name]) in QUANTIZED_DTYPES)
+    def constant_lookup(name: str, node: onnx.NodeProto) -> bool:
+        return node.op_type == "Gather" and node.input[0] == name and not any(i in live for i in node.input)
+
+    def expanded(name: str) -> bool:
+        readers = users.get(name, [])
+        return bool(readers) and all(conv_weight(n) or constant_lookup(name, n) for n in readers)
+
+    return sum(_tensor_bytes(t) for name, t in inits.items() if _dtype(t) in QUANTIZED_DTYPES and expanded(name))
 
 
 def _dtype(t: onnx.TensorProto) -> str:

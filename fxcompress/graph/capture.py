@@ -166,4 +166,31 @@ def capture(model: nn.Module, example_inputs: Any, dynamic_axes: DynamicAxes = (
         ) from exc
     # computations nothing returns (e.g. a Hugging Face encoder's pooler under a model that returns token states) are
     # dropped here, so that no pass spends calibration or bytes on layers the outputs do not depend on
-    return Captured(finalize(gm), "export", fx_failure, axes)
+    return Captured(finalize(views_as_reshapes(gm)), "export", fx_failure, axes)
+
+
+def views_as_reshapes(gm: fx.GraphModule) -> fx.GraphModule:
+    """Turn ``aten.view`` into ``aten.reshape`` and ``aten.contiguous`` into a copy (the same values either way).
+
+    Whether a view is legal, and whether ``contiguous()`` copies, depends on strides, and the ONNX exporter's
+    decompositions lay tensors out differently from the kernels torch.export traced: T5's attention output failed
+    there ("Cannot view a tensor with shape ... and strides ...") with no pass applied. Export graphs are functional,
+    so no later write can observe the difference.
+
+    Example:
+        >>> class Merge(nn.Module):
+        ...     def forward(self, x):
+        ...         return x.transpose(1, 2).contiguous().view(2, 12)
+        >>> gm = torch.export.export(Merge(), (torch.randn(2, 3, 4),)).module()
+        >>> [str(n.target) for n in views_as_reshapes(gm).graph.nodes if n.op == "call_function"]
+        ['aten.transpose.int', 'aten.clone.default', 'aten.reshape.default']
+    """
+    aten = torch.ops.aten
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is aten.view.default:
+            node.target = aten.reshape.default
+        elif node.op == "call_function" and node.target is aten.contiguous.default and len(node.args) == 1:
+            node.target = aten.clone.default  # a real copy: contiguous() decides by strides the exporter's differ on
+            node.kwargs = {"memory_format": torch.contiguous_format}
+    gm.recompile()
+    return gm

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import itertools
 import re
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, fx
@@ -84,6 +84,37 @@ def replace_site(
         else:
             args.append(add_constant(gm, f"{site.name}_{key}", value, site.node))
     return replace_node(gm, site.node, target, tuple(args) + tuple(extra))
+
+
+class TiedWeights:
+    """The stored tensors of each weight a pass has rewritten, so that every further reader of a tied weight (a
+    Linear called twice, a head tied to its embedding) reuses them instead of storing another copy.
+
+    Example:
+        >>> tied = TiedWeights()
+        >>> q = {"qweight": torch.zeros(64, 64, dtype=torch.int8), "scale": torch.ones(64), "zero_point": None}
+        >>> tensors = {**q, "bias": site.bias}
+        >>> new = replace_site(gm, site, torch.ops.fxcompress.linear_q8.default, tensors)
+        >>> tied.remember(site, new, tensors, ("qweight", "scale", "zero_point"))
+        >>> tied.lookup(site)[0], sorted(tied.lookup(site)[1])
+        ('0', ['qweight', 'scale'])
+    """
+
+    def __init__(self) -> None:
+        self._first: dict[tuple, tuple[str, dict[str, fx.Node]]] = {}
+
+    def lookup(self, site: Any, layout: str = "") -> Optional[tuple[str, dict[str, fx.Node]]]:
+        """(the first reader's name, its get_attr nodes by tensor key) for ``site``'s weight, or None."""
+        return self._first.get((site.weight_key, layout))
+
+    def remember(
+        self, site: Any, new: fx.Node, tensors: dict[str, Any], weight_keys: Sequence[str], layout: str = ""
+    ) -> None:
+        """Record the nodes that :func:`replace_site` made for ``weight_keys`` (those of its ``tensors`` that depend on
+        the weight alone) as ``site``'s weight's compressed form."""
+        order = list(tensors)
+        nodes = {k: new.args[1 + order.index(k)] for k in weight_keys if tensors[k] is not None}
+        self._first.setdefault((site.weight_key, layout), (site.name, nodes))
 
 
 def attr_owner(gm: fx.GraphModule, fqn: str) -> tuple[torch.nn.Module, str]:

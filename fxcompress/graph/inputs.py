@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+import copy
+import functools
+import keyword
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -13,20 +16,86 @@ from fxcompress.errors import InputError
 DynamicAxes = Union[Sequence[int], Sequence[Sequence[int]]]
 
 
-def normalize_inputs(example_inputs: Any) -> tuple:
-    """Accept a tensor or a tuple/list of tensors and return a tuple.
+def normalize_inputs(example_inputs: Any, names: Optional[Sequence[str]] = None) -> tuple:
+    """Accept a tensor, a tuple/list of positional inputs, or a dict of keyword inputs (as the model is called, e.g.
+    ``{"input_ids": ..., "attention_mask": ...}``) and return a tuple; a dict's values come in the order of ``names``
+    (default: the dict's own), so that every batch of a calibration set lines up with the example's.
 
     Example:
         >>> normalize_inputs(torch.randn(2, 3))[0].shape
         torch.Size([2, 3])
+        >>> [t.shape for t in normalize_inputs({"b": torch.zeros(1), "a": torch.zeros(2)}, names=("a", "b"))]
+        [torch.Size([2]), torch.Size([1])]
     """
+    if isinstance(example_inputs, Mapping):
+        given = tuple(example_inputs)
+        wanted = tuple(names) if names is not None else given
+        if set(given) != set(wanted) or not given:
+            raise InputError(
+                f"keyword inputs {list(given)} do not match the example's {list(wanted)}: give every batch the same "
+                "keywords as the example inputs"
+                if given
+                else "example_inputs is an empty dict: give the keyword inputs the model's forward takes"
+            )
+        return tuple(example_inputs[k] for k in wanted)
+    if names is not None:
+        raise InputError(
+            f"the example inputs are keywords {list(names)} but a batch is {type(example_inputs).__name__}: give "
+            "every batch as a dict with those keywords"
+        )
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)) and example_inputs:
         return tuple(example_inputs)
     raise InputError(
-        f"example_inputs must be a tensor or a non-empty tuple of tensors, got {type(example_inputs).__name__}"
+        "example_inputs must be a tensor, a non-empty tuple of positional inputs or a dict of keyword inputs, got "
+        f"{type(example_inputs).__name__}"
     )
+
+
+def keyword_names(example_inputs: Any) -> Optional[tuple[str, ...]]:
+    """The keywords of inputs given as a dict (None for positional ones), checked to be names a forward can take.
+
+    Example:
+        >>> keyword_names({"input_ids": torch.zeros(1, 4, dtype=torch.long)}), keyword_names(torch.zeros(1))
+        (('input_ids',), None)
+    """
+    if not isinstance(example_inputs, Mapping):
+        return None
+    bad = [k for k in example_inputs if not isinstance(k, str) or not k.isidentifier() or keyword.iskeyword(k)]
+    if bad:
+        raise InputError(f"keyword inputs must be Python identifiers (forward's parameter names), got {bad}")
+    return tuple(example_inputs)
+
+
+@functools.lru_cache(maxsize=None)
+def _positional_class(cls: type, names: tuple[str, ...]) -> type:
+    """A subclass of ``cls`` whose forward takes ``names`` positionally and calls ``cls.forward`` with them as
+    keywords. Generated as source so that torch.fx and torch.export (which read the code's argument names) name the
+    graph inputs, and so the ONNX inputs, after them."""
+    params = ", ".join(names)
+    source = f"def forward(self, {params}):\n    return _forward(self, {', '.join(f'{n}={n}' for n in names)})\n"
+    scope: dict[str, Any] = {"_forward": cls.forward}
+    exec(compile(source, f"<fxcompress keyword call of {cls.__name__}>", "exec"), scope)
+    return type(cls.__name__, (cls,), {"forward": scope["forward"], "__module__": cls.__module__})
+
+
+def called_positionally(model: nn.Module, names: Optional[Sequence[str]]) -> nn.Module:
+    """``model`` as a module taking ``names`` positionally (itself when ``names`` is None): a shallow copy, so the
+    user's module is untouched while its layers, and their names, are the same objects.
+
+    Example:
+        >>> class Scaled(nn.Module):
+        ...     def forward(self, x, scale=1.0):
+        ...         return x * scale
+        >>> called_positionally(Scaled(), ("scale", "x"))(torch.tensor(3.0), torch.tensor(2.0))
+        tensor(6.)
+    """
+    if names is None:
+        return model
+    twin = copy.copy(model)  # shares _modules/_parameters dicts: only the class of the copy changes below
+    twin.__class__ = _positional_class(type(model), tuple(names))
+    return twin
 
 
 def run_reference(model: nn.Module, inputs: Sequence[Any]) -> Any:

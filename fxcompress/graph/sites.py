@@ -10,6 +10,7 @@ without knowing which form it came from. Nodes that look like a site but cannot 
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -247,3 +248,14 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[Skipped]]:
         elif isinstance(found, Skipped):
             skipped.append(found)
     return sites, skipped
+
+
+def single_reader(sites: list[Site]) -> list[Site]:
+    """The sites whose weight no other selected site reads (GPTQ and the budget fit one reader's inputs).
+
+    Example:
+        >>> [s.name for s in single_reader(find_sites(gm)[0])]
+        ['0', '2']
+    """
+    readers = Counter(s.weight_key for s in sites)
+    return [s for s in sites if readers[s.weight_key] == 1]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import fx
@@ -78,6 +79,9 @@ def select_sites(gm: fx.GraphModule, cfg: PassConfig, kinds: Iterable[str]) -> t
     sites, skipped = find_sites(gm)
     records = [skipped_record(s, cfg.name) for s in skipped]
     kinds = set(kinds)
+    readers: dict[tuple, list[Site]] = {}
+    for site in sites:
+        readers.setdefault(site.weight_key, []).append(site)
     chosen = []
     for site in sites:
         if site.kind not in kinds:
@@ -92,7 +96,7 @@ def select_sites(gm: fx.GraphModule, cfg: PassConfig, kinds: Iterable[str]) -> t
                 f"put fp16 last in the recipe (e.g. 'int8,fp16')"
             )
         else:
-            why = cfg.selects(site.name)
+            why = cfg.selects(site.name) or _tie_reason(site, readers[site.weight_key], cfg, kinds)
         if why is None:
             chosen.append(site)
         else:
@@ -100,3 +104,35 @@ def select_sites(gm: fx.GraphModule, cfg: PassConfig, kinds: Iterable[str]) -> t
                 LayerRecord(site.name, site.kind, cfg.name, "skipped", why, site.weight_bytes, site.weight_bytes)
             )
     return chosen, records
+
+
+def _tie_reason(site: Site, readers: list[Site], cfg: PassConfig, kinds: set[str]) -> Optional[str]:
+    """Why a site whose weight other sites read too is left alone, or None. Rewriting one reader of a tied weight
+    while another keeps the float tensor stores the weight twice: the artifact grows instead of shrinking."""
+    others = [s for s in readers if s is not site]
+    if not others:
+        return None
+    if not cfg.shares_tied_weights:
+        return (
+            f"its weight is also read by {', '.join(s.name for s in others[:3])}: {cfg.name} would store one copy "
+            "per reader, more bytes than the one float weight"
+        )
+    left = [s for s in others if s.kind not in kinds or cfg.selects(s.name) is not None]
+    if left:
+        return (
+            f"its weight is tied to {left[0].name} ({left[0].kind}), which {cfg.name} leaves float: compressing only "
+            f"this reader would store the weight twice; {_tie_hint(cfg, kinds, left[0].kind)}"
+        )
+    return None
+
+
+def _tie_hint(cfg: PassConfig, kinds: set[str], other_kind: str) -> str:
+    """What the user can change so that both readers of a tied weight are compressed, if anything."""
+    if other_kind in kinds:
+        return "select both layers to compress it"
+    wider = "+".join(sorted(kinds | {other_kind}))
+    try:
+        dataclasses.replace(cfg, kinds=tuple(wider.split("+")))
+    except (TypeError, ValueError):  # the pass has no kinds= option, or cannot rewrite that kind
+        return f"{cfg.name} cannot rewrite {other_kind} layers, so the weight stays float"
+    return f"add kinds={wider} to compress it"

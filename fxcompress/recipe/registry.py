@@ -34,6 +34,9 @@ class PassConfig:
     other_kinds: ClassVar[dict[str, str]] = {}
     # what the pass looks for, said when a model has none of it
     nothing_found: ClassVar[str] = "no Linear/Conv/Embedding layer"
+    # whether the pass stores a weight that several sites read once (a Linear called twice, a head tied to its
+    # embedding); a pass that cannot leaves such weights alone rather than store one copy per reader
+    shares_tied_weights: ClassVar[bool] = False
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
 

@@ -68,3 +68,27 @@ def test_fold_on_export_captured_graph():
     assert [r.action for r in cm.records] == ["folded"]
     assert not any(n.target is torch.ops.aten.batch_norm.default for n in cm.module.graph.nodes)
     torch.testing.assert_close(cm(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_every_recipe_folds_batchnorm_first_unless_told_not_to():
+    model, (x,) = resnet_mini()
+    model = _with_stats(model)
+    default = fxcompress.optimize(model, x, recipe="int8")
+    explicit = fxcompress.optimize(model, x, recipe="fold_bn,int8")
+    assert [c.name for c in default.recipe] == ["fold_bn", "int8"]  # the recipe kept reproduces the run
+    assert default.bytes_after == explicit.bytes_after
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in default.module.modules())
+    folded = [r for r in default.records if r.action == "folded"]
+    assert folded and all("canonicalize=False" in r.reason for r in folded)
+    torch.testing.assert_close(default(x), explicit(x))
+
+    kept = fxcompress.optimize(model, x, recipe="int8", canonicalize=False)
+    assert [c.name for c in kept.recipe] == ["int8"]
+    assert any(isinstance(m, nn.BatchNorm2d) for m in kept.module.modules())
+    assert kept.bytes_after > default.bytes_after
+
+
+def test_a_model_without_batchnorm_keeps_its_recipe_as_written():
+    cm = fxcompress.optimize(nn.Sequential(nn.Linear(8, 8)), torch.randn(2, 8), recipe="int8")
+    assert [c.name for c in cm.recipe] == ["int8"]
+    assert [r.pass_name for r in cm.records] == ["int8"]
