@@ -1,6 +1,7 @@
 """Foundation benchmark: fp32 vs fxcompress int8 (each lowering) vs ORT quantize_dynamic, on ORT's CPU EP.
 
 Run:  python benchmarks/bench_int8.py            (writes benchmarks/results/int8_cpu.md and .json)
+      python benchmarks/bench_int8.py --models minilm --targets auto,cpu --tag int8_auto_minilm
 Models: the 84M-parameter 5 x Linear(4096) MLP and all-MiniLM-L6-v2 (seq 32; batch = rows of that many sentences).
 """
 
@@ -19,6 +20,7 @@ def main() -> None:
     ap.add_argument("--models", default="big_mlp,minilm")
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--tag", default="int8_cpu")
+    ap.add_argument("--targets", default="", help="comma-separated, e.g. auto,cpu (default: every target)")
     args = ap.parse_args()
     write_tables(
         args.tag,
@@ -28,7 +30,8 @@ def main() -> None:
         lambda name: run_benchmark(
             zoo.FACTORIES[name],
             recipes=("int8",),
-            batches=(1, 32),  # every target
+            targets=args.targets.split(",") if args.targets else None,
+            batches=(1, 32),
             repeat=args.repeat,
             provider="cpu",
         ),

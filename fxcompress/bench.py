@@ -19,7 +19,8 @@ from fxcompress.api import optimize
 from fxcompress.checker.metrics import compare, outputs_to_numpy
 from fxcompress.checker.runtime import import_ort, probe
 from fxcompress.checker.weights import initializer_bytes
-from fxcompress.export.targets import target_names
+from fxcompress.errors import InputError
+from fxcompress.export.targets import AUTO, auto_target, target_names
 from fxcompress.export.writer import export_onnx
 from fxcompress.graph.capture import capture
 from fxcompress.graph.inputs import called_positionally, keyword_names, normalize_inputs, run_reference
@@ -123,17 +124,9 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _ort_nbits(fp32: Path, out: Path, algo: str, block: int, calibration: Optional[Sequence[tuple]]) -> Path:
-    """ORT's own blockwise int4 (MatMulNBitsQuantizer, asymmetric, accuracy_level 4) by RTN or GPTQ."""
+def _calibration_reader(names: Sequence[str], calibration: Optional[Sequence[tuple]]):
+    """ORT's CalibrationDataReader over fxcompress calibration batches (tuples of tensors in input order)."""
     from onnxruntime.quantization import CalibrationDataReader
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        GPTQWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-        RTNWeightOnlyQuantConfig,
-    )
-
-    model = gemm_to_matmul(onnx.load(str(fp32)))
-    names = [i.name for i in model.graph.input]
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -142,7 +135,38 @@ def _ort_nbits(fp32: Path, out: Path, algo: str, block: int, calibration: Option
         def get_next(self):
             return next(self.batches, None)
 
-    cfg = RTNWeightOnlyQuantConfig() if algo == "rtn" else GPTQWeightOnlyQuantConfig(Reader(), block_size=block)
+    return Reader()
+
+
+def _ort_static(fp32: Path, out: Path, calibration: Sequence[tuple]) -> Path:
+    """ORT's static int8 as its docs recommend for CNNs on CPU: QDQ, per-channel signed weights, uint8 activations
+    (MinMax calibration over the same batches fxcompress calibrates on)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    names = [i.name for i in onnx.load(str(fp32), load_external_data=False).graph.input]
+    quantize_static(
+        str(fp32),
+        str(out),
+        _calibration_reader(names, calibration),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        activation_type=QuantType.QUInt8,
+    )
+    return out
+
+
+def _ort_nbits(fp32: Path, out: Path, algo: str, block: int, calibration: Optional[Sequence[tuple]]) -> Path:
+    """ORT's own blockwise int4 (MatMulNBitsQuantizer, asymmetric, accuracy_level 4) by RTN or GPTQ."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        GPTQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+        RTNWeightOnlyQuantConfig,
+    )
+
+    model = gemm_to_matmul(onnx.load(str(fp32)))
+    reader = _calibration_reader([i.name for i in model.graph.input], calibration)
+    cfg = RTNWeightOnlyQuantConfig() if algo == "rtn" else GPTQWeightOnlyQuantConfig(reader, block_size=block)
     quantizer = MatMulNBitsQuantizer(model, block_size=block, is_symmetric=False, accuracy_level=4, algo_config=cfg)
     quantizer.process()
     quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
@@ -156,6 +180,7 @@ def run_benchmark(
     targets: Optional[Sequence[str]] = None,
     batches: Sequence[int] = (1, 32),
     ort_quantize_dynamic: bool = True,
+    ort_quantize_static: bool = False,
     ort_nbits: Sequence[str] = (),
     nbits_block: int = 32,
     calibration: Optional[Sequence[tuple]] = None,
@@ -167,9 +192,10 @@ def run_benchmark(
     """Benchmark fp32 vs each recipe x target (default: every target) vs ORT's quantizers on the model ``factory()``
     returns.
 
-    ``ort_nbits`` names the ORT MatMulNBitsQuantizer algorithms to add ("rtn", "gptq"), at ``nbits_block``;
-    ``calibration`` feeds both fxcompress recipes and ORT's GPTQ; ``progress`` gets one line per variant before it is
-    built and measured (the CLI prints them).
+    ``ort_quantize_static`` adds ORT's static int8 (QDQ, per-channel); ``ort_nbits`` names the ORT
+    MatMulNBitsQuantizer algorithms to add ("rtn", "gptq"), at ``nbits_block``; ``calibration`` feeds fxcompress
+    recipes, ORT's static quantization and ORT's GPTQ; ``targets`` may include ``"auto"``; ``progress`` gets one
+    line per variant before it is built and measured (the CLI prints them).
 
     Example:
         >>> rows = run_benchmark(zoo.mlp, targets=("cpu",), batches=(1,), ort_quantize_dynamic=False, repeat=2)
@@ -184,7 +210,9 @@ def run_benchmark(
     calib = [normalize_inputs(c, names) for c in calibration] if calibration is not None else None
     reference = [outputs_to_numpy(run_reference(model, b)) for b in eval_batches]
     targets = list(targets or target_names())
-    total = 1 + len(recipes) * len(targets) + bool(ort_quantize_dynamic) + len(ort_nbits)
+    if ort_quantize_static and not calib:
+        raise InputError("ort_quantize_static needs calibration batches: run_benchmark(..., calibration=[...])")
+    total = 1 + len(recipes) * len(targets) + bool(ort_quantize_dynamic) + bool(ort_quantize_static) + len(ort_nbits)
     done = 0
 
     def measure(name: str, path: Path) -> BenchRow:
@@ -203,7 +231,8 @@ def run_benchmark(
             cm = optimize(model, inputs, recipe=recipe, calibration=calib)
             for target in targets:
                 path = cm.export(Path(tmp, f"recipe{i}-{target}.onnx"), target=target)
-                rows.append(measure(f"fxcompress {recipe} [{target}]", path))
+                label = f"auto: {auto_target()[0].name}" if target == AUTO else target
+                rows.append(measure(f"fxcompress {recipe} [{label}]", path))
         if ort_quantize_dynamic:
             import_ort()  # a clear message before onnxruntime.quantization's bare ImportError
             from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -211,6 +240,10 @@ def run_benchmark(
             out = Path(tmp, "ort_dynamic.onnx")
             quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True)
             rows.append(measure("ORT quantize_dynamic (QInt8, per-channel)", out))
+        if ort_quantize_static:
+            import_ort()
+            out = _ort_static(fp32, Path(tmp, "ort_static.onnx"), calib)
+            rows.append(measure("ORT quantize_static (QDQ, per-channel)", out))
         for algo in ort_nbits:
             out = _ort_nbits(fp32, Path(tmp, f"ort_nbits_{algo}.onnx"), algo, nbits_block, calib)
             rows.append(measure(f"ORT MatMulNBitsQuantizer {algo.upper()} int4 b{nbits_block}", out))

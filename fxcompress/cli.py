@@ -173,6 +173,7 @@ def _check(model, path: Path, example_inputs, eval_data, args, layers: Optional[
         classifier=eval_data.classifier if eval_data else None,
         provider=args.provider,
         fp32_baseline=not args.no_baseline,
+        localize=getattr(args, "localize", False),
     )
     print(report.to_text())
     if args.json:
@@ -201,15 +202,18 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     _writable_file(args.output, "-o")
     _writable_file(args.json, "--json")
     model, example_inputs, eval_data = _call_factory(args.model)
-    cm = optimize(
-        model,
-        example_inputs,
-        recipe=args.recipe,
-        progress=False if args.no_progress else None,
-        calibration=load_calibration(args.calibration, args.model),
-        dynamic_axes=parse_axes(args.dynamic_axes, args.model),
-        canonicalize=not args.no_canonicalize,
-    )
+    if args.recipe == "auto":
+        cm = _planned(model, example_inputs, eval_data, args)
+    else:
+        cm = optimize(
+            model,
+            example_inputs,
+            recipe=args.recipe,
+            progress=False if args.no_progress else None,
+            calibration=load_calibration(args.calibration, args.model),
+            dynamic_axes=parse_axes(args.dynamic_axes, args.model),
+            canonicalize=not args.no_canonicalize,
+        )
     print(cm.summary())
     path = cm.export(args.output, target=args.target)
     written = read_target(path)
@@ -220,6 +224,34 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             Path(args.json).write_text(json.dumps({"layers": layers}, indent=2))
         return EXIT_OK
     return _check(model, path, example_inputs, eval_data, args, layers, compressed=cm)
+
+
+def _planned(model, example_inputs, eval_data, args: argparse.Namespace):
+    """``--recipe auto``: the planner's choice for ``--target-size`` and ``--min-cosine``; its candidates are printed
+    and saved beside the artifact (``<output>.plan.json``, ``.svg``, ``.html``)."""
+    from fxcompress.planner import plan
+
+    def say(line: str) -> None:
+        if not args.no_progress:
+            print(line, file=sys.stderr, flush=True)
+
+    chosen = plan(
+        model,
+        example_inputs,
+        size=args.target_size,
+        min_cosine=args.min_cosine,
+        calibration=load_calibration(args.calibration, args.model),
+        eval_inputs=eval_data.inputs if eval_data else None,
+        target=args.target,
+        dynamic_axes=parse_axes(args.dynamic_axes, args.model),
+        progress=say,
+    )
+    for c in chosen.candidates:
+        cosine = "not run (too large)" if c.cosine is None else f"cosine {c.cosine:.5f}"
+        print(f"  candidate {c.recipe}: {c.ratio:.3f} of fp32, {cosine}, {c.seconds:.0f} s")
+    saved = chosen.save(Path(args.output).with_suffix(".plan"))
+    print(f"plan: {chosen.recipe} ({chosen.seconds:.0f} s); trade-off chart: {saved[2]}\n")
+    return chosen.compressed
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -331,7 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     o = sub.add_parser("optimize", help="compress MODULE:FACTORY and write ONNX")
     o.add_argument("model", help="MODULE:FACTORY returning (model, example_inputs), or a bundled model name")
-    o.add_argument("--recipe", default="int8", help="passes, e.g. 'fold_bn,int8' (see `fxcompress list`)")
+    o.add_argument(
+        "--recipe",
+        default="int8",
+        help="passes, e.g. 'fold_bn,int8' (see `fxcompress list`), or 'auto' to plan for --target-size/--min-cosine",
+    )
+    o.add_argument("--target-size", type=float, default=None, help="with --recipe auto: fraction of the fp32 bytes")
+    o.add_argument("--min-cosine", type=float, default=0.99, help="with --recipe auto: the floor on ORT (0.99)")
     o.add_argument("-o", "--output", required=True, help="ONNX file to write")
     o.add_argument(
         "--target",
@@ -366,6 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--trust-metadata",
         action="store_true",
         help="hold the artifact to the floors its own metadata states (not done unless asked)",
+    )
+    c.add_argument(
+        "--localize",
+        action="store_true",
+        help="compare every compressed layer's output with the model's and name the layers where the error jumps",
     )
     common(c)
     c.set_defaults(func=cmd_check)

@@ -19,6 +19,7 @@ STAGES = [
     ("export", ("fxcompress.export",)),
     ("checker", ("fxcompress.checker",)),
     ("api", ("fxcompress.api",)),
+    ("planner", ("fxcompress.planner",)),
     ("tools", ("fxcompress.bench", "fxcompress.cli", "fxcompress.__main__")),
 ]
 

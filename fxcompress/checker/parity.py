@@ -22,6 +22,7 @@ import torch
 
 from fxcompress.checker.fidelity import weight_gate
 from fxcompress.checker.gates import Gate, classifier_gates, output_gates
+from fxcompress.checker.localize import localize as localize_layers
 from fxcompress.checker.metrics import compare, outputs_to_numpy
 from fxcompress.checker.report import ParityReport
 from fxcompress.checker.runtime import cpu_has_vnni, probe
@@ -191,6 +192,7 @@ def check(
     provider: str = "auto",
     fp32_baseline: bool = True,
     latency_repeat: int = 20,
+    localize: bool = False,
 ) -> ParityReport:
     """Run ``onnx_path`` on ONNX Runtime and compare it with ``model`` in torch.
 
@@ -211,6 +213,8 @@ def check(
         provider: ``"auto"`` (CUDA EP when it starts, else CPU with a note), ``"cpu"`` or ``"cuda"`` (must run there).
         fp32_baseline: also export the fp32 model and measure its memory and latency for the ratios.
         latency_repeat: timed runs on the first batch.
+        localize: also compare the artifact's output at every compressed layer with the model's and name the layers
+            where the error jumps (:func:`fxcompress.checker.localize.localize`), in ``report.localization``.
 
     Returns:
         A :class:`ParityReport`; ``passed`` is False with reasons when any check fails.
@@ -282,6 +286,10 @@ def check(
             )
             if note:
                 report.notes.append(note)
+        if localize:
+            where = "cuda" if "CUDA" in str(run.provider) else "cpu"
+            found = localize_layers(model, path, example_inputs, provider=where)
+            report.localization = {**found.to_dict(), "text": found.to_text()}
     finally:
         _set_training(model, was_training)
     report.passed = not report.failures

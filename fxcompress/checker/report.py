@@ -27,6 +27,7 @@ class ParityReport:
     notes: list[str] = field(default_factory=list)  # caveats the recipe stored in the artifact (e.g. dense sparsity)
     gates: list[dict[str, Any]] = field(default_factory=list)  # every metric held to its floor, passed or not
     floors_from: str = ""  # where the floors came from: the stated recipe, the library defaults, the artifact
+    localization: dict[str, Any] = field(default_factory=dict)  # per-layer divergence, when check(localize=True)
 
     def to_json(self, indent: int = 2) -> str:
         """The report as JSON (what ``fxcompress check --json`` writes).
@@ -90,6 +91,9 @@ class ParityReport:
             lines.append(_pair_line(f"latency p50 (batch {lat.get('batch')})", lat, "p50_ms", "ms"))
         if self.notes:
             lines += ["", "notes:"] + [f"  - {n}" for n in self.notes]
+        if self.localization:
+            lines += ["", "where the error comes from (each compressed layer's output vs the model's):"]
+            lines.append(self.localization["text"])
         if self.failures:
             lines += ["", "failures:"] + [f"  - {f}" for f in self.failures]
         return "\n".join(lines)

@@ -64,6 +64,11 @@ def initializer_bytes(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
+# Ops that may read a dequantized constant table (a position embedding added to activations). A MatMul, Gemm or a
+# Gather with live indices reading one is a weight folded back to float: the gate's business.
+TABLE_READERS = frozenset({"Add", "Sub", "Slice", "Unsqueeze", "Reshape", "Expand", "Transpose", "Concat"})
+
+
 def expanded_at_load(proto: onnx.ModelProto) -> int:
     """Bytes of quantized initializers that ONNX Runtime turns into float constants when the session loads, by design
     of the lowering: a Conv weight lowered as ``Cast + Mul`` (the CPU targets', so that the convolution runs its
@@ -96,9 +101,15 @@ def expanded_at_load(proto: onnx.ModelProto) -> int:
     def constant_lookup(name: str, node: onnx.NodeProto) -> bool:
         return node.op_type == "Gather" and node.input[0] == name and not any(i in live for i in node.input)
 
+    def constant_table(node: onnx.NodeProto) -> bool:  # Cast -> Mul, read only by elementwise/shape ops: the exporter
+        # already folded a lookup at constant positions (0..seq-1) into the initializer, which is added, not multiplied
+        muls = [m for m in users.get(node.output[0], []) if node.op_type == "Cast" and m.op_type == "Mul"]
+        readers = [r for m in muls for r in users.get(m.output[0], [])]
+        return bool(muls) and bool(readers) and all(r.op_type in TABLE_READERS for r in readers)
+
     def expanded(name: str) -> bool:
         readers = users.get(name, [])
-        return bool(readers) and all(conv_weight(n) or constant_lookup(name, n) for n in readers)
+        return bool(readers) and all(conv_weight(n) or constant_lookup(name, n) or constant_table(n) for n in readers)
 
     return sum(_tensor_bytes(t) for name, t in inits.items() if _dtype(t) in QUANTIZED_DTYPES and expanded(name))
 

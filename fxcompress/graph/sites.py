@@ -166,16 +166,21 @@ def _opaque(node: fx.Node, mod: nn.Module) -> Optional[Skipped]:
 _RECURRENT = {aten.lstm.input: "LSTM", aten.gru.input: "GRU", aten.rnn_tanh.input: "RNN", aten.rnn_relu.input: "RNN"}
 
 
-def _from_function(gm: fx.GraphModule, node: fx.Node) -> Union[Site, Skipped, None]:
+def _recurrent_weights(node: fx.Node, cell: str) -> list[Skipped]:
+    """One record per weight matrix of an LSTM/GRU/RNN call (``aten.lstm(input, hx, params, ...)``), each named
+    after the parameter the model holds, so that a user sees which bytes stay float and why."""
+    params = node.args[2] if len(node.args) > 2 and isinstance(node.args[2], (list, tuple)) else []
+    matrices = [p for p in params if isinstance(p, fx.Node) and p.op == "get_attr" and "bias" not in str(p.target)]
+    why = f"{cell} weights are not compressed (ONNX's {cell} op takes float weights): they stay float"
+    if not matrices:
+        return [Skipped(node, "recurrent", node.name, why)]
+    return [Skipped(node, "recurrent", str(p.target), why) for p in matrices]
+
+
+def _from_function(gm: fx.GraphModule, node: fx.Node) -> Union[Site, Skipped, list[Skipped], None]:
     target = node.target
     if target in _RECURRENT:
-        return Skipped(
-            node,
-            "recurrent",
-            node.name,
-            f"{_RECURRENT[target]} weights are not compressed (ONNX's "
-            f"{_RECURRENT[target]} op takes float weights): they stay float",
-        )
+        return _recurrent_weights(node, _RECURRENT[target])
     if target in _LINEAR_FNS:
         kind, x_at, w_node, b_node = "linear", (0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
         conv: dict[str, Any] = {}
@@ -247,6 +252,8 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[Skipped]]:
             sites.append(found)
         elif isinstance(found, Skipped):
             skipped.append(found)
+        elif isinstance(found, list):
+            skipped.extend(found)
     return sites, skipped
 
 

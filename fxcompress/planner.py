@@ -1,0 +1,285 @@
+"""A plan instead of a recipe: reach a size under an accuracy floor, measured on the runtime the artifact runs on.
+
+``plan(model, example_inputs, size=0.15, min_cosine=0.985, calibration=...)`` tries the project's techniques as a
+ladder of recipes, from the most faithful to the smallest: fp16, int8 (RTN, then GPTQ), int8 with a byte budget that
+leaves the most sensitive layers float, int4 with a budget that keeps the most sensitive Linears int8 (GPTQ), int4
+everywhere, then int4 on embeddings too. The per-layer choices inside a budgeted recipe come from measured sensitivity
+(each layer's output error under the coarser grid, per byte saved). Bytes are measured by compressing with
+round-to-nearest first (cheap; GPTQ stores the same bytes), the budget is bisected until the whole model lands on the
+requested size, and only the candidates that fit are compressed for real, exported for the target and run on ONNX
+Runtime against the original model. The most accurate one that fits and holds the floor wins; without a size, the
+smallest that holds the floor. Every candidate is kept (bytes, cosine, wall time) for the trade-off chart.
+
+The plan is written out as the recipe that reproduces it, with the layers the budget moved listed by name.
+
+Not yet: latency targets, pruning/SVD/distillation in the ladder (they need fine-tuning to hold a floor, which the
+planner does not schedule), and a joint per-layer search across techniques.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+
+from fxcompress.api import CompressedModel, optimize
+from fxcompress.checker.parity import check
+from fxcompress.errors import InputError
+from fxcompress.graph.calibration import Calibration
+
+_BISECT_STEPS = 6
+# Budgeted rungs, from the least to the most aggressive: {b} is bisected onto the requested size.
+BUDGETED = ("int8:budget={b}", "int4:algo=gptq,budget={b}", "int4:algo=gptq,budget={b},kinds=linear+embedding")
+
+
+class PlanError(InputError):
+    """No candidate reaches the size under the floor; the message says the best found either way."""
+
+
+@dataclass
+class Candidate:
+    """One recipe the planner measured: bytes of the artifact vs fp32, cosine on ONNX Runtime, and its cost."""
+
+    recipe: str
+    ratio: float  # compressed bytes / fp32 bytes of the whole model
+    cosine: Optional[float] = None  # pooled over the evaluation batches, artifact on ORT vs the original in torch
+    seconds: float = 0.0
+    fits: bool = True
+    holds: bool = False
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    """What :func:`plan` chose and everything it measured on the way."""
+
+    recipe: str  # reproduces the choice: optimize(model, x, recipe=plan.recipe, calibration=...)
+    chosen: Candidate
+    candidates: list[Candidate]
+    size: Optional[float]
+    min_cosine: float
+    target: str
+    seconds: float
+    compressed: Optional[CompressedModel] = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form of the plan and every candidate (what :meth:`save` writes as ``.json``)."""
+        return {
+            "recipe": self.recipe,
+            "chosen": asdict(self.chosen),
+            "candidates": [asdict(c) for c in self.candidates],
+            "size": self.size,
+            "min_cosine": self.min_cosine,
+            "target": self.target,
+            "seconds": self.seconds,
+        }
+
+    def save(self, prefix: str | Path) -> list[Path]:
+        """Write ``<prefix>.json`` (the data), ``<prefix>.svg`` (bytes vs cosine, the chosen point marked) and
+        ``<prefix>.html`` (the chart beside the candidates' table).
+
+        Example:
+            >>> c = Candidate("int8", 0.26, 0.9995)
+            >>> p = Plan("int8", c, [c], 0.3, 0.99, "cpu", 1.0)
+            >>> [f.name for f in p.save("plan")]
+            ['plan.json', 'plan.svg', 'plan.html']
+        """
+        prefix = Path(prefix)
+        paths = [prefix.parent / f"{prefix.name}{ext}" for ext in (".json", ".svg", ".html")]
+        paths[0].write_text(json.dumps(self.to_dict(), indent=2))
+        svg = pareto_svg(self.candidates, self.chosen, self.size, self.min_cosine)
+        paths[1].write_text(svg)
+        rows = "".join(
+            f"<tr><td>{c.recipe}</td><td>{c.ratio:.3f}</td><td>{'' if c.cosine is None else f'{c.cosine:.5f}'}</td>"
+            f"<td>{c.seconds:.1f}</td><td>{c.note}</td></tr>"
+            for c in self.candidates
+        )
+        paths[2].write_text(
+            f"<html><body><h1>fxcompress plan</h1><p>chosen: <code>{self.recipe}</code> ({self.chosen.ratio:.3f} of "
+            f"the fp32 bytes, cosine {self.chosen.cosine:.5f} on ONNX Runtime, target {self.target})</p>{svg}"
+            "<table border=1><tr><th>recipe</th><th>bytes (x fp32)</th><th>cosine</th><th>s</th><th>note</th></tr>"
+            f"{rows}</table></body></html>"
+        )
+        return paths
+
+
+def plan(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    *,
+    size: Optional[float] = None,
+    min_cosine: float = 0.99,
+    calibration: Optional[Iterable[Any]] = None,
+    eval_inputs: Optional[Sequence[Any]] = None,
+    target: str = "auto",
+    dynamic_axes: Any = (0,),
+    progress: Callable[[str], None] = lambda line: None,
+) -> Plan:
+    """Choose a recipe that reaches ``size`` (fraction of the fp32 bytes) with the artifact's output cosine on ONNX
+    Runtime at least ``min_cosine``; without ``size``, the smallest recipe that holds ``min_cosine``.
+
+    ``calibration`` feeds GPTQ and the sensitivity budgets (needed for the int4 rungs); ``eval_inputs`` are the
+    batches the cosine is measured on (default: the calibration batches, else the example). Raises
+    :class:`PlanError` naming the best reached when nothing qualifies.
+
+    Example:
+        >>> mlp = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval()
+        >>> p = plan(mlp, torch.randn(8, 64), size=0.3, min_cosine=0.99)
+        >>> p.recipe, p.chosen.ratio < 0.3
+        ('int8', True)
+    """
+    start = time.perf_counter()
+    if size is not None and not 0 < size < 1:
+        raise InputError(f"size is a fraction of the fp32 bytes in (0, 1), e.g. 0.25; got {size}")
+    if not 0 < min_cosine <= 1:
+        raise InputError(f"min_cosine must be in (0, 1], got {min_cosine}")
+    calib = calibration if isinstance(calibration, Calibration) or calibration is None else list(calibration)
+    batches = list(eval_inputs) if eval_inputs is not None else (list(calib) if calib else [example_inputs])
+
+    def compress(recipe: str) -> CompressedModel:
+        return optimize(model, example_inputs, recipe=recipe, calibration=calib, dynamic_axes=dynamic_axes)
+
+    candidates: list[Candidate] = []
+    for recipe in _ladder(compress, size, calib is not None, progress):
+        t0 = time.perf_counter()
+        progress(f"measuring {recipe} on ONNX Runtime")
+        cm = compress(recipe)
+        ratio = 1 / cm.compression_ratio
+        cand = Candidate(recipe, ratio, fits=size is None or ratio <= size * 1.005)
+        if cand.fits:
+            cand.cosine = _ort_cosine(model, cm, example_inputs, batches, target)
+            cand.holds = cand.cosine >= min_cosine
+        cand.seconds = time.perf_counter() - t0
+        candidates.append(cand)
+        if cand.fits and cand.holds and size is not None:
+            break  # the ladder goes from faithful to small: the first that fits and holds is the most accurate
+    good = [c for c in candidates if c.fits and c.holds]
+    if not good:
+        raise PlanError(_unreachable(candidates, size, min_cosine))
+    chosen = max(good, key=lambda c: c.cosine) if size is not None else min(good, key=lambda c: c.ratio)
+    cm = compress(chosen.recipe)
+    return Plan(
+        _explicit(chosen.recipe, cm),
+        chosen,
+        candidates,
+        size,
+        min_cosine,
+        target,
+        time.perf_counter() - start,
+        cm,
+    )
+
+
+def _ladder(
+    compress: Callable[[str], CompressedModel], size: Optional[float], calibrated: bool, progress
+) -> Iterable[str]:
+    """Recipes from the most faithful to the smallest; with a size, the budgeted ones bisected onto it."""
+    yield "fp16"
+    yield "int8"
+    if calibrated:
+        yield "int8:algo=gptq"
+    if not calibrated:
+        yield "int4"
+        yield "int4:kinds=linear+embedding"
+        return
+    if size is not None:
+        for shape in (
+            "int8:budget={b}",
+            "int4:algo=gptq,budget={b}",
+            "int4:algo=gptq,budget={b},kinds=linear+embedding",
+        ):
+            budget = _bisect_budget(compress, shape, size, progress)
+            if budget is not None:
+                yield shape.format(b=budget)
+    yield "int4:algo=gptq"
+    yield "int4:algo=gptq,kinds=linear+embedding"
+
+
+def _bisect_budget(compress, shape: str, size: float, progress) -> Optional[float]:
+    """The largest budget (within the pass's range) whose round-to-nearest bytes stay under ``size``, or None."""
+    rtn = shape.replace("algo=gptq,", "")
+    low, high = (0.26, 0.99) if shape.startswith("int8") else (0.11, 0.99)
+    fits = lambda b: 1 / compress(rtn.format(b=b)).compression_ratio <= size  # noqa: E731
+    progress(f"sizing {rtn.format(b='?')} for {size:.3f} of the fp32 bytes")
+    if not fits(low):
+        return None
+    for _ in range(_BISECT_STEPS):
+        mid = (low + high) / 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return math.floor(low * 1000) / 1000
+
+
+def _ort_cosine(model, cm: CompressedModel, example_inputs, batches, target: str) -> float:
+    with tempfile.TemporaryDirectory(prefix="fxc-plan-") as tmp:
+        path = cm.export(Path(tmp, "candidate.onnx"), target=target)
+        report = check(
+            model, path, example_inputs, compressed=cm, eval_inputs=batches, fp32_baseline=False, latency_repeat=1
+        )
+    return float(report.metrics.get("cosine", float("nan")))
+
+
+def _unreachable(candidates: list[Candidate], size: Optional[float], min_cosine: float) -> str:
+    fitting = [c for c in candidates if c.fits and c.cosine is not None]
+    holding = [c for c in candidates if c.holds]
+    parts = [f"no recipe reaches {'' if size is None else f'{size:.3f} of the fp32 bytes with '}cosine >= {min_cosine}"]
+    if fitting:
+        best = max(fitting, key=lambda c: c.cosine)
+        parts.append(f"best cosine within the size: {best.cosine:.5f} ({best.recipe}, {best.ratio:.3f})")
+    if holding:
+        small = min(holding, key=lambda c: c.ratio)
+        parts.append(f"smallest holding the floor: {small.ratio:.3f} ({small.recipe}, cosine {small.cosine:.5f})")
+    elif candidates:
+        parts.append(f"smallest tried: {min(c.ratio for c in candidates):.3f}")
+    parts.append("loosen min_cosine, raise size, or give calibration= so that GPTQ and the budgets can run")
+    return "; ".join(parts)
+
+
+def _explicit(recipe: str, cm: CompressedModel) -> str:
+    """``recipe`` with the layers a budget moved to another grid named (a record per layer says which), so that a
+    reader sees the per-layer plan; the budgeted recipe itself reproduces it exactly from the same calibration."""
+    moved = [r.layer for r in cm.records if "kept" in r.reason and "budget" in r.reason]
+    return recipe if not moved else f"{recipe}  # budget keeps finer: {'+'.join(moved)}"
+
+
+def pareto_svg(
+    candidates: Sequence[Candidate], chosen: Optional[Candidate], size: Optional[float], floor: float
+) -> str:
+    """Bytes (x fp32) against cosine on ONNX Runtime as a small SVG scatter: the size and floor as dashed lines, the
+    chosen candidate filled.
+
+    Example:
+        >>> pareto_svg([Candidate("int8", 0.26, 0.9995)], None, 0.3, 0.99).startswith("<svg")
+        True
+    """
+    measured = [c for c in candidates if c.cosine is not None and math.isfinite(c.cosine)]
+    w, h, pad = 480, 320, 48
+    lo = min([c.cosine for c in measured] + [floor]) - 0.001
+    hi = 1.0
+
+    def x(r: float) -> float:
+        return pad + r * (w - 2 * pad)
+
+    def y(c: float) -> float:
+        return h - pad - (c - lo) / max(hi - lo, 1e-9) * (h - 2 * pad)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-size="11">']
+    parts.append(f'<rect x="{pad}" y="{pad}" width="{w - 2 * pad}" height="{h - 2 * pad}" fill="none" stroke="#888"/>')
+    parts.append(f'<text x="{w / 2 - 50}" y="{h - 12}">bytes (x fp32)</text>')
+    parts.append(f'<text x="4" y="{pad - 8}">cosine on ONNX Runtime ({lo:.3f} .. 1)</text>')
+    parts.append(f'<line x1="{pad}" x2="{w - pad}" y1="{y(floor)}" y2="{y(floor)}" stroke="red" stroke-dasharray="4"/>')
+    if size is not None:
+        parts.append(
+            f'<line x1="{x(size)}" x2="{x(size)}" y1="{pad}" y2="{h - pad}" stroke="blue" stroke-dasharray="4"/>'
+        )
+    for c in measured:
+        fill = "black" if chosen is not None and c.recipe == chosen.recipe else "white"
+        parts.append(f'<circle cx="{x(c.ratio):.1f}" cy="{y(c.cosine):.1f}" r="4" fill="{fill}" stroke="black">')
+        parts.append(f"<title>{c.recipe}: {c.ratio:.3f}, cosine {c.cosine:.5f}</title></circle>")
+    parts.append("</svg>")
+    return "\n".join(parts)

@@ -1,0 +1,75 @@
+"""The planner: a size under a cosine floor without a recipe, verified on ONNX Runtime; its outputs (the recipe that
+reproduces it, the trade-off chart and data) and its errors (unreachable targets, bad arguments)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import fxcompress
+from fxcompress.planner import PlanError, plan
+
+
+def _mlp() -> tuple[nn.Module, torch.Tensor, list]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 32)).eval()
+    calibration = [(torch.randn(64, 128),) for _ in range(4)]
+    return model, torch.randn(16, 128), calibration
+
+
+def test_a_loose_size_gets_the_most_faithful_recipe_that_fits():
+    model, x, calibration = _mlp()
+    p = plan(model, x, size=0.6, min_cosine=0.999, calibration=calibration)
+    assert p.chosen.recipe == "fp16" and p.chosen.ratio <= 0.6 and p.chosen.cosine >= 0.999
+
+
+def test_a_size_between_int4_and_int8_is_met_with_a_budget(tmp_path):
+    model, x, calibration = _mlp()
+    p = plan(model, x, size=0.2, min_cosine=0.97, calibration=calibration)
+    assert p.chosen.ratio <= 0.2 * 1.005 and p.chosen.cosine >= 0.97
+    assert "budget=" in p.chosen.recipe or p.chosen.recipe.startswith("int4")
+    assert [c.recipe for c in p.candidates][:2] == ["fp16", "int8"]  # too large: measured for bytes only
+    assert p.candidates[0].cosine is None and not p.candidates[0].fits
+    # the recipe reproduces the plan: same bytes
+    again = fxcompress.optimize(model, x, recipe=p.chosen.recipe, calibration=calibration)
+    assert again.bytes_after == p.compressed.bytes_after
+    files = p.save(tmp_path / "plan")
+    data = json.loads(files[0].read_text())
+    assert data["chosen"]["recipe"] == p.chosen.recipe and len(data["candidates"]) == len(p.candidates)
+    assert files[1].read_text().startswith("<svg") and "<svg" in files[2].read_text()
+
+
+def test_without_a_size_the_smallest_recipe_that_holds_the_floor_wins():
+    model, x, calibration = _mlp()
+    p = plan(model, x, min_cosine=0.999, calibration=calibration)
+    holding = [c for c in p.candidates if c.holds]
+    assert p.chosen.ratio == min(c.ratio for c in holding)
+
+
+def test_an_unreachable_target_says_the_best_found():
+    model, x, calibration = _mlp()
+    with pytest.raises(PlanError, match=r"best cosine within the size: 0\.9\d+ \(int4"):
+        plan(model, x, size=0.14, min_cosine=0.99999, calibration=calibration)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"size": 1.5}, "fraction of the fp32 bytes"), ({"size": 0.5, "min_cosine": 0.0}, "min_cosine")],
+)
+def test_bad_arguments_are_refused(kwargs, match):
+    model, x, _ = _mlp()
+    with pytest.raises(fxcompress.errors.InputError, match=match):
+        plan(model, x, **kwargs)
+
+
+def test_cli_recipe_auto_writes_the_plan(tmp_path, capsys):
+    from fxcompress.cli import main
+
+    out = tmp_path / "mlp.onnx"
+    assert main(["optimize", "mlp", "--recipe", "auto", "--target-size", "0.3", "-o", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "plan: int8" in text and out.is_file()
+    assert (tmp_path / "mlp.plan.html").is_file() and (tmp_path / "mlp.plan.json").is_file()
