@@ -2,13 +2,14 @@
 
 ``plan(model, example_inputs, size=0.15, min_cosine=0.985, calibration=...)`` tries the project's techniques as a
 ladder of recipes, from the most faithful to the smallest: fp16, int8 (RTN, then GPTQ), int8 with a byte budget that
-leaves the most sensitive layers float, int4 with a budget that keeps the most sensitive Linears int8 (GPTQ), int4
-everywhere, then int4 on embeddings too. The per-layer choices inside a budgeted recipe come from measured sensitivity
-(each layer's output error under the coarser grid, per byte saved). Bytes are measured by compressing with
-round-to-nearest first (cheap; GPTQ stores the same bytes), the budget is bisected until the whole model lands on the
-requested size, and only the candidates that fit are compressed for real, exported for the target and run on ONNX
-Runtime against the original model. The most accurate one that fits and holds the floor wins; without a size, the
-smallest that holds the floor. Every candidate is kept (bytes, cosine, wall time) for the trade-off chart.
+leaves the most sensitive layers float, int4 Linears (GPTQ) with a budget that keeps the most sensitive ones int8 and
+the embedding tables int8, the same with int4 tables, then int4 everywhere. The per-layer choices inside a budgeted
+recipe come from measured sensitivity (each layer's output error under the coarser grid, per byte saved). Bytes are
+measured by compressing with round-to-nearest first (cheap; GPTQ stores the same bytes), the budget is bisected
+until the whole model lands on the requested size, and only the candidates that fit are compressed for real,
+exported for the target and run on ONNX Runtime against the original model. The most accurate one that fits and
+holds the floor wins; without a size, the smallest that holds the floor. Every candidate is kept (bytes, cosine, wall
+time) for the trade-off chart.
 
 The plan is written out as the recipe that reproduces it, with the layers the budget moved listed by name.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,9 +35,16 @@ from fxcompress.checker.parity import check
 from fxcompress.errors import InputError
 from fxcompress.graph.calibration import Calibration
 
-_BISECT_STEPS = 6
+_BISECT_STEPS = 7
+# Embedding tables (often most of a text model's bytes) at int8, or int4 in blocks of 64 with a searched range.
+INT8_TABLES = "int8:kinds=embedding"
+INT4_TABLES = "int4:kinds=embedding,block=64,clip=true"
 # Budgeted rungs, from the least to the most aggressive: {b} is bisected onto the requested size.
-BUDGETED = ("int8:budget={b}", "int4:algo=gptq,budget={b}", "int4:algo=gptq,budget={b},kinds=linear+embedding")
+BUDGETED = (
+    "int8:budget={b}",
+    INT8_TABLES + ",int4:algo=gptq,act_order=true,budget={b}",
+    INT4_TABLES + ",int4:algo=gptq,act_order=true,clip=true,budget={b}",
+)
 
 
 class PlanError(InputError):
@@ -148,13 +157,20 @@ def plan(
     candidates: list[Candidate] = []
     for recipe in _ladder(compress, size, calib is not None, progress):
         t0 = time.perf_counter()
-        progress(f"measuring {recipe} on ONNX Runtime")
+        twin = _rounded_to_nearest(recipe)
+        if size is not None and twin != recipe:
+            ratio = 1 / compress(twin).compression_ratio  # GPTQ stores the same bytes: run it only if they fit
+            if ratio > size * 1.005:
+                candidates.append(Candidate(recipe, ratio, fits=False, seconds=time.perf_counter() - t0))
+                continue
+        progress(f"trying {recipe}")
         cm = compress(recipe)
         ratio = 1 / cm.compression_ratio
         cand = Candidate(recipe, ratio, fits=size is None or ratio <= size * 1.005)
-        if cand.fits:
+        if cand.fits or twin == recipe:  # a cheap recipe too large for the size still gives the chart a point
             cand.cosine = _ort_cosine(model, cm, example_inputs, batches, target)
             cand.holds = cand.cosine >= min_cosine
+            cand.note = "" if cand.fits else "larger than the size"
         cand.seconds = time.perf_counter() - t0
         candidates.append(cand)
         if cand.fits and cand.holds and size is not None:
@@ -180,30 +196,30 @@ def _ladder(
     compress: Callable[[str], CompressedModel], size: Optional[float], calibrated: bool, progress
 ) -> Iterable[str]:
     """Recipes from the most faithful to the smallest; with a size, the budgeted ones bisected onto it."""
-    yield "fp16"
-    yield "int8"
-    if calibrated:
-        yield "int8:algo=gptq"
-    if not calibrated:
-        yield "int4"
-        yield "int4:kinds=linear+embedding"
+    yield from ("fp16", "int8")
+    if not calibrated:  # GPTQ and the sensitivity budgets need calibration batches
+        yield from (f"{INT8_TABLES},int4", f"{INT4_TABLES},int4:clip=true")
         return
+    yield "int8:algo=gptq"
     if size is not None:
-        for shape in (
-            "int8:budget={b}",
-            "int4:algo=gptq,budget={b}",
-            "int4:algo=gptq,budget={b},kinds=linear+embedding",
-        ):
+        for shape in BUDGETED:
             budget = _bisect_budget(compress, shape, size, progress)
             if budget is not None:
                 yield shape.format(b=budget)
-    yield "int4:algo=gptq"
-    yield "int4:algo=gptq,kinds=linear+embedding"
+    yield from (
+        f"{INT8_TABLES},int4:algo=gptq,act_order=true",
+        f"{INT4_TABLES},int4:algo=gptq,act_order=true,clip=true",
+    )
+
+
+def _rounded_to_nearest(recipe: str) -> str:
+    """``recipe`` with GPTQ replaced by round-to-nearest: the same grid, so the same bytes, in seconds."""
+    return re.sub(r"(?<=[:,])(algo=gptq|act_order=true),?", "", recipe).replace(":,", ":").rstrip(":,")
 
 
 def _bisect_budget(compress, shape: str, size: float, progress) -> Optional[float]:
     """The largest budget (within the pass's range) whose round-to-nearest bytes stay under ``size``, or None."""
-    rtn = shape.replace("algo=gptq,", "")
+    rtn = _rounded_to_nearest(shape)  # the same bytes as GPTQ, at a fraction of the cost
     low, high = (0.26, 0.99) if shape.startswith("int8") else (0.11, 0.99)
     fits = lambda b: 1 / compress(rtn.format(b=b)).compression_ratio <= size  # noqa: E731
     progress(f"sizing {rtn.format(b='?')} for {size:.3f} of the fp32 bytes")
@@ -244,7 +260,10 @@ def _explicit(recipe: str, cm: CompressedModel) -> str:
     """``recipe`` with the layers a budget moved to another grid named (a record per layer says which), so that a
     reader sees the per-layer plan; the budgeted recipe itself reproduces it exactly from the same calibration."""
     moved = [r.layer for r in cm.records if "kept" in r.reason and "budget" in r.reason]
-    return recipe if not moved else f"{recipe}  # budget keeps finer: {'+'.join(moved)}"
+    if not moved:
+        return recipe
+    named = "+".join(moved) if len(moved) <= 6 else f"{len(moved)} layers (see the records)"
+    return f"{recipe}  # budget keeps finer: {named}"
 
 
 def pareto_svg(

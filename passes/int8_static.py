@@ -9,6 +9,7 @@ padding is exact. Conv bias is stored int32 at scale x_scale * w_scale, as QLine
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -18,7 +19,7 @@ from torch import Tensor, fx
 from fxcompress.algorithms.quant import quantize_per_channel, sqnr_db
 from fxcompress.algorithms.statistics import observe
 from fxcompress.errors import InputError
-from fxcompress.graph.edit import TiedWeights, replace_site
+from fxcompress.graph.edit import TiedWeights, add_constant, replace_site
 from fxcompress.graph.sites import Site, nbytes
 from fxcompress.ops.static import QMAX, QMIN
 from fxcompress.recipe.manager import select_sites
@@ -81,9 +82,72 @@ def _mean(v: list[float]) -> float:
     return sum(v) / len(v)
 
 
+_RELU_TARGETS = {torch.relu, torch.nn.functional.relu, torch.ops.aten.relu.default, torch.ops.aten.relu_.default}
+
+
+def _relu_after(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The ReLU that is ``node``'s only reader, if any."""
+    if len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    if user.op == "call_function" and user.target in _RELU_TARGETS:
+        return user
+    if user.op == "call_method" and user.target in ("relu", "relu_"):
+        return user
+    if user.op == "call_module" and isinstance(gm.get_submodule(str(user.target)), torch.nn.ReLU):
+        return user
+    return None
+
+
+_ADD_TARGETS = {operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
+
+
+def _residual_adds(gm: fx.GraphModule, sites: list[Site]) -> list[tuple[fx.Node, list[int]]]:
+    """The additions of two tensors of which at least one is a selected convolution's output (a residual block's
+    sum), each with the positions of its other, not yet quantized, inputs."""
+    convs = {s.node for s in sites if s.kind.startswith("conv")}
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _ADD_TARGETS or len(node.args) != 2 or node.kwargs:
+            continue
+        if all(isinstance(a, fx.Node) for a in node.args) and any(a in convs for a in node.args):
+            found.append((node, [i for i, a in enumerate(node.args) if a not in convs]))
+    return found
+
+
+def _quantize_residual_adds(gm: fx.GraphModule, adds, ranges: _Ranges) -> int:
+    """Round the inputs and the output of each residual sum to uint8 at their calibrated scales (the output at the
+    ReLU's range when a ReLU follows, which is then exact), so that ORT fuses ``DQ, DQ -> Add -> Q`` into
+    ``QLinearAdd`` and the block stays in integers from one convolution to the next."""
+    op = torch.ops.fxcompress.activation_qdq.default
+    for add, others in adds:
+        for i in others:
+            src = add.args[i]
+            scale, zp = ranges.qparams(f"{add.name}:in{i}")
+            with gm.graph.inserting_before(add):
+                args = (src, add_constant(gm, f"{add.name}_in{i}_scale", scale, add))
+                args += (add_constant(gm, f"{add.name}_in{i}_zero_point", zp, add),)
+                add.update_arg(i, gm.graph.call_function(op, args))
+        scale, zp = ranges.qparams(f"{add.name}:out")
+        after = add.next
+        s_node = add_constant(gm, f"{add.name}_out_scale", scale, after)
+        z_node = add_constant(gm, f"{add.name}_out_zero_point", zp, after)
+        with gm.graph.inserting_before(after):
+            rounded = gm.graph.call_function(op, (add, s_node, z_node))
+        add.replace_all_uses_with(rounded, delete_user_cb=lambda user, keep=rounded: user is not keep)
+    return len(adds)
+
+
 def _calibrate(gm: fx.GraphModule, sites: list[Site], cfg: Int8StaticConfig, batches) -> _Ranges:
     ranges = _Ranges(cfg.percentile)
-    watch = {f"{s.node.name}:in": s.input for s in sites} | {f"{s.node.name}:out": s.node for s in sites}
+    # A convolution read only by a ReLU gets the ReLU's output range: quantizing to [0, hi] with zero point 0 is the
+    # ReLU, exactly, and the next layer's input range is then the same tensor's, so ORT drops the ReLU and the
+    # dequantize/quantize pair between two QLinearConvs instead of requantizing there.
+    outputs = {s.node.name: (_relu_after(gm, s.node) if s.kind.startswith("conv") else None) or s.node for s in sites}
+    watch = {f"{s.node.name}:in": s.input for s in sites} | {f"{n}:out": v for n, v in outputs.items()}
+    for add, others in _residual_adds(gm, sites):
+        watch[f"{add.name}:out"] = _relu_after(gm, add) or add
+        watch |= {f"{add.name}:in{i}": add.args[i] for i in others}
     bias = {s.node.name: s.bias.detach().float() for s in sites if s.kind == "linear" and s.bias is not None}
 
     def on_value(key: str, t: Tensor) -> None:
@@ -114,6 +178,7 @@ def quantize_int8_static(gm: fx.GraphModule, cfg: Int8StaticConfig, ctx: PassCon
         raise InputError(
             "int8_static needs calibration data to fix activation scales: optimize(..., calibration=[input_tuple, ...])"
         )
+    adds = _residual_adds(gm, sites)
     ranges = _calibrate(gm, sites, cfg, ctx.calibration)
     ops = torch.ops.fxcompress
     tied = TiedWeights()  # a weight read by several layers: its int8 codes stored once, each call its own scales
@@ -173,6 +238,7 @@ def quantize_int8_static(gm: fx.GraphModule, cfg: Int8StaticConfig, ctx: PassCon
                 numerics=STATIC,
             )
         )
+    _quantize_residual_adds(gm, adds, ranges)
     return PassResult(gm, True, records)
 
 

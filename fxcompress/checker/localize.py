@@ -31,6 +31,7 @@ from fxcompress.graph.inputs import called_positionally, normalize_inputs, run_r
 from fxcompress.text import table
 
 _COMPRESSED_OP = "torch.ops.fxcompress."
+_ACTIVATION_OP = "torch.ops.fxcompress.activation_qdq"
 _MAX_PROTO_BYTES = 1 << 30  # outputs are added to an in-memory copy: protobuf's own limit is 2 GiB
 
 
@@ -114,8 +115,8 @@ def compressed_values(proto: onnx.ModelProto) -> list[tuple[str, str, str]]:
     for node in proto.graph.node:
         meta = {p.key: p.value for p in node.metadata_props}
         fx_node = meta.get("pkg.torch.onnx.fx_node", "")
-        if _COMPRESSED_OP not in fx_node or not fx_node.startswith("%"):
-            continue
+        if _COMPRESSED_OP not in fx_node or not fx_node.startswith("%") or _ACTIVATION_OP in fx_node:
+            continue  # an activation rounded between layers is not a layer
         name = fx_node[1:].split(" ", 1)[0]
         if name not in node.output:
             continue
@@ -182,6 +183,8 @@ def localize(
         want = reference.get(layer)
         if want is None or want.size != actual.size:
             continue
+        if actual.min() >= 0 > want.min():  # the artifact's layer ends in a fused ReLU (int8_static rounds its
+            want, op = np.maximum(want, 0), op + " (+ReLU)"  # output on the ReLU's range): compare after it
         sqnr, cos = _sqnr_db(want, actual), _cosine(want, actual)
         added = min(previous, ceiling_db) - sqnr
         layers.append(LayerDivergence(layer, value, op, sqnr, cos, added, suspect=added > jump_db))

@@ -61,7 +61,7 @@ def compressed_ops() -> dict[str, CompressedOp]:
 
     Example:
         >>> sorted(compressed_ops())[:3]
-        ['conv_q8', 'conv_qdq', 'embedding_nbits']
+        ['activation_qdq', 'conv_q8', 'conv_qdq']
     """
     import fxcompress.ops as package
 

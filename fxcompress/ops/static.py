@@ -155,5 +155,29 @@ def qdq_matmul(
     return op.Add(y, bias) if bias is not None else y
 
 
+# --- Activations -------------------------------------------------------------------------------------------------
+@torch.library.custom_op("fxcompress::activation_qdq", mutates_args=())
+def activation_qdq(x: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+    """An activation rounded to uint8 at a calibrated scale: placed around a residual Add, so that ORT sees
+    ``DQ, DQ -> Add -> Q`` and runs it as ``QLinearAdd`` between two integer convolutions.
+
+    Example:
+        >>> torch.ops.fxcompress.activation_qdq(torch.tensor([0.25, 0.75]), torch.tensor(0.5),
+        ...                                     torch.tensor(0, dtype=torch.uint8)).tolist()
+        [0.0, 1.0]
+    """
+    return fake_quant(x, scale, zero_point)
+
+
+@activation_qdq.register_fake
+def _(x, scale, zero_point):
+    return torch.empty_like(x)
+
+
+def qdq_activation(x, scale, zero_point):
+    return _qdq(x, scale, zero_point)
+
+
+register_op(torch.ops.fxcompress.activation_qdq.default, {"qdq": qdq_activation}, default="qdq")
 register_op(torch.ops.fxcompress.conv_qdq.default, {"qdq": qdq_conv}, default="qdq")
 register_op(torch.ops.fxcompress.linear_qdq.default, {"qdq": qdq_matmul}, default="qdq")

@@ -97,3 +97,40 @@ def test_percentile_ranges_are_narrower_than_minmax():
         return cm.module.get_buffer(str(node.args[1].target)).item()
 
     assert x_scale(narrow) < x_scale(wide) / 5
+
+
+class Residual(nn.Module):
+    """Two ResNet basic blocks: conv -> ReLU -> conv, plus the block's input, then ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a1, self.a2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.b1, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.a2(torch.relu(self.a1(x))) + x)
+        return torch.relu(self.b2(torch.relu(self.b1(x))) + x)
+
+
+def test_relus_and_residual_sums_stay_integer_on_ort(tmp_path):
+    """A conv read by a ReLU is rounded on the ReLU's range and each residual sum is rounded in and out, so ORT's
+    optimized graph is QLinearConv -> QLinearAdd with no float ReLU or Add left between them (only the ReLU that
+    produces the model's float output)."""
+    torch.manual_seed(0)
+    model, x = Residual().eval(), torch.randn(2, 3, 8, 8)
+    calib = [(torch.randn(8, 3, 8, 8),) for _ in range(3)]
+    cm = fxcompress.optimize(model, x, recipe="int8_static", calibration=calib)
+    path = cm.export(tmp_path / "res.onnx", target="cpu")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    optimized = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert optimized.count("QLinearConv") == 5 and optimized.count("QLinearAdd") == 2
+    assert optimized.count("Relu") == 1 and optimized[-1] == "Relu"  # the model's own output stays float
+    assert "Add" not in optimized
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert torch.allclose(torch.from_numpy(got), cm(x), atol=1e-4)  # ORT computes what the torch module does
+    ref = model(x)
+    assert torch.nn.functional.cosine_similarity(cm(x).flatten(), ref.flatten(), dim=0) > 0.999

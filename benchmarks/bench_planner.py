@@ -1,0 +1,82 @@
+"""The planner on all-MiniLM-L6-v2: a size and a cosine floor, no hand-written recipe, against the hand-tuned recipes.
+
+Run:  python benchmarks/bench_planner.py        (writes benchmarks/results/planner_minilm.md/.json and the charts)
+Each row is one `fxcompress.planner.plan(model, x, size=..., min_cosine=..., calibration=...)` call on 2 cores: the
+recipe it chose, its bytes and cosine on ONNX Runtime (target auto; 64 sentences of the bundled text, 32 tokens), how
+many candidates it measured and its wall time. The hand-tuned reference: `int4:algo=gptq,budget=0.15` with int4
+embeddings, 0.145 at cosine 0.985 (benchmarks/results/int4_minilm.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from common import environment, save_results
+
+from fxcompress.models import zoo
+from fxcompress.planner import PlanError, plan
+
+GOALS = ((0.25, 0.999), (0.15, 0.985), (0.12, 0.97))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--goals", default=";".join(f"{s},{c}" for s, c in GOALS), help="size,cosine;size,cosine")
+    args = ap.parse_args()
+    model, example, ev = zoo.minilm()
+    calibration = zoo.minilm_calibration()
+    rows = []
+    for goal in args.goals.split(";"):
+        size, floor = (float(v) for v in goal.split(","))
+        start = time.perf_counter()
+        print(f"planning size {size} at cosine >= {floor} ...", file=sys.stderr, flush=True)
+        try:
+            p = plan(
+                model,
+                example,
+                size=size,
+                min_cosine=floor,
+                calibration=calibration,
+                eval_inputs=ev.inputs,
+                dynamic_axes=(0, 1),
+                progress=lambda line: print("  " + line, file=sys.stderr, flush=True),
+            )
+        except PlanError as e:
+            rows.append(dict(size=size, floor=floor, error=str(e), seconds=time.perf_counter() - start))
+            continue
+        p.save(f"results/planner_minilm_{size}")
+        rows.append(
+            dict(
+                size=size,
+                floor=floor,
+                recipe=p.recipe,
+                ratio=p.chosen.ratio,
+                cosine=p.chosen.cosine,
+                candidates=len(p.candidates),
+                seconds=p.seconds,
+            )
+        )
+    env = environment()
+    lines = [
+        f"# The planner on MiniLM: size and cosine floor in, recipe out\n\n{env}\n\n"
+        "Command: `python benchmarks/bench_planner.py`\n",
+        "| size goal | cosine floor | chosen recipe | bytes (x fp32) | cosine on ORT | candidates | wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['size']} | {r['floor']} | not reached: {r['error']} | | | | {r['seconds']:.0f} |")
+        else:
+            lines.append(
+                f"| {r['size']} | {r['floor']} | `{r['recipe']}` | {r['ratio']:.3f} | {r['cosine']:.5f} | "
+                f"{r['candidates']} | {r['seconds']:.0f} |"
+            )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    save_results("planner_minilm", text, {"env": env, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
