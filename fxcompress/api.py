@@ -67,8 +67,39 @@ class CompressedModel:
     onnx_path: Optional[Path] = field(default=None, repr=False)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the compressed module as the original is called (keyword inputs included), without gradients.
+
+        Example:
+            >>> class Scaled(nn.Module):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.fc = nn.Linear(4, 4)
+            ...     def forward(self, x, scale):
+            ...         return self.fc(x) * scale
+            >>> cm = optimize(Scaled(), {"x": torch.ones(2, 4), "scale": torch.tensor(3.0)}, recipe="fp16")
+            >>> cm(scale=torch.tensor(2.0), x=torch.ones(2, 4)).shape
+            torch.Size([2, 4])
+        """
+        if kwargs and self.input_names:
+            args = self._positional(args, kwargs)
+            kwargs = {}
         with torch.no_grad():
             return self.module(*args, **kwargs)
+
+    def _positional(self, args: tuple, kwargs: dict[str, Any]) -> tuple:
+        """The captured module takes the example's keywords positionally, in the example's order."""
+        names = list(self.input_names or ())
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise InputError(
+                f"unexpected keyword input(s) {unknown}: the compressed module was captured with {names} (pass the "
+                "same keywords as the example inputs given to optimize)"
+            )
+        given = dict(zip(names, args)) | kwargs
+        missing = [n for n in names if n not in given]
+        if missing:
+            raise InputError(f"missing input(s) {missing}: the compressed module was captured with {names}")
+        return tuple(given[n] for n in names)
 
     @property
     def tolerance(self) -> Tolerance:

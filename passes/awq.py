@@ -148,7 +148,9 @@ def _fold_into_producer(gm: fx.GraphModule, producer: fx.Node, group: list[Site]
         if stored_tensor(gm, weight) is not None and (bias is None or stored_tensor(gm, bias) is not None):
             tensors = [attr_owner(gm, str(n.target)) for n in (weight, bias) if n is not None]
     elif producer.op == "call_function":
-        site = next((s for s in find_sites(gm)[0] if s.node is producer and s.kind == "linear"), None)
+        site = next(
+            (s for s in find_sites(gm)[0] if s.node is producer and s.kind == "linear" and not s.transposed), None
+        )
         if site is not None and site.node.op == "call_function":
             tensors = [attr_owner(gm, str(site.node.args[1].target))]
             if site.bias is not None:

@@ -90,6 +90,7 @@ class HalfConfig(PassConfig):
     tolerance: ClassVar[Tolerance] = Tolerance(0.9999, 0.9995, 40.0, 0.01, 0.001, 0.99, 0.5)
     dtype: str = "fp16"
     shares_tied_weights: ClassVar[bool] = True  # a tied tensor read only by half ops is stored once, in half
+    handles_transposed_weights: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.dtype not in HALF_DTYPES:

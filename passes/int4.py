@@ -66,6 +66,7 @@ class Int4Config(PassConfig):
 
     name: ClassVar[str] = "int4"
     shares_tied_weights: ClassVar[bool] = True
+    handles_transposed_weights: ClassVar[bool] = True
     other_kinds: ClassVar[dict[str, str]] = {
         kind: f"; int8 quantizes {kind}: put 'int8:kinds={kind}' before int4" for kind in ("conv1d", "conv2d")
     }

@@ -44,6 +44,7 @@ class Int8Config(PassConfig):
 
     name: ClassVar[str] = "int8"
     shares_tied_weights: ClassVar[bool] = True
+    handles_transposed_weights: ClassVar[bool] = True
     tolerance: ClassVar[Tolerance] = Tolerance()  # weight-only int8: MiniLM 0.9995, SQNR 30 dB, max_rel 0.04
     kinds: tuple[str, ...] = QUANTIZABLE_KINDS
     algo: str = "rtn"

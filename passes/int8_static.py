@@ -38,6 +38,7 @@ class Int8StaticConfig(PassConfig):
 
     name: ClassVar[str] = "int8_static"
     shares_tied_weights: ClassVar[bool] = True
+    handles_transposed_weights: ClassVar[bool] = True
     tolerance: ClassVar[Tolerance] = PER_TENSOR_ACTIVATIONS  # activations rounded to uint8 per tensor, like run-time
     kinds: tuple[str, ...] = STATIC_KINDS
     percentile: float = 100.0

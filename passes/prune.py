@@ -205,7 +205,7 @@ class _Analysis:
         return a
 
     def run(self) -> None:
-        sites = {s.node: s for s in find_sites(self.gm)[0]}
+        sites = {s.node: s for s in find_sites(self.gm)[0] if not s.transposed}  # [in, out] weights: opaque
         for node in self.gm.graph.nodes:
             tracked = [a for a in node.all_input_nodes if a in self.layouts]
             if node in sites:

@@ -33,6 +33,7 @@ class Sparse24Config(PassConfig):
 
     name: ClassVar[str] = "sparse24"
     tolerance: ClassVar[Tolerance] = Tolerance(0.9, 0.75, 3.0, 1.0, 0.5, 0.85, 5.0)
+    handles_transposed_weights: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class SparsityConfig(PassConfig):
 
     name: ClassVar[str] = "sparsity"
     tolerance: ClassVar[Tolerance] = Tolerance(0.9, 0.75, 3.0, 1.0, 0.5, 0.85, 5.0)
+    handles_transposed_weights: ClassVar[bool] = True
     ratio: float = 0.5
 
     def __post_init__(self) -> None:

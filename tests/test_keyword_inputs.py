@@ -3,6 +3,7 @@
 import onnx
 import pytest
 import torch
+from helpers import cosine
 from torch import nn
 
 import fxcompress
@@ -81,3 +82,29 @@ def test_mismatched_keyword_batches_are_refused(calibration, message):
 def test_keywords_must_be_identifiers():
     with pytest.raises(InputError, match="must be Python identifiers"):
         fxcompress.optimize(KeywordEncoder().eval(), {"input ids": torch.zeros(1, 6, dtype=torch.long)})
+
+
+@pytest.mark.parametrize("recipe", ["fp16", "int8"])
+def test_a_causal_lm_called_with_keywords(recipe):
+    """transformers decoders (Llama, GPT-2 layouts) take input_ids/attention_mask as keywords; fp16 used to fail on
+    them with a dtype mismatch."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llama = LlamaConfig(
+        num_hidden_layers=1, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2
+    )
+    for model in (
+        LlamaForCausalLM(llama),
+        GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=4, vocab_size=500, n_positions=64)),
+    ):
+        model.config.use_cache = False
+        model.eval()
+        ids = torch.randint(0, 500, (2, 16))
+        example = {"input_ids": ids, "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+        cm = fxcompress.optimize(model, example, recipe=recipe)
+        got = cm(**example)
+        got = got.logits if hasattr(got, "logits") else got[0]
+        assert cosine(got, model(**example).logits) > 0.999
+        with pytest.raises(fxcompress.errors.InputError, match="unexpected keyword"):
+            cm(input_ids=ids, mask=ids)

@@ -114,6 +114,24 @@ def expanded_at_load(proto: onnx.ModelProto) -> int:
     return sum(_tensor_bytes(t) for name, t in inits.items() if _dtype(t) in QUANTIZED_DTYPES and expanded(name))
 
 
+def _float_copies_of_quantized(proto: onnx.ModelProto, optimized: onnx.ModelProto) -> int:
+    """Bytes of float32 initializers that ORT's optimizations created with the shape (or transposed shape) of a
+    quantized initializer: a dequantized weight. A float weight merely transposed (a head tied to a float embedding)
+    is not counted."""
+    quantized = {tuple(t.dims) for t in proto.graph.initializer if _dtype(t) in QUANTIZED_DTYPES}
+    quantized |= {dims[::-1] for dims in quantized}
+    floats = {tuple(t.dims) for t in proto.graph.initializer if _dtype(t) == "float32"}
+    before = {t.name for t in proto.graph.initializer}
+    return sum(
+        _tensor_bytes(t)
+        for t in optimized.graph.initializer
+        if t.name not in before
+        and _dtype(t) == "float32"
+        and tuple(t.dims) in quantized
+        and not (tuple(t.dims) in floats or tuple(t.dims)[::-1] in floats)
+    )
+
+
 def _dtype(t: onnx.TensorProto) -> str:
     return onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name
 
@@ -165,7 +183,7 @@ def weight_report(
     expanded = expanded_at_load(proto)
     expected = quantized - expanded  # what must stay quantized in the session
     kept = sum(v for k, v in optimized.items() if k in QUANTIZED_DTYPES)
-    grown = optimized.get("float32", 0) - by_dtype.get("float32", 0) - 4 * expanded
+    grown = _float_copies_of_quantized(proto, graph) - 4 * expanded
     folded = expected > 0 and (kept < 0.9 * expected or grown > 0.5 * expected)
     w.update(optimized_bytes_by_dtype=optimized, folded_back=folded)
     if expanded:

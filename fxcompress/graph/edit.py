@@ -137,6 +137,8 @@ def site_tensor(gm: fx.GraphModule, site: Site, which: str = "weight") -> tuple[
     """
     if site.node.op == "call_module":
         return gm.get_submodule(str(site.node.target)), which
+    if site.transposed:  # addmm(bias, x, W)
+        return attr_owner(gm, str(site.node.args[2 if which == "weight" else 0].target))
     index = (0 if site.kind == "embedding" else 1) if which == "weight" else 2
     return attr_owner(gm, str(site.node.args[index].target))
 
@@ -165,6 +167,8 @@ def set_site_weight(gm: fx.GraphModule, site: Site, value: Tensor) -> Tensor:
         >>> old = set_site_weight(gm, site, torch.zeros_like(site.weight))
         >>> _ = set_site_weight(gm, site, old)   # undo
     """
+    if site.transposed:  # stored [in, out]: store the transpose, hand back the old one in [out, in]
+        return replace_tensor(*site_tensor(gm, site), value.t().contiguous()).t()
     return replace_tensor(*site_tensor(gm, site), value)
 
 

@@ -38,6 +38,9 @@ class Site:
     bias: Optional[Tensor]
     weight_key: tuple
     conv: dict[str, Any] = field(default_factory=dict)  # stride, padding, dilation, groups (conv only)
+    # The model stores the weight [in, out] and computes addmm(bias, x, W) (transformers' Conv1D in GPT-2):
+    # ``weight`` is its [out, in] view, and writes go through graph.edit.set_site_weight, which transposes back.
+    transposed: bool = False
 
     @property
     def input(self) -> Any:
@@ -177,10 +180,24 @@ def _recurrent_weights(node: fx.Node, cell: str) -> list[Skipped]:
     return [Skipped(node, "recurrent", str(p.target), why) for p in matrices]
 
 
+def _from_addmm(gm: fx.GraphModule, node: fx.Node) -> Optional[Site]:
+    """``addmm(bias, x, W)`` with a stored [in, out] weight and bias: a Linear (GPT-2's Conv1D); any other addmm
+    (scaled, or of two activations) is not a layer."""
+    if len(node.args) != 3 or node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+        return None
+    b_node, x, w_node = node.args
+    w, b = stored_tensor(gm, w_node), stored_tensor(gm, b_node)
+    if w is None or b is None or not isinstance(x, fx.Node) or w.dim() != 2 or b.shape != (w.shape[1],):
+        return None
+    return Site(node, "linear", _name_of(node, w_node), (1, "mat1"), w.t(), b, _key(w), transposed=True)
+
+
 def _from_function(gm: fx.GraphModule, node: fx.Node) -> Union[Site, Skipped, list[Skipped], None]:
     target = node.target
     if target in _RECURRENT:
         return _recurrent_weights(node, _RECURRENT[target])
+    if target is aten.addmm.default or target is torch.addmm:
+        return _from_addmm(gm, node)
     if target in _LINEAR_FNS:
         kind, x_at, w_node, b_node = "linear", (0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
         conv: dict[str, Any] = {}

@@ -97,6 +97,9 @@ def select_sites(gm: fx.GraphModule, cfg: PassConfig, kinds: Iterable[str]) -> t
             )
         else:
             why = cfg.selects(site.name) or _tie_reason(site, readers[site.weight_key], cfg, kinds)
+            if why is None and site.transposed and not cfg.handles_transposed_weights:
+                why = f"its weight is stored [in, out] (a GPT-2 style Conv1D computed by addmm), which {cfg.name} "
+                why += "does not handle yet; int8, int4, int8_static, fp16 and sparsity do"
         if why is None:
             chosen.append(site)
         else:

@@ -37,6 +37,9 @@ class PassConfig:
     # whether the pass stores a weight that several sites read once (a Linear called twice, a head tied to its
     # embedding); a pass that cannot leaves such weights alone rather than store one copy per reader
     shares_tied_weights: ClassVar[bool] = False
+    # True when the pass handles a Linear whose weight is stored transposed (GPT-2's Conv1D): it reads site.weight
+    # and writes only through set_site_weight or by replacing the node. Others skip such layers with a record.
+    handles_transposed_weights: ClassVar[bool] = False
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
 
