@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from common import environment, save_results
+from common import save_table
 from torch import nn
 
 import fxcompress
@@ -67,23 +67,25 @@ def main() -> None:
                 skipped=skipped,
             )
         )
-    env = environment()
-    lines = [
-        f"# Architectures outside the zoo: `int8` bytes and parity on ONNX Runtime\n\n{env}\n\n"
-        "Command: `python benchmarks/bench_architectures.py`\n",
-        "| model | recipe | parameters | compression (x) | file weights (x fp32) | cosine | parity | optimize s | "
-        "left float |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    cells = [
+        [
+            r["model"],
+            f"`{r['recipe']}`",
+            f"{r['params_m']:.1f}M",
+            f"{r['ratio']:.2f}",
+            f"{r['file_ratio']:.3f}",
+            f"{r['cosine']:.5f}",
+            "passed" if r["passed"] else "FAILED",
+            f"{r['optimize_s']:.0f}",
+            ", ".join(r["skipped"][:4]) + (" ..." if len(r["skipped"]) > 4 else ""),
+        ]
+        for r in rows
     ]
-    for r in rows:
-        left = ", ".join(r["skipped"][:4]) + (" ..." if len(r["skipped"]) > 4 else "")
-        lines.append(
-            f"| {r['model']} | `{r['recipe']}` | {r['params_m']:.1f}M | {r['ratio']:.2f} | {r['file_ratio']:.3f} | "
-            f"{r['cosine']:.5f} | {'passed' if r['passed'] else 'FAILED'} | {r['optimize_s']:.0f} | {left} |"
-        )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    save_results("architectures", text, {"env": env, "rows": rows})
+    header = ["model", "recipe", "parameters", "compression (x)", "file weights (x fp32)", "cosine", "parity"]
+    header += ["optimize s", "left float"]
+    save_table(
+        "architectures", "Architectures outside the zoo: `int8` bytes and parity on ONNX Runtime", header, cells, rows
+    )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from common import environment, save_results
+from common import save_table
 
 from fxcompress.models import zoo
 from fxcompress.planner import PlanError, plan
@@ -58,24 +58,22 @@ def main() -> None:
                 seconds=p.seconds,
             )
         )
-    env = environment()
-    lines = [
-        f"# The planner on MiniLM: size and cosine floor in, recipe out\n\n{env}\n\n"
-        "Command: `python benchmarks/bench_planner.py`\n",
-        "| size goal | cosine floor | chosen recipe | bytes (x fp32) | cosine on ORT | candidates | wall s |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+    cells = [
+        [str(r["size"]), str(r["floor"]), f"not reached: {r['error']}", "", "", "", f"{r['seconds']:.0f}"]
+        if "error" in r
+        else [
+            str(r["size"]),
+            str(r["floor"]),
+            f"`{r['recipe']}`",
+            f"{r['ratio']:.3f}",
+            f"{r['cosine']:.5f}",
+            str(r["candidates"]),
+            f"{r['seconds']:.0f}",
+        ]
+        for r in rows
     ]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['size']} | {r['floor']} | not reached: {r['error']} | | | | {r['seconds']:.0f} |")
-        else:
-            lines.append(
-                f"| {r['size']} | {r['floor']} | `{r['recipe']}` | {r['ratio']:.3f} | {r['cosine']:.5f} | "
-                f"{r['candidates']} | {r['seconds']:.0f} |"
-            )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    save_results("planner_minilm", text, {"env": env, "rows": rows})
+    header = ["size goal", "cosine floor", "chosen recipe", "bytes (x fp32)", "cosine on ORT", "candidates", "wall s"]
+    save_table("planner_minilm", "The planner on MiniLM: size and cosine floor in, recipe out", header, cells, rows)
 
 
 if __name__ == "__main__":

@@ -65,14 +65,28 @@ def save_results(tag: str, text: str, data: dict) -> None:
     (out / f"{tag}.json").write_text(json.dumps(data, indent=2))
 
 
+def save_table(tag: str, title: str, header: Sequence[str], cells: Sequence[Sequence[str]], rows: list) -> None:
+    """Print and save results/<tag>.md, one table under ``title`` with the environment line and the command that ran
+    (as :func:`write_tables` names it), and results/<tag>.json with the raw ``rows``."""
+    env = environment()
+    table = [f"| {' | '.join(header)} |", f"| {' | '.join('---' for _ in header)} |"]
+    table += [f"| {' | '.join(row)} |" for row in cells]
+    text = f"# {title}\n\n{env}\n\nCommand: `python {_command()}`\n\n" + "\n".join(table) + "\n"
+    print(text)
+    save_results(tag, text, {"env": env, "rows": rows})
+
+
+def _command() -> str:
+    """This script's path from the repository root, with its flags: rerunnable as written."""
+    script = Path(sys.argv[0]).resolve().relative_to(Path(__file__).resolve().parents[1])
+    return " ".join([str(script), *sys.argv[1:]])
+
+
 def write_tables(
     tag: str, title: str, env: str, models: Sequence[str], measure: Callable[[str], list[BenchRow]]
 ) -> None:
     """Run ``measure(model)`` for each model and write results/<tag>.md (a table per model) and .json."""
-    command = " ".join(
-        [str(Path(sys.argv[0]).resolve().relative_to(Path(__file__).resolve().parents[1])), *sys.argv[1:]]
-    )  # with its flags: rerunnable as written
-    sections, data = [f"# {title}\n\n{env}\n\nCommand: `python {command}`\n"], {"env": env}
+    sections, data = [f"# {title}\n\n{env}\n\nCommand: `python {_command()}`\n"], {"env": env}
     for name in models:
         print(f"benchmarking {name} ...", file=sys.stderr)
         rows = measure(name)

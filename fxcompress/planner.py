@@ -154,12 +154,20 @@ def plan(
     def compress(recipe: str) -> CompressedModel:
         return optimize(model, example_inputs, recipe=recipe, calibration=calib, dynamic_axes=dynamic_axes)
 
+    ratios: dict[str, float] = {}
+
+    def ratio_of(recipe: str) -> float:  # compressed / fp32 bytes, each recipe compressed once for its bytes
+        if recipe not in ratios:
+            ratios[recipe] = 1 / compress(recipe).compression_ratio
+        return ratios[recipe]
+
     candidates: list[Candidate] = []
-    for recipe in _ladder(compress, size, calib is not None, progress):
+    best: Optional[tuple[Candidate, CompressedModel]] = None  # kept, so the choice is not compressed again
+    for recipe in _ladder(ratio_of, size, calib is not None, progress):
         t0 = time.perf_counter()
         twin = _rounded_to_nearest(recipe)
         if size is not None and twin != recipe:
-            ratio = 1 / compress(twin).compression_ratio  # GPTQ stores the same bytes: run it only if they fit
+            ratio = ratio_of(twin)  # GPTQ stores the same bytes: run it only if they fit
             if ratio > size * 1.005:
                 candidates.append(Candidate(recipe, ratio, fits=False, seconds=time.perf_counter() - t0))
                 continue
@@ -173,13 +181,13 @@ def plan(
             cand.note = "" if cand.fits else "larger than the size"
         cand.seconds = time.perf_counter() - t0
         candidates.append(cand)
+        if cand.fits and cand.holds and (best is None or _better(cand, best[0], size is not None)):
+            best = (cand, cm)
         if cand.fits and cand.holds and size is not None:
             break  # the ladder goes from faithful to small: the first that fits and holds is the most accurate
-    good = [c for c in candidates if c.fits and c.holds]
-    if not good:
+    if best is None:
         raise PlanError(_unreachable(candidates, size, min_cosine))
-    chosen = max(good, key=lambda c: c.cosine) if size is not None else min(good, key=lambda c: c.ratio)
-    cm = compress(chosen.recipe)
+    chosen, cm = best
     return Plan(
         _explicit(chosen.recipe, cm),
         chosen,
@@ -192,9 +200,12 @@ def plan(
     )
 
 
-def _ladder(
-    compress: Callable[[str], CompressedModel], size: Optional[float], calibrated: bool, progress
-) -> Iterable[str]:
+def _better(candidate: Candidate, than: Candidate, sized: bool) -> bool:
+    """With a size, the more accurate of two candidates that fit and hold the floor; without, the smaller."""
+    return candidate.cosine > than.cosine if sized else candidate.ratio < than.ratio
+
+
+def _ladder(ratio_of: Callable[[str], float], size: Optional[float], calibrated: bool, progress) -> Iterable[str]:
     """Recipes from the most faithful to the smallest; with a size, the budgeted ones bisected onto it."""
     yield from ("fp16", "int8")
     if not calibrated:  # GPTQ and the sensitivity budgets need calibration batches
@@ -203,7 +214,7 @@ def _ladder(
     yield "int8:algo=gptq"
     if size is not None:
         for shape in BUDGETED:
-            budget = _bisect_budget(compress, shape, size, progress)
+            budget = _bisect_budget(ratio_of, shape, size, progress)
             if budget is not None:
                 yield shape.format(b=budget)
     yield from (
@@ -217,11 +228,11 @@ def _rounded_to_nearest(recipe: str) -> str:
     return re.sub(r"(?<=[:,])(algo=gptq|act_order=true),?", "", recipe).replace(":,", ":").rstrip(":,")
 
 
-def _bisect_budget(compress, shape: str, size: float, progress) -> Optional[float]:
+def _bisect_budget(ratio_of: Callable[[str], float], shape: str, size: float, progress) -> Optional[float]:
     """The largest budget (within the pass's range) whose round-to-nearest bytes stay under ``size``, or None."""
     rtn = _rounded_to_nearest(shape)  # the same bytes as GPTQ, at a fraction of the cost
     low, high = (0.26, 0.99) if shape.startswith("int8") else (0.11, 0.99)
-    fits = lambda b: 1 / compress(rtn.format(b=b)).compression_ratio <= size  # noqa: E731
+    fits = lambda b: ratio_of(rtn.format(b=b)) <= size  # noqa: E731
     progress(f"sizing {rtn.format(b='?')} for {size:.3f} of the fp32 bytes")
     if not fits(low):
         return None

@@ -88,6 +88,13 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1), 1))
 
 
+def _image_model(build: Callable[[], nn.Module], image: int, batch: int) -> tuple[nn.Module, tuple]:
+    """``build()`` (its weights drawn after seeding) with trained-like BatchNorm statistics, in eval mode, and a
+    seeded batch of RGB images."""
+    g = _seeded()
+    return randomize_batch_norms(build(), g).eval(), (torch.randn(batch, 3, image, image, generator=g),)
+
+
 def resnet18(image: int = 224, batch: int = 2, width: int = 64) -> tuple[nn.Module, tuple]:
     """ResNet-18 (11.7M parameters at width 64), random weights.
 
@@ -95,8 +102,7 @@ def resnet18(image: int = 224, batch: int = 2, width: int = 64) -> tuple[nn.Modu
         >>> sum(p.numel() for p in resnet18()[0].parameters())
         11689512
     """
-    g = _seeded()
-    return randomize_batch_norms(ResNet18(width=width), g).eval(), (torch.randn(batch, 3, image, image, generator=g),)
+    return _image_model(lambda: ResNet18(width=width), image, batch)
 
 
 # --- MobileNetV3-small and EfficientNet-B0 ----------------------------------------------------------------------------
@@ -187,9 +193,7 @@ def mobilenet_v3_small(image: int = 224, batch: int = 2) -> tuple[nn.Module, tup
         >>> sum(p.numel() for p in mobilenet_v3_small()[0].parameters())
         2542856
     """
-    g = _seeded()
-    model = randomize_batch_norms(MobileNetV3Small(), g).eval()
-    return model, (torch.randn(batch, 3, image, image, generator=g),)
+    return _image_model(MobileNetV3Small, image, batch)
 
 
 # torchvision's efficientnet_b0 stages: expansion, kernel, stride, input, output, repeats
@@ -232,9 +236,7 @@ def efficientnet_b0(image: int = 224, batch: int = 2) -> tuple[nn.Module, tuple]
         >>> sum(p.numel() for p in efficientnet_b0()[0].parameters())
         5288548
     """
-    g = _seeded()
-    model = randomize_batch_norms(EfficientNetB0(), g).eval()
-    return model, (torch.randn(batch, 3, image, image, generator=g),)
+    return _image_model(EfficientNetB0, image, batch)
 
 
 # --- ViT --------------------------------------------------------------------------------------------------------------

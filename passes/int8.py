@@ -23,6 +23,7 @@ from fxcompress.algorithms.quant import (
     quantize_per_channel_gptq,
 )
 from fxcompress.errors import InputError
+from fxcompress.graph.edit import TiedWeights
 from fxcompress.graph.sites import Site, single_reader
 from fxcompress.recipe.manager import select_sites
 from fxcompress.recipe.records import LayerRecord
@@ -98,7 +99,7 @@ def quantize_int8(gm: fx.GraphModule, cfg: Int8Config, ctx: PassContext) -> Pass
         raise InputError(f"{cfg.name} algo=gptq needs calibration data: optimize(..., calibration=[input_tuple, ...])")
     hessians = LayerHessians(gm, gptq_sites, ctx.calibration, cfg.sequential) if gptq_sites else None
     gptq_names = {s.name for s in gptq_sites}
-    done: dict[tuple, tuple[str, dict[str, fx.Node]]] = {}  # (weight storage, layout) -> first site, its nodes
+    tied = TiedWeights()  # a weight read by several layers: its int8 codes and scales stored once
     for site in sites:
         ctx.progress(site.name)
         if site.name in keep:
@@ -108,14 +109,13 @@ def quantize_int8(gm: fx.GraphModule, cfg: Int8Config, ctx: PassContext) -> Pass
             )
             continue
         layout = "conv" if site.kind.startswith("conv") else site.kind
-        tie = done.get((site.weight_key, layout))
+        tie = tied.lookup(site, layout)
         quantized, how = None, _rtn_note(site, cfg, tie is not None)
         if site.name in gptq_names:
             quantized = quantize_per_channel_gptq(site.weight, hessians.pop(site), cfg.act_order, cfg.damp)
             how = "GPTQ" + (", act_order" if cfg.act_order else "")
         new, tensors, codes = rewrite_int8(gm, site, shared=tie[1] if tie else None, quantized=quantized)
-        if tie is None:
-            done[(site.weight_key, layout)] = (site.name, {"qweight": new.args[1], "scale": new.args[2]})
+        tied.remember(site, new, tensors, ("qweight", "scale"), layout)
         records.append(int8_record(site, cfg.name, tensors, codes, how, tied_to=tie[0] if tie else None))
     return PassResult(gm, bool(sites), records)
 

@@ -90,20 +90,22 @@ def expanded_at_load(proto: onnx.ModelProto) -> int:
         for name in node.input:
             users.setdefault(name, []).append(node)
 
-    def conv_weight(node: onnx.NodeProto) -> bool:  # Cast -> Mul (the scale) -> Conv's weight input
-        muls = [m for m in users.get(node.output[0], []) if node.op_type == "Cast" and m.op_type == "Mul"]
+    def dequantize_muls(node: onnx.NodeProto) -> list[onnx.NodeProto]:  # Cast -> Mul (the scale)
+        return [m for m in users.get(node.output[0], []) if node.op_type == "Cast" and m.op_type == "Mul"]
+
+    def conv_weight(node: onnx.NodeProto) -> bool:  # ... -> Conv's weight input
         return any(
             c.op_type == "Conv" and len(c.input) > 1 and c.input[1] == m.output[0]
-            for m in muls
+            for m in dequantize_muls(node)
             for c in users.get(m.output[0], [])
         )
 
     def constant_lookup(name: str, node: onnx.NodeProto) -> bool:
         return node.op_type == "Gather" and node.input[0] == name and not any(i in live for i in node.input)
 
-    def constant_table(node: onnx.NodeProto) -> bool:  # Cast -> Mul, read only by elementwise/shape ops: the exporter
-        # already folded a lookup at constant positions (0..seq-1) into the initializer, which is added, not multiplied
-        muls = [m for m in users.get(node.output[0], []) if node.op_type == "Cast" and m.op_type == "Mul"]
+    def constant_table(node: onnx.NodeProto) -> bool:  # ... read only by elementwise/shape ops: the exporter already
+        # folded a lookup at constant positions (0..seq-1) into the initializer, which is added, not multiplied
+        muls = dequantize_muls(node)
         readers = [r for m in muls for r in users.get(m.output[0], [])]
         return bool(muls) and bool(readers) and all(r.op_type in TABLE_READERS for r in readers)
 
