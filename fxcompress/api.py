@@ -17,7 +17,7 @@ from torch import fx, nn
 from fxcompress.algorithms.distill import DistillOptions, distill_module, varying_axes
 from fxcompress.errors import InputError, PassError
 from fxcompress.export.targets import Target, get_target
-from fxcompress.export.writer import export_onnx
+from fxcompress.export.writer import AxisNames, export_onnx
 from fxcompress.graph.calibration import positional_calibration
 from fxcompress.graph.capture import capture
 from fxcompress.graph.edit import state_bytes, unshare
@@ -64,6 +64,9 @@ class CompressedModel:
     capture_note: Optional[str] = None
     dynamic_axes: DynamicAxes = (0,)
     input_names: Optional[tuple[str, ...]] = None  # the keywords of example inputs given as a dict
+    output_names: Optional[tuple[str, ...]] = None  # the ONNX outputs' names (default: the exporter's)
+    axis_names: Optional[AxisNames] = None  # symbols for the ONNX inputs' dynamic axes (default: per input)
+    metadata: dict[str, Any] = field(default_factory=dict)  # more fxcompress.* metadata for the artifact
     onnx_path: Optional[Path] = field(default=None, repr=False)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -146,6 +149,7 @@ class CompressedModel:
             "bytes_before": self.bytes_before,
             "capture": self.capture_method,
             "notes": self.notes,
+            **self.metadata,
         }
         self.onnx_path = export_onnx(
             self.module,
@@ -154,6 +158,8 @@ class CompressedModel:
             target=target,
             metadata=meta,
             dynamic_axes=self.dynamic_axes if dynamic_axes is None else dynamic_axes,
+            output_names=self.output_names,
+            axis_names=self.axis_names,
         )
         return self.onnx_path
 
@@ -207,7 +213,7 @@ class CompressedModel:
 def optimize(
     model: nn.Module,
     example_inputs: Any,
-    recipe: RecipeLike = "int8",
+    recipe: Optional[RecipeLike] = "int8",
     *,
     calibration: Optional[Iterable[Any]] = None,
     progress: Optional[bool] = None,
@@ -222,7 +228,8 @@ def optimize(
         model: any ``nn.Module``; captured with torch.fx, or torch.export when symbolic tracing fails.
         example_inputs: the model's inputs as it is called: a tensor, a tuple of positional inputs, or a dict of
             keyword inputs (``{"input_ids": ids, "attention_mask": mask}``), whose names the ONNX inputs keep.
-        recipe: pass names with options (``"fold_bn,int8"``), a config, or a list of either.
+        recipe: pass names with options (``"fold_bn,int8"``), a config, or a list of either; ``None`` captures
+            (and canonicalizes) only: the float baseline, exported like any result.
         calibration: input batches (like ``example_inputs``: tuples, or dicts with the same keywords) for passes that
             look at activations; a :class:`Calibration` can also mark
             padding so that statistics skip it.
@@ -248,7 +255,7 @@ def optimize(
         >>> round(cm.compression_ratio, 1)
         3.6
     """
-    user_configs = parse_recipe(recipe)
+    user_configs = [] if recipe is None else parse_recipe(recipe)
     configs = with_canonical(user_configs) if canonicalize else user_configs
     names = keyword_names(example_inputs)
     inputs = normalize_inputs(example_inputs, names)
@@ -271,7 +278,7 @@ def optimize(
     except InputError as exc:
         raise PassError(f"recipe {[c.name for c in configs]} produced a graph that no longer runs: {exc}") from exc
     asked = {c.name for c in user_configs}
-    if not any(not r.skipped and r.pass_name in asked for r in records):
+    if asked and not any(not r.skipped and r.pass_name in asked for r in records):
         theirs = [r for r in records if r.pass_name in asked]
         warnings.warn(
             f"recipe {[c.name for c in user_configs]} found nothing to compress in {type(model).__name__}: "

@@ -412,3 +412,58 @@ def hf_encoder(kind: str = "bert", scale: float = 1.0, batch: int = 2, length: i
     mask = torch.ones(batch, length, dtype=torch.long)
     mask[0, length // 2 :] = 0  # one padded sentence, so that the mask matters
     return model, {"input_ids": ids, "attention_mask": mask}
+
+
+# --- transformers decoders (causal LMs) from their public configurations ----------------------------------------------
+CAUSAL_LM_FAMILIES = ("llama", "qwen2", "qwen3", "phi3", "gpt2")
+
+
+def causal_lm(
+    family: str = "llama",
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 256,
+    intermediate: int | None = None,
+    tie: bool | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """A transformers causal LM of ``family`` (``llama``, ``qwen2``, ``qwen3``, ``phi3``, ``gpt2``) with random
+    weights at the given size, in eval mode. ``tie`` ties the head to the token embedding (default: the family's
+    default; GPT-2 always ties). Llama-style layouts use grouped-query attention (``kv_heads`` < ``heads``).
+
+    Example:
+        >>> lm = causal_lm("qwen2")
+        >>> type(lm).__name__, lm(torch.tensor([[1, 2, 3]])).logits.shape
+        ('Qwen2ForCausalLM', torch.Size([1, 3, 256]))
+    """
+    import transformers as hf
+
+    torch.manual_seed(seed)
+    inter = intermediate or 2 * hidden
+    if family == "gpt2":
+        config = hf.GPT2Config(
+            vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=512,
+            bos_token_id=vocab - 1, eos_token_id=vocab - 1,
+        )  # fmt: skip
+        model = hf.GPT2LMHeadModel(config)
+    else:
+        classes = {
+            "llama": (hf.LlamaConfig, hf.LlamaForCausalLM),
+            "qwen2": (hf.Qwen2Config, hf.Qwen2ForCausalLM),
+            "qwen3": (hf.Qwen3Config, hf.Qwen3ForCausalLM),
+            "phi3": (hf.Phi3Config, hf.Phi3ForCausalLM),
+        }
+        if family not in classes:
+            raise ValueError(f"unknown causal LM family {family!r}: one of {', '.join(CAUSAL_LM_FAMILIES)}")
+        config_class, model_class = classes[family]
+        config = config_class(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+            head_dim=hidden // heads, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )  # fmt: skip
+        if tie is not None:
+            config.tie_word_embeddings = tie
+        model = model_class(config)
+    return model.eval()

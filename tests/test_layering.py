@@ -20,6 +20,7 @@ STAGES = [
     ("checker", ("fxcompress.checker",)),
     ("api", ("fxcompress.api",)),
     ("planner", ("fxcompress.planner",)),
+    ("llm", ("fxcompress.llm",)),
     ("tools", ("fxcompress.bench", "fxcompress.cli", "fxcompress.__main__")),
 ]
 

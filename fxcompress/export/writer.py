@@ -15,7 +15,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import onnx
 import torch
@@ -36,6 +36,8 @@ META_PREFIX = "fxcompress."
 # one tensor at a time: one protobuf cannot exceed 2 GiB, and serializing a model whole holds ~3 copies of its weights
 # in memory (measured: 1 GiB of weights, 4.4 GiB peak). Below it, one self-contained file.
 EXTERNAL_DATA_BYTES = 512 << 20
+
+AxisNames = dict[str, dict[int, str]]  # input name -> axis -> the symbol the ONNX file gives that axis
 
 
 def _destination(path: Path) -> Path:
@@ -68,6 +70,8 @@ def export_onnx(
     metadata: Optional[dict[str, Any]] = None,
     dynamic_axes: DynamicAxes = (0,),
     external_data: Optional[bool] = None,
+    output_names: Optional[Sequence[str]] = None,
+    axis_names: Optional[AxisNames] = None,
 ) -> Path:
     """Export ``module`` to ONNX at ``path`` and return the path.
 
@@ -85,6 +89,9 @@ def export_onnx(
             Axes the model fixes are exported fixed, with a warning.
         external_data: write the weights to ``<path>.data`` beside the model (ONNX external data); default: when they
             exceed :data:`EXTERNAL_DATA_BYTES` (a protobuf cannot hold 2 GiB). ONNX Runtime reads the pair as one.
+        output_names: names for the ONNX outputs, in order (default: the exporter's node names).
+        axis_names: ``{input name: {axis: symbol}}`` for symbolic axes; one symbol on several inputs says their
+            sizes are equal (e.g. every layer's cache length).
 
     The file appears whole or not at all (written in a scratch folder beside it, checked by ``onnx.checker``, then
     moved into place), with the permissions the umask gives new files.
@@ -104,9 +111,11 @@ def export_onnx(
     _probe_writable(destination)
     module = lower_for_target(module, target) if isinstance(module, fx.GraphModule) else module
     inputs = tuple(example_inputs)
-    program = _export_program(module, inputs, target, input_axes(inputs, dynamic_axes))
+    program = _export_program(module, inputs, target, input_axes(inputs, dynamic_axes), axis_names or {})
     if not program.model.graph.outputs:
         raise ExportError(f"{type(module).__name__} returns no tensor: the ONNX graph would have no output")
+    if output_names is not None:
+        _name_outputs(program.model, list(output_names))
     meta = dict(metadata or {})
     meta.update(target=target.name, **({"target_choice": choice} if choice else {}))
     for key, value in meta.items():
@@ -117,6 +126,14 @@ def export_onnx(
     del program, module
     gc.collect()  # the lowered copy's re-encoded weights sit in fx's reference cycles: free them now
     return path
+
+
+def _name_outputs(model: Any, names: list[str]) -> None:
+    outputs = model.graph.outputs
+    if len(names) != len(outputs):
+        raise ExportError(f"{len(names)} output names given for a graph with {len(outputs)} outputs")
+    for value, name in zip(outputs, names):
+        value.name = name
 
 
 def _initializer_bytes(model: Any) -> int:
@@ -179,17 +196,21 @@ def _optimized(program: Any) -> Any:
     return program
 
 
-def _export_program(module: torch.nn.Module, inputs: tuple, target: Target, axes: list[tuple[int, ...]]) -> Any:
+def _export_program(
+    module: torch.nn.Module, inputs: tuple, target: Target, axes: list[tuple[int, ...]], axis_names: AxisNames
+) -> Any:
     # The exporter logs a warning per missing torchvision op and per deprecation on every call: noise to a user.
     # onnxscript's constant folder also logs each sub-graph it declines to fold (harmless).
     for name in ("torch.onnx._internal.exporter._registration", "onnxscript.optimizer._constant_folding"):
         logging.getLogger(name).setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _export_program_inner(module, inputs, target, axes)
+        return _export_program_inner(module, inputs, target, axes, axis_names)
 
 
-def _export_program_inner(module: torch.nn.Module, inputs: tuple, target: Target, axes: list[tuple[int, ...]]) -> Any:
+def _export_program_inner(
+    module: torch.nn.Module, inputs: tuple, target: Target, axes: list[tuple[int, ...]], axis_names: AxisNames
+) -> Any:
     kwargs = dict(
         dynamo=True,
         custom_translation_table=translation_table(target),
@@ -208,7 +229,7 @@ def _export_program_inner(module: torch.nn.Module, inputs: tuple, target: Target
         # other axes are named per input: one name on two inputs would tell ONNX consumers they are equal (export
         # still merges the symbols of axes the graph ties together, e.g. token ids and their attention mask)
         shapes = tuple(
-            {a: batch if a == 0 else f"{name}_dim{a}" for a in x} or None
+            {a: batch if a == 0 else axis_names.get(name, {}).get(a, f"{name}_dim{a}") for a in x} or None
             for name, x in zip(_input_names(module, len(inputs)), wanted)
         )
         try:

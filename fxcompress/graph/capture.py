@@ -92,7 +92,10 @@ def _export_module(model: nn.Module, inputs: tuple, axes: DynamicAxes = (0,)) ->
                 "give example inputs with a size of 2 or more there"
             )
     shapes = tuple({axis: torch.export.Dim.AUTO for axis in a} or None for a in per_input)
-    return torch.export.export(model, traced, dynamic_shapes=shapes, strict=False).module()
+    program = torch.export.export(model, traced, dynamic_shapes=shapes, strict=False)
+    # a module that says its graph holds for sizes 0 and 1 too (a KV-cache decoder: a one-token step, an empty cache)
+    # is captured without the guards that pin every symbolic size to the traced range of 2 or more
+    return program.module(check_guards=not getattr(model, "sizes_0_and_1_are_general", False))
 
 
 def capture(model: nn.Module, example_inputs: Any, dynamic_axes: DynamicAxes = (0,)) -> Captured:
