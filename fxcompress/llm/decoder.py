@@ -120,8 +120,9 @@ def causal_lm_config(model: nn.Module) -> Any:
         )
     if getattr(config, "is_encoder_decoder", False):
         raise InputError(
-            f"{type(model).__name__} is an encoder-decoder model ({config.model_type}): its cache holds cross-attention "
-            "states too, which this decoder export does not lay out; export its encoder with optimize() instead"
+            f"{type(model).__name__} is an encoder-decoder model ({config.model_type}): its cache holds "
+            "cross-attention states too, which this decoder export does not lay out; export its encoder with "
+            "optimize() instead"
         )
     return config
 
