@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import fx
 
 from fxcompress.algorithms import sensitivity
@@ -110,14 +111,31 @@ def quantize_int8(gm: fx.GraphModule, cfg: Int8Config, ctx: PassContext) -> Pass
             continue
         layout = "conv" if site.kind.startswith("conv") else site.kind
         tie = tied.lookup(site, layout)
+        shared = tie[1] if tie else None
+        if tie is None and layout in _TRANSPOSED_TWIN:  # a head tied to its embedding, or the reverse
+            tie = tied.lookup(site, _TRANSPOSED_TWIN[layout])
+            shared = _transposed_codes(gm, tie[1], site.node) if tie else None
         quantized, how = None, _rtn_note(site, cfg, tie is not None)
         if site.name in gptq_names:
             quantized = quantize_per_channel_gptq(site.weight, hessians.pop(site), cfg.act_order, cfg.damp)
             how = "GPTQ" + (", act_order" if cfg.act_order else "")
-        new, tensors, codes = rewrite_int8(gm, site, shared=tie[1] if tie else None, quantized=quantized)
+        new, tensors, codes = rewrite_int8(gm, site, shared=shared, quantized=quantized)
         tied.remember(site, new, tensors, ("qweight", "scale"), layout)
         records.append(int8_record(site, cfg.name, tensors, codes, how, tied_to=tie[0] if tie else None))
     return PassResult(gm, bool(sites), records)
+
+
+# an Embedding stores its int8 codes [vocab, hidden] and a Linear head [hidden, vocab] (linear_q8's layout), both with
+# one scale per vocabulary row: a tied pair reads one table, the second reader through a transpose
+_TRANSPOSED_TWIN = {"linear": "embedding", "embedding": "linear"}
+
+
+def _transposed_codes(gm: fx.GraphModule, first: dict[str, fx.Node], before: fx.Node) -> dict[str, fx.Node]:
+    """The first reader's codes transposed (left in the ONNX file as a Transpose of the int8 initializer, which ONNX
+    Runtime folds when the session loads: the file holds the table once) and its scales as they are."""
+    with gm.graph.inserting_before(before):
+        codes = gm.graph.call_function(torch.ops.aten.t.default, (first["qweight"],))
+    return {"qweight": codes, "scale": first["scale"]}
 
 
 def _keep_float(gm: fx.GraphModule, sites: list[Site], cfg: Int8Config, batches) -> dict[str, float]:

@@ -85,3 +85,28 @@ def test_a_head_tied_to_a_float_embedding_is_skipped_with_the_way_out(recipe, hi
     head = next(r for r in cm.records if r.layer == "head")
     assert head.action == "skipped" and hint in head.reason
     assert cm.compression_ratio >= 1.0  # never larger than the fp32 model
+
+
+@pytest.mark.parametrize("target", ["cpu-vnni", "cpu", "cpu-nbits"])
+def test_int8_stores_a_tied_embedding_and_head_once(target, tmp_path):
+    torch.manual_seed(0)
+    model, ids = TiedHead().eval(), torch.randint(0, 512, (4, 16))
+    cm = fxcompress.optimize(model, ids, recipe="int8")
+    assert "shares the int8 weight of emb" in next(r.reason for r in cm.records if r.layer == "head")
+    assert cm.compression_ratio > 3.5
+    path = cm.export(tmp_path / "m.onnx", target=target)
+    import onnx
+
+    tables = [t for t in onnx.load(str(path)).graph.initializer if 512 * 64 in (_numel(t), _numel(t) * 2)]
+    # the table is one initializer where the head can read the embedding's signed codes; the uint8 / MatMulNBits
+    # encodings give the head its own re-encoded copy
+    assert len(tables) == (1 if target == "cpu-vnni" else 2), [t.name for t in tables]
+    report = check(model, path, ids)
+    assert report.passed, report.failures
+
+
+def _numel(t) -> int:
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n

@@ -62,6 +62,12 @@ def lower_for_target(gm: fx.GraphModule, target: Target) -> fx.GraphModule:
 def _lower_linear(gm: fx.GraphModule, node: fx.Node, target: Target, uint8_cache: dict[str, fx.Node]) -> None:
     encoding = target.int8_linear
     args = op_args(node)
+    if encoding in ("uint8", "nbits") and args["qweight"].op != "get_attr":
+        # a head reading its tied embedding's codes through a transpose: these encodings re-encode the codes (the
+        # embedding's Gather reads them signed), so the head gets its own copy here
+        q = _codes_of(gm, args["qweight"])
+        set_op_args(node, qweight=add_constant(gm, f"{args['qweight'].name}_codes", q, node))
+        args = op_args(node)
     if encoding == "nbits":
         q = _stored(gm, args["qweight"])
         block = _block_size(q.shape[0])
@@ -71,6 +77,14 @@ def _lower_linear(gm: fx.GraphModule, node: fx.Node, target: Target, uint8_cache
         encoding = target.nbits_fallback
     if encoding == "uint8":
         set_op_args(node, zero_point=_to_uint8(gm, args["qweight"], 1, uint8_cache))
+
+
+def _codes_of(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """The value of a constant expression over buffers (a transpose of stored codes)."""
+    if node.op == "get_attr":
+        return _stored(gm, node)
+    args = [_codes_of(gm, a) if isinstance(a, fx.Node) else a for a in node.args]
+    return node.target(*args).contiguous()
 
 
 def _stored(gm: fx.GraphModule, attr: fx.Node) -> torch.Tensor:

@@ -180,8 +180,9 @@ def translation_table(target: Target) -> dict[object, Callable]:
 
 def _keeps_codes(node: Any) -> Optional[bool]:
     """Constant folding's veto: a Cast of quantized codes stays in the file (the CPU targets' Conv lowering), where
-    ONNX Runtime expands it when the session loads; folded at export, the file would hold the float weights."""
-    if node.op_type == "Cast" and node.inputs and node.inputs[0] is not None:
+    ONNX Runtime expands it when the session loads; folded at export, the file would hold the float weights. So does
+    a Transpose of codes (a head reading its tied embedding's table): folded, the file would hold the table twice."""
+    if node.op_type in ("Cast", "Transpose") and node.inputs and node.inputs[0] is not None:
         value = node.inputs[0].const_value
         if value is not None and str(value.dtype).lower().replace("dtype.", "") in ("int8", "uint8", "int4", "uint4"):
             return False
