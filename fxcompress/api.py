@@ -29,6 +29,7 @@ from fxcompress.graph.inputs import (
     normalize_inputs,
     run_reference,
 )
+from fxcompress.graph.sites import find_sites
 from fxcompress.progress import progress_bar
 from fxcompress.recipe.canonical import drop_idle_canonical, with_canonical
 from fxcompress.recipe.manager import PassManager
@@ -268,9 +269,18 @@ def optimize(
     gm = captured.graph_module
     before = state_bytes(gm)
     show = sys.stderr.isatty() if progress is None else progress
-    with progress_bar(show, desc="fxcompress", total=len(configs)) as bar:
-        ctx = PassContext(inputs, calib, progress=bar.note, teacher=called)
-        records = PassManager(configs).run(gm, ctx, on_pass_done=bar.advance)
+    layers = max(len(find_sites(gm)[0]), 1) if show else 1
+    # one step per layer a pass visits (so the bar's elapsed time and ETA mean something on a model of 200 layers),
+    # caught up to the pass boundary when a pass visits fewer
+    with progress_bar(show, desc="fxcompress", total=len(configs) * layers, unit="layer") as bar:
+        done = {"passes": 0}
+
+        def on_pass_done(label: str) -> None:
+            done["passes"] += 1
+            bar.advance_to(done["passes"] * layers, label)
+
+        ctx = PassContext(inputs, calib, progress=lambda name: bar.step_within(name, (done["passes"] + 1) * layers))
+        records = PassManager(configs).run(gm, ctx, on_pass_done=on_pass_done)
     configs, records = drop_idle_canonical(configs, user_configs, records)
     unshare(gm, model)  # the compressed module never aliases the user's weights: editing one must not change the other
     try:  # the rewritten graph must still run on what the original ran on

@@ -198,7 +198,10 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         0
     """
     from fxcompress.api import optimize
+    from fxcompress.llm.folder import is_folder_spec
 
+    if is_folder_spec(args.model):
+        return _optimize_folder(args)
     _writable_file(args.output, "-o")
     _writable_file(args.json, "--json")
     model, example_inputs, eval_data = _call_factory(args.model)
@@ -224,6 +227,73 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             Path(args.json).write_text(json.dumps({"layers": layers}, indent=2))
         return EXIT_OK
     return _check(model, path, example_inputs, eval_data, args, layers, compressed=cm)
+
+
+def _optimize_folder(args: argparse.Namespace) -> int:
+    """``fxcompress optimize hf:DIR``: a local Hugging Face causal LM compressed into a KV-cache decoder; ``-o`` may
+    be a folder (``model.onnx`` is written in it). ``--check`` runs the decoder check (greedy tokens, teacher-forced
+    logits, perplexity with ``--text``)."""
+    import time
+
+    import torch
+
+    from fxcompress.llm.check import check_decoder
+    from fxcompress.llm.compress import optimize_decoder
+    from fxcompress.llm.folder import PREFIX, load_causal_lm
+
+    if args.recipe == "auto":
+        raise InputError("--recipe auto does not plan decoders yet; give a recipe such as int8 or int4:algo=gptq")
+    output = Path(args.output)
+    if args.output.endswith(("/", os.sep)) or output.is_dir():
+        output.mkdir(parents=True, exist_ok=True)
+        output = output / "model.onnx"
+    _writable_file(str(output), "-o")
+    _writable_file(args.json, "--json")
+    start = time.monotonic()
+
+    def say(line: str) -> None:
+        if not args.no_progress:
+            print(f"[{time.monotonic() - start:6.1f} s] {line}", file=sys.stderr, flush=True)
+
+    folder = args.model[len(PREFIX) :]
+    say(f"loading {folder}")
+    model = load_causal_lm(folder)
+    text = _folder_text(folder, args.text) if args.text else None
+    calibration = load_calibration(args.calibration, args.model) if args.calibration else None
+    if calibration is None and text is not None:
+        calibration = [text[i : i + 128][None] for i in range(0, min(text.numel(), 8 * 128) - 127, 128)] or None
+    say(f"compressing {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
+    cm = optimize_decoder(model, args.recipe, calibration=calibration, progress=False if args.no_progress else None)
+    print(cm.summary())
+    say("exporting")
+    path = cm.export(output, target=args.target)
+    print(f"\nwrote {path} (target {read_target(path)})")
+    say("written")
+    if not args.check:
+        return EXIT_OK
+    say("checking on ONNX Runtime")
+    vocab = int(model.config.vocab_size)
+    prompts = text[None, :16] if text is not None else torch.randint(0, vocab, (2, 16), generator=torch.manual_seed(0))
+    report = check_decoder(model, path, prompts, max_new_tokens=args.new_tokens, text=text, provider=args.provider)
+    print(report.summary())
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+    return EXIT_OK if report.passed else EXIT_PARITY_FAILED
+
+
+def _folder_text(folder: str, path: str):
+    """The token ids of the text file ``path``, by the folder's tokenizer."""
+    import torch
+
+    if not Path(path).is_file():
+        raise InputError(f"--text {path}: no such file")
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:
+        raise InputError(f"--text needs the model's tokenizer, and {folder} has none that loads ({exc})") from exc
+    return torch.tensor(tokenizer(Path(path).read_text())["input_ids"], dtype=torch.long)
 
 
 def _planned(model, example_inputs, eval_data, args: argparse.Namespace):
@@ -362,7 +432,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--no-baseline", action="store_true", help="skip exporting/measuring the fp32 baseline")
 
     o = sub.add_parser("optimize", help="compress MODULE:FACTORY and write ONNX")
-    o.add_argument("model", help="MODULE:FACTORY returning (model, example_inputs), or a bundled model name")
+    o.add_argument(
+        "model",
+        help="MODULE:FACTORY returning (model, example_inputs), a bundled model name, or hf:DIR (a local Hugging Face "
+        "causal LM folder: exported as a KV-cache decoder)",
+    )
     o.add_argument(
         "--recipe",
         default="int8",
@@ -370,7 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     o.add_argument("--target-size", type=float, default=None, help="with --recipe auto: fraction of the fp32 bytes")
     o.add_argument("--min-cosine", type=float, default=0.99, help="with --recipe auto: the floor on ORT (0.99)")
-    o.add_argument("-o", "--output", required=True, help="ONNX file to write")
+    o.add_argument("-o", "--output", required=True, help="ONNX file to write (for hf:DIR, a folder is fine)")
+    o.add_argument(
+        "--text",
+        help="hf:DIR: a text file (tokenized by the folder's tokenizer) to calibrate and to "
+        "measure perplexity on with --check",
+    )
+    o.add_argument("--new-tokens", type=int, default=32, help="hf:DIR --check: greedy tokens to compare (32)")
     o.add_argument(
         "--target",
         default="auto",

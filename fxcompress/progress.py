@@ -15,6 +15,20 @@ class _Bar:
         if self._bar is not None:
             self._bar.set_postfix_str(label[-40:])
 
+    def step_within(self, label: str, limit: int) -> None:
+        """Advance one step, naming ``label``, but not past ``limit`` (the end of the current stage)."""
+        if self._bar is not None:
+            self._bar.set_postfix_str(label[-40:], refresh=False)
+            if self._bar.n < limit:
+                self._bar.update(1)
+
+    def advance_to(self, position: int, label: str = "") -> None:
+        """Move to ``position`` (the end of a stage whose steps were fewer than counted)."""
+        if self._bar is not None:
+            if label:
+                self._bar.set_postfix_str(label[-40:], refresh=False)
+            self._bar.update(max(position - self._bar.n, 0))
+
     def advance(self, label: str = "") -> None:
         if self._bar is not None:
             if label:

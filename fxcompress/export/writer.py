@@ -12,6 +12,7 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -110,6 +111,7 @@ def export_onnx(
     target = get_target(target)
     _probe_writable(destination)
     module = lower_for_target(module, target) if isinstance(module, fx.GraphModule) else module
+    _check_space(destination, _state_bytes(module))
     inputs = tuple(example_inputs)
     program = _export_program(module, inputs, target, input_axes(inputs, dynamic_axes), axis_names or {})
     if not program.model.graph.outputs:
@@ -126,6 +128,24 @@ def export_onnx(
     del program, module
     gc.collect()  # the lowered copy's re-encoded weights sit in fx's reference cycles: free them now
     return path
+
+
+def _state_bytes(module: torch.nn.Module) -> int:
+    seen = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+def _check_space(destination: Path, weight_bytes: int) -> None:
+    """Refuse, before the export runs, a disk that cannot hold the weights (the scratch copy is written beside the
+    destination, so it needs the room too)."""
+    free = shutil.disk_usage(destination.parent).free
+    if weight_bytes > free:
+        raise ExportError(
+            f"cannot write {destination}: the model's weights need {weight_bytes / 2**30:.2f} GiB and "
+            f"{destination.parent} has {free / 2**30:.2f} GiB free; free space or choose another disk"
+        )
 
 
 def _name_outputs(model: Any, names: list[str]) -> None:

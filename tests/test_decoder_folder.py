@@ -1,0 +1,82 @@
+"""``fxcompress optimize hf:DIR``: a local Hugging Face causal LM folder, checked before it is loaded, compressed into
+a KV-cache decoder and checked token by token; bad folders get an error naming the file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fxcompress.cli import main
+from fxcompress.errors import ExportError, InputError
+from fxcompress.llm.folder import check_safetensors, load_causal_lm
+from fxcompress.models.architectures import causal_lm
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    causal_lm("llama").save_pretrained(path)
+    return path
+
+
+def test_a_folder_loads_as_the_model_saved(folder):
+    model = causal_lm("llama")
+    loaded = load_causal_lm(folder)
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_cli_compresses_a_folder_into_a_checked_decoder(folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    report = tmp_path / "report.json"
+    code = main(["optimize", f"hf:{folder}", "--recipe", "int8", "-o", f"{out}/", "--check", "--new-tokens", "6",
+                 "--json", str(report), "--no-progress"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert (out / "model.onnx").is_file()
+    data = json.loads(report.read_text())
+    assert data["passed"] and data["new_tokens"] == 6 and data["logits_cosine"] > 0.999
+    assert "decoder parity on CPUExecutionProvider: PASSED" in capsys.readouterr().out
+
+
+def test_a_truncated_safetensors_file_is_named(folder, tmp_path):
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    for f in folder.iterdir():
+        data = f.read_bytes()
+        (cut / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".safetensors" else data)
+    with pytest.raises(InputError, match="model.safetensors is truncated"):
+        load_causal_lm(cut)
+    assert main(["optimize", f"hf:{cut}", "-o", str(tmp_path / "m.onnx"), "--no-progress"]) == 2
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_folders_that_are_not_causal_lms_are_refused(tmp_path):
+    with pytest.raises(InputError, match="is not a folder"):
+        load_causal_lm(tmp_path / "missing")
+    with pytest.raises(InputError, match="no config.json"):
+        load_causal_lm(tmp_path)
+    from transformers import ViTConfig, ViTModel
+
+    vit = tmp_path / "vit"
+    config = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32)
+    ViTModel(config).save_pretrained(vit)
+    with pytest.raises(InputError, match="ViTConfig .* which is not a causal language model"):
+        load_causal_lm(vit)
+    (tmp_path / "w.safetensors").write_bytes(b"\x01")
+    with pytest.raises(InputError, match="not a safetensors file"):
+        check_safetensors(tmp_path / "w.safetensors")
+
+
+def test_export_refuses_a_disk_too_small_before_writing(tmp_path, monkeypatch):
+    import shutil
+
+    import fxcompress
+
+    cm = fxcompress.optimize(torch.nn.Linear(64, 64), torch.randn(2, 64), recipe="int8")
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=100))
+    with pytest.raises(ExportError, match="GiB free"):
+        cm.export(tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
