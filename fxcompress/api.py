@@ -29,6 +29,7 @@ from fxcompress.graph.inputs import (
     normalize_inputs,
     run_reference,
 )
+from fxcompress.graph.residency import WeightPager
 from fxcompress.graph.sites import find_sites
 from fxcompress.progress import progress_bar
 from fxcompress.recipe.canonical import drop_idle_canonical, with_canonical
@@ -267,6 +268,8 @@ def optimize(
     called = called_positionally(model, names)  # keyword inputs become the graph's (and the ONNX file's) named inputs
     captured = capture(called, inputs, dynamic_axes)
     gm = captured.graph_module
+    pager = WeightPager(model)  # weights mapped from a file are let go after each layer is rewritten
+    pager.release()
     before = state_bytes(gm)
     show = sys.stderr.isatty() if progress is None else progress
     layers = max(len(find_sites(gm)[0]), 1) if show else 1
@@ -278,8 +281,13 @@ def optimize(
         def on_pass_done(label: str) -> None:
             done["passes"] += 1
             bar.advance_to(done["passes"] * layers, label)
+            pager.release()
 
-        ctx = PassContext(inputs, calib, progress=lambda name: bar.step_within(name, (done["passes"] + 1) * layers))
+        def on_layer(name: str) -> None:
+            bar.step_within(name, (done["passes"] + 1) * layers)
+            pager.release()
+
+        ctx = PassContext(inputs, calib, progress=on_layer, teacher=called)
         records = PassManager(configs).run(gm, ctx, on_pass_done=on_pass_done)
     configs, records = drop_idle_canonical(configs, user_configs, records)
     unshare(gm, model)  # the compressed module never aliases the user's weights: editing one must not change the other

@@ -80,3 +80,20 @@ def test_export_refuses_a_disk_too_small_before_writing(tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="GiB free"):
         cm.export(tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_weights_mapped_from_the_folder_are_let_go_and_read_back_intact(folder):
+    from fxcompress.graph.residency import WeightPager
+
+    model = load_causal_lm(folder)
+    pager = WeightPager(model)
+    assert pager.mapped_bytes >= sum(p.numel() * 4 for p in model.parameters())  # the safetensors file, mapped
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        before = model(ids).logits
+        with pager.layer_by_layer(model):  # released after every layer, while the forward still needs the others
+            during = model(ids).logits
+        assert pager.release() > 0
+        after = model(ids).logits
+    assert torch.equal(before, during) and torch.equal(before, after)
+    assert WeightPager(torch.nn.Linear(4, 4)).ranges == []  # weights in ordinary memory are never advised

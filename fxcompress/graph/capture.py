@@ -26,6 +26,7 @@ from fxcompress.graph.inputs import (
     output_tensors,
     run_reference,
 )
+from fxcompress.graph.residency import WeightPager
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,9 @@ def capture(model: nn.Module, example_inputs: Any, dynamic_axes: DynamicAxes = (
     inputs = normalize_inputs(example_inputs)
     axes = input_axes(inputs, dynamic_axes)  # a malformed spec fails here, whichever capture runs
     work = shared_copy(model).eval()  # the structure is copied, the weights shared (see graph.edit.shared_copy)
-    expected = run_reference(work, inputs)
+    pager = WeightPager(work)  # file-mapped weights: about one layer resident during the reference run
+    with pager.layer_by_layer(work):
+        expected = run_reference(work, inputs)
     if not output_tensors(expected):
         raise InputError(
             f"{type(model).__name__} returns no tensor (got {type(expected).__name__}): there is nothing to compare "
@@ -136,7 +139,9 @@ def capture(model: nn.Module, example_inputs: Any, dynamic_axes: DynamicAxes = (
     traced = None
     try:
         gm = fx.symbolic_trace(work)
-        if _outputs_match(run_reference(gm, inputs), expected):
+        with pager.layer_by_layer(gm):
+            matches = _outputs_match(run_reference(gm, inputs), expected)
+        if matches:
             hidden = opaque_leaves(gm)
             if not hidden:
                 return Captured(finalize(gm), "fx", dynamic_axes=axes)
