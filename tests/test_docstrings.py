@@ -3,7 +3,8 @@
 The examples are found in the modules as installed (``fxcompress.passes.int8``, not ``passes.int8``: importing a pass
 module twice would register its pass twice), and run in a scratch folder with a few names every example may use: a
 small ``model`` and its input ``x``, its captured graph ``gm``, its ``sites`` and the first ``site``, ``calibration``
-batches, and (for the examples that read it) ``model.onnx``, the int8 artifact of ``model``.
+batches, and (for the examples that read them) ``model.onnx``, the int8 artifact of ``model``, and ``decoder.onnx``,
+the float KV-cache decoder of a tiny Llama ``lm``.
 """
 
 from __future__ import annotations
@@ -89,6 +90,12 @@ def test_docstring_example_runs(example, tmp_path, monkeypatch):
     namespace = _namespace()
     if any("model.onnx" in e.source for e in example.examples):
         fxcompress.optimize(namespace["model"], namespace["x"], recipe="int8").export("model.onnx", target="cpu")
+    if any("decoder.onnx" in e.source or "lm," in e.source for e in example.examples):
+        from fxcompress.llm.compress import optimize_decoder
+        from fxcompress.models.architectures import causal_lm
+
+        namespace["lm"] = causal_lm("llama")
+        optimize_decoder(namespace["lm"], None).export("decoder.onnx")
     example.globs = {**namespace, **example.globs}
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     report: list[str] = []

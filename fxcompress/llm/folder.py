@@ -63,9 +63,10 @@ def load_causal_lm(folder: str | os.PathLike) -> nn.Module:
     """Load the causal LM in ``folder`` (float32, eval mode) after checking its files.
 
     Example:
-        >>> lm = load_causal_lm("models/tiny-llama")
-        >>> type(lm).__name__
-        'LlamaForCausalLM'
+        >>> from fxcompress.models.architectures import causal_lm
+        >>> causal_lm("qwen2").save_pretrained("tiny-qwen")
+        >>> type(load_causal_lm("tiny-qwen")).__name__
+        'Qwen2ForCausalLM'
     """
     folder = Path(folder)
     if not folder.is_dir():
