@@ -314,6 +314,9 @@ def _planned(model, example_inputs, eval_data, args: argparse.Namespace):
         eval_inputs=eval_data.inputs if eval_data else None,
         target=args.target,
         dynamic_axes=parse_axes(args.dynamic_axes, args.model),
+        labels=eval_data.labels if eval_data is not None and args.max_accuracy_drop is not None else None,
+        max_accuracy_drop=args.max_accuracy_drop,
+        allow_training=args.allow_training,
         progress=say,
     )
     for c in chosen.candidates:
@@ -444,6 +447,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     o.add_argument("--target-size", type=float, default=None, help="with --recipe auto: fraction of the fp32 bytes")
     o.add_argument("--min-cosine", type=float, default=0.99, help="with --recipe auto: the floor on ORT (0.99)")
+    o.add_argument(
+        "--max-accuracy-drop", type=float, default=None,
+        help="with --recipe auto: a floor on the accuracy drop in points (the model's labelled evaluation data)",
+    )  # fmt: skip
+    o.add_argument(
+        "--allow-training", action="store_true",
+        help="with --recipe auto: let the planner prune and recover by distillation on the calibration batches",
+    )  # fmt: skip
     o.add_argument("-o", "--output", required=True, help="ONNX file to write (for hf:DIR, a folder is fine)")
     o.add_argument(
         "--text",

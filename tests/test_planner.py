@@ -57,7 +57,13 @@ def test_an_unreachable_target_says_the_best_found():
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"size": 1.5}, "fraction of the fp32 bytes"), ({"size": 0.5, "min_cosine": 0.0}, "min_cosine")],
+    [
+        ({"size": 1.5}, "fraction of the fp32 bytes"),
+        ({"size": 0.5, "min_cosine": 0.0}, "min_cosine"),
+        ({"max_accuracy_drop": 0.5}, "needs labels"),
+        ({"metric": lambda run: 1.0}, "go together"),
+        ({"size": 0.1, "allow_training": True}, "needs calibration"),
+    ],
 )
 def test_bad_arguments_are_refused(kwargs, match):
     model, x, _ = _mlp()
@@ -73,3 +79,32 @@ def test_cli_recipe_auto_writes_the_plan(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "plan: int8" in text and out.is_file()
     assert (tmp_path / "mlp.plan.html").is_file() and (tmp_path / "mlp.plan.json").is_file()
+
+
+def test_a_user_metric_is_a_floor_and_must_be_a_number():
+    model, x, calibration = _mlp()
+    want = model(x).argmax(-1)
+
+    def agreement(run) -> float:  # top-1 agreement of the artifact with the model, computed by the user
+        return float((torch.from_numpy(run((x,))[0]).argmax(-1) == want).float().mean())
+
+    p = plan(model, x, size=0.3, min_cosine=0.9, eval_inputs=[(x,)], metric=agreement, min_metric=0.9)
+    assert p.chosen.metric is not None and p.chosen.metric >= 0.9
+    with pytest.raises(fxcompress.errors.InputError, match="must return a finite number"):
+        plan(model, x, size=0.3, eval_inputs=[(x,)], metric=lambda run: "good", min_metric=0.5)
+
+
+def test_pruning_recovered_by_distillation_reaches_12x_on_the_digits_cnn(tmp_path):
+    from fxcompress.models import zoo
+
+    model, example, ev = zoo.digits_cnn()
+    p = plan(
+        model, example, size=1 / 12, min_cosine=0.9, calibration=zoo.digits_calibration(), eval_inputs=ev.inputs,
+        labels=ev.labels, max_accuracy_drop=0.5, allow_training=True,
+    )  # fmt: skip
+    assert p.chosen.recipe.startswith("fold_bn,prune:ratio=") and "distill" in p.chosen.recipe
+    assert p.chosen.ratio <= 1 / 12 * 1.005 and p.chosen.accuracy_drop_pp <= 0.5
+    assert all(c.accuracy_drop_pp is not None for c in p.candidates if c.cosine is not None)
+    with pytest.raises(PlanError, match=r"accuracy drop <= 0\.5 pp"):  # no training allowed: int8 is the floor
+        plan(model, example, size=1 / 12, calibration=zoo.digits_calibration(), eval_inputs=ev.inputs,
+             labels=ev.labels, max_accuracy_drop=0.5)  # fmt: skip
