@@ -316,6 +316,8 @@ def _planned(model, example_inputs, eval_data, args: argparse.Namespace):
         dynamic_axes=parse_axes(args.dynamic_axes, args.model),
         labels=eval_data.labels if eval_data is not None and args.max_accuracy_drop is not None else None,
         max_accuracy_drop=args.max_accuracy_drop,
+        max_latency=args.max_latency,
+        provider=args.provider,
         allow_training=args.allow_training,
         progress=say,
     )
@@ -450,6 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument(
         "--max-accuracy-drop", type=float, default=None,
         help="with --recipe auto: a floor on the accuracy drop in points (the model's labelled evaluation data)",
+    )  # fmt: skip
+    o.add_argument(
+        "--max-latency", type=float, default=None,
+        help="with --recipe auto: a speed target, as a fraction of the fp32 export's latency on --provider",
     )  # fmt: skip
     o.add_argument(
         "--allow-training", action="store_true",

@@ -19,7 +19,10 @@ technique that reaches 12x and more on CNNs, where int8 stops at 4x.
 
 The plan is written out as the recipe that reproduces it, with the layers the budget moved listed by name.
 
-Not yet: latency targets, SVD in the ladder, and a joint per-layer search across techniques.
+A latency target (``max_latency``, a fraction of the fp32 export's latency) times every candidate on the provider it
+names and keeps the most accurate one under it.
+
+Not yet: SVD in the ladder, and a joint per-layer search across techniques.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ class Candidate:
     cosine: Optional[float] = None  # pooled over the evaluation batches, artifact on ORT vs the original in torch
     accuracy_drop_pp: Optional[float] = None  # with labels: fp32 accuracy minus the artifact's, in points
     metric: Optional[float] = None  # the user metric on the artifact
+    latency_ratio: Optional[float] = None  # p50 on the example inputs over the fp32 export's, same provider
     seconds: float = 0.0
     fits: bool = True
     holds: bool = False
@@ -146,6 +150,8 @@ def plan(
     max_accuracy_drop: Optional[float] = None,
     metric: Optional[Metric] = None,
     min_metric: Optional[float] = None,
+    max_latency: Optional[float] = None,
+    provider: str = "auto",
     allow_training: bool = False,
     progress: Callable[[str], None] = lambda line: None,
 ) -> Plan:
@@ -156,7 +162,9 @@ def plan(
     batches the floors are measured on (default: the calibration batches, else the example). ``labels`` (for the
     pooled ``eval_inputs``) with ``max_accuracy_drop`` (points) adds an accuracy floor; ``metric(run)`` with
     ``min_metric`` a floor on any number the user computes from the artifact's outputs (``run(batch)`` runs it on
-    ONNX Runtime). ``allow_training`` adds pruning recovered by distillation (on the calibration batches). Raises
+    ONNX Runtime). ``max_latency`` (a fraction of the fp32 export's p50 latency on ``example_inputs``, on
+    ``provider``) is a speed target: every candidate is timed, and the most accurate one under it wins.
+    ``allow_training`` adds pruning recovered by distillation (on the calibration batches). Raises
     :class:`PlanError` naming the best reached when nothing qualifies.
 
     Example:
@@ -178,7 +186,13 @@ def plan(
     batches = list(eval_inputs) if eval_inputs is not None else (list(calib) if calib else [example_inputs])
     if allow_training and calib is None:
         raise InputError("allow_training needs calibration= batches: distillation trains on them")
-    floors = _Floors(min_cosine, labels, max_accuracy_drop, metric, min_metric)
+    if max_latency is not None:
+        if max_latency <= 0:
+            raise InputError(f"max_latency is a fraction of the fp32 latency, e.g. 0.5; got {max_latency}")
+        from fxcompress.checker.runtime import choose_providers
+
+        choose_providers(provider)  # a provider that is not installed fails here, before any candidate is built
+    floors = _Floors(min_cosine, labels, max_accuracy_drop, metric, min_metric, max_latency, provider)
 
     def compress(recipe: str) -> CompressedModel:
         return optimize(model, example_inputs, recipe=recipe, calibration=calib, dynamic_axes=dynamic_axes)
@@ -204,14 +218,19 @@ def plan(
         cm = compress(recipe)
         ratio = 1 / cm.compression_ratio
         cand = Candidate(recipe, ratio, fits=size is None or ratio <= size * 1.005)
+        # with only a latency target, every candidate is "in size": the floors (speed included) decide
         if cand.fits or twin == recipe:  # a cheap recipe too large for the size still gives the chart a point
             floors.measure(cand, model, cm, example_inputs, batches, target)
             cand.note = "" if cand.fits else "larger than the size"
         cand.seconds = time.perf_counter() - t0
         candidates.append(cand)
-        if cand.fits and cand.holds and (best is None or _better(cand, best[0], size is not None)):
+        if (
+            cand.fits
+            and cand.holds
+            and (best is None or _better(cand, best[0], size is not None or max_latency is not None))
+        ):
             best = (cand, cm)
-        if cand.fits and cand.holds and size is not None:
+        if cand.fits and cand.holds and (size is not None or max_latency is not None):
             break  # the ladder goes from faithful to small: the first that fits and holds is the most accurate
     if best is None:
         raise PlanError(_unreachable(candidates, size, floors))
@@ -237,19 +256,36 @@ class _Floors:
     max_accuracy_drop: Optional[float]
     metric: Optional[Metric]
     min_metric: Optional[float]
+    max_latency: Optional[float] = None
+    provider: str = "auto"
+    fp32_ms: Optional[float] = None  # the fp32 export's p50 on the example inputs, measured once
 
     def measure(self, cand: Candidate, model, cm: CompressedModel, example_inputs, batches, target: str) -> None:
         with tempfile.TemporaryDirectory(prefix="fxc-plan-") as tmp:
             path = cm.export(Path(tmp, "candidate.onnx"), target=target)
             report = check(
                 model, path, example_inputs, compressed=cm, eval_inputs=batches, labels=self.labels,
-                fp32_baseline=False, latency_repeat=1,
+                fp32_baseline=False, latency_repeat=1, provider=self.provider,
             )  # fmt: skip
             cand.cosine = float(report.metrics.get("cosine", float("nan")))
             cand.accuracy_drop_pp = report.metrics.get("accuracy_drop_pp")
             if self.metric is not None:
                 cand.metric = _user_metric(self.metric, path)
+            if self.max_latency is not None:
+                cand.latency_ratio = self._latency(model, path, example_inputs)
         cand.holds = self.held_by(cand)
+
+    def _latency(self, model, path: Path, example_inputs) -> float:
+        """The artifact's p50 on the example inputs over the fp32 export's (timed once, in the first call)."""
+        timed = check(
+            model, path, example_inputs, fp32_baseline=self.fp32_ms is None, latency_repeat=20, provider=self.provider
+        )
+        if self.fp32_ms is None:
+            self.fp32_ms = timed.latency.get("fp32_p50_ms")
+        p50 = timed.latency.get("p50_ms")
+        if not self.fp32_ms or p50 is None:
+            raise InputError("the latency target could not be measured: ONNX Runtime reported no latency")
+        return float(p50) / float(self.fp32_ms)
 
     def held_by(self, cand: Candidate) -> bool:
         ok = cand.cosine is not None and cand.cosine >= self.min_cosine
@@ -257,6 +293,8 @@ class _Floors:
             ok = ok and cand.accuracy_drop_pp is not None and cand.accuracy_drop_pp <= self.max_accuracy_drop
         if self.min_metric is not None:
             ok = ok and cand.metric is not None and cand.metric >= self.min_metric
+        if self.max_latency is not None:
+            ok = ok and cand.latency_ratio is not None and cand.latency_ratio <= self.max_latency
         return ok
 
     def describe(self) -> str:
@@ -265,6 +303,8 @@ class _Floors:
             parts.append(f"accuracy drop <= {self.max_accuracy_drop} pp")
         if self.min_metric is not None:
             parts.append(f"metric >= {self.min_metric}")
+        if self.max_latency is not None:
+            parts.append(f"latency <= {self.max_latency}x fp32 on {self.provider}")
         return " and ".join(parts)
 
 

@@ -108,3 +108,13 @@ def test_pruning_recovered_by_distillation_reaches_12x_on_the_digits_cnn(tmp_pat
     with pytest.raises(PlanError, match=r"accuracy drop <= 0\.5 pp"):  # no training allowed: int8 is the floor
         plan(model, example, size=1 / 12, calibration=zoo.digits_calibration(), eval_inputs=ev.inputs,
              labels=ev.labels, max_accuracy_drop=0.5)  # fmt: skip
+
+
+def test_a_latency_target_times_every_candidate_on_the_named_provider():
+    model, x, calibration = _mlp()
+    p = plan(model, x, max_latency=1000.0, min_cosine=0.99, calibration=calibration)
+    assert p.chosen.recipe == "fp16" and p.chosen.latency_ratio is not None  # the most faithful one under it
+    with pytest.raises(PlanError, match=r"latency <= 1e-06x fp32 on cpu"):
+        plan(model, x, max_latency=1e-6, provider="cpu", calibration=calibration)
+    with pytest.raises(fxcompress.errors.RuntimeMissingError, match="CUDAExecutionProvider is not available"):
+        plan(model, x, max_latency=0.5, provider="cuda")
