@@ -43,13 +43,56 @@ def digits() -> None:
     save_table("planner_digits", title, header, cells, [p.to_dict()])
 
 
+def latency() -> None:
+    """The latency goal: the 84M MLP and MiniLM at <= 0.5x the fp32 export's batch-1 latency on the `cpu` target,
+    the most accurate candidate the planner finds, then that recipe beside ORT quantize_dynamic in one benchmark run
+    (fp32, the plan, ORT: same process, same inputs)."""
+    from fxcompress.bench import format_rows, rows_to_json, run_benchmark
+
+    sections, data = [], {}
+    cases = {
+        "mlp84m": (zoo.big_mlp, zoo.big_mlp_calibration(), (0,)),
+        "minilm": (zoo.minilm, zoo.minilm_calibration(), (0, 1)),
+    }
+    for name, (factory, calibration, axes) in cases.items():
+        made = factory()
+        start = time.perf_counter()
+        p = plan(
+            made[0], made[1], max_latency=0.5, min_cosine=0.9, calibration=calibration, target="cpu",
+            provider="cpu", dynamic_axes=axes,
+            progress=lambda line: print("  " + line, file=sys.stderr, flush=True),
+        )  # fmt: skip
+        seconds = time.perf_counter() - start
+        recipe = p.chosen.recipe.split("  #")[0]
+        rows = run_benchmark(factory, recipes=(recipe,), targets=("cpu",), batches=(1,), calibration=calibration,
+                             provider="cpu")  # fmt: skip
+        tried = "; ".join(
+            f"`{c.recipe}` {c.latency_ratio:.2f}x, cosine {c.cosine:.4f}" for c in p.candidates if c.latency_ratio
+        )
+        sections.append(
+            f"## {name}\n\nplanned in {seconds:.0f} s: `{recipe}` (the planner's own timing: "
+            f"{p.chosen.latency_ratio:.2f}x fp32). Candidates timed: {tried}.\n\n{format_rows(rows)}\n"
+        )
+        data[name] = {"plan": p.to_dict(), "rows": rows_to_json(rows)}
+    from common import _command, environment, save_results
+
+    text = f"# The planner with a latency target: <= 0.5x fp32 at batch 1, target cpu\n\n{environment()}\n\n"
+    text += f"Command: `python {_command()}`\n\n" + "\n".join(sections)
+    print(text)
+    save_results("planner_latency", text, data)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--goals", default=";".join(f"{s},{c}" for s, c in GOALS), help="size,cosine;size,cosine")
     ap.add_argument("--digits", action="store_true", help="the digits CNN goal instead of MiniLM's")
+    ap.add_argument("--latency", action="store_true", help="the latency goal (84M MLP and MiniLM) instead")
     args = ap.parse_args()
     if args.digits:
         digits()
+        return
+    if args.latency:
+        latency()
         return
     model, example, ev = zoo.minilm()
     calibration = zoo.minilm_calibration()

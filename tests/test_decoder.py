@@ -27,6 +27,7 @@ def _prompts(vocab: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", CAUSAL_LM_FAMILIES)
 def test_float_decoder_generates_what_torch_generates(family, tmp_path):
     model = causal_lm(family)

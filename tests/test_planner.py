@@ -94,6 +94,7 @@ def test_a_user_metric_is_a_floor_and_must_be_a_number():
         plan(model, x, size=0.3, eval_inputs=[(x,)], metric=lambda run: "good", min_metric=0.5)
 
 
+@pytest.mark.slow
 def test_pruning_recovered_by_distillation_reaches_12x_on_the_digits_cnn(tmp_path):
     from fxcompress.models import zoo
 
