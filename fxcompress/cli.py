@@ -235,9 +235,6 @@ def _optimize_folder(args: argparse.Namespace) -> int:
     logits, perplexity with ``--text``)."""
     import time
 
-    import torch
-
-    from fxcompress.llm.check import check_decoder
     from fxcompress.llm.compress import optimize_decoder
     from fxcompress.llm.folder import PREFIX, load_causal_lm
 
@@ -272,9 +269,24 @@ def _optimize_folder(args: argparse.Namespace) -> int:
     if not args.check:
         return EXIT_OK
     say("checking on ONNX Runtime")
+    return _check_folder(args.model, path, args, text)
+
+
+def _check_folder(spec: str, path: Path, args: argparse.Namespace, text=None) -> int:
+    """The decoder check of ``path`` against the causal LM of ``hf:DIR``; the exit status."""
+    import torch
+
+    from fxcompress.llm.check import check_decoder
+    from fxcompress.llm.folder import PREFIX, load_causal_lm
+
+    folder = spec[len(PREFIX) :]
+    model = load_causal_lm(folder)
+    if text is None and getattr(args, "text", None):
+        text = _folder_text(folder, args.text)
     vocab = int(model.config.vocab_size)
     prompts = text[None, :16] if text is not None else torch.randint(0, vocab, (2, 16), generator=torch.manual_seed(0))
-    report = check_decoder(model, path, prompts, max_new_tokens=args.new_tokens, text=text, provider=args.provider)
+    new_tokens = getattr(args, "new_tokens", 32)
+    report = check_decoder(model, path, prompts, max_new_tokens=new_tokens, text=text, provider=args.provider)
     print(report.summary())
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
@@ -341,9 +353,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         ...
         0
     """
+    from fxcompress.llm.folder import is_folder_spec
+
     _writable_file(args.json, "--json")
     if not Path(args.onnx).is_file():
         raise InputError(f"no such file: {args.onnx}")
+    if is_folder_spec(args.model):
+        return _check_folder(args.model, Path(args.onnx), args)
     model, example_inputs, eval_data = _call_factory(args.model)
     return _check(model, Path(args.onnx), example_inputs, eval_data, args)
 
@@ -491,8 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(o)
     o.set_defaults(func=cmd_optimize)
 
-    c = sub.add_parser("check", help="check an ONNX artifact against MODULE:FACTORY's model")
+    c = sub.add_parser("check", help="check an ONNX artifact against MODULE:FACTORY's model (or hf:DIR's decoder)")
     c.add_argument("model")
+    c.add_argument("--text", help="hf:DIR: a text file to measure perplexity on (tokenized by the folder's tokenizer)")
+    c.add_argument("--new-tokens", type=int, default=32, help="hf:DIR: greedy tokens to compare (32)")
     c.add_argument("onnx")
     c.add_argument(
         "--recipe", help="the recipe that made the artifact: its floors apply (default: the library's, those of 'int8')"

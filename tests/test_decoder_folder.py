@@ -38,6 +38,8 @@ def test_cli_compresses_a_folder_into_a_checked_decoder(folder, tmp_path, capsys
     data = json.loads(report.read_text())
     assert data["passed"] and data["new_tokens"] == 6 and data["logits_cosine"] > 0.999
     assert "decoder parity on CPUExecutionProvider: PASSED" in capsys.readouterr().out
+    assert main(["check", f"hf:{folder}", str(out / "model.onnx"), "--new-tokens", "4"]) == 0
+    assert "greedy tokens:" in capsys.readouterr().out
 
 
 def test_a_truncated_safetensors_file_is_named(folder, tmp_path):
