@@ -21,7 +21,7 @@ from onnxscript import opset21 as op
 from torch import Tensor
 
 from fxcompress.ops.onnx_contrib import MSFT
-from fxcompress.ops.packing import bias_grad, dequantize
+from fxcompress.ops.packing import bias_grad, dequantize, output_slices
 from fxcompress.ops.registry import register_op
 
 
@@ -36,7 +36,14 @@ def linear_q8(
         >>> torch.ops.fxcompress.linear_q8(torch.ones(1, 2), q, torch.tensor([0.5, 1.0]), None, None)
         tensor([[  63.5000, -127.0000]])
     """
-    y = x @ dequantize(qweight, scale, zero_point, axis=1).to(x.dtype)
+    parts = [
+        x
+        @ dequantize(qweight[:, cols], scale[cols], None if zero_point is None else zero_point[cols], axis=1).to(
+            x.dtype
+        )
+        for cols in output_slices(qweight.shape[1], qweight.shape[0])
+    ]
+    y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
     return y + bias if bias is not None else y
 
 

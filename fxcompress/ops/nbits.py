@@ -15,7 +15,7 @@ from onnxscript import opset21 as op
 from torch import Tensor
 
 from fxcompress.ops.onnx_contrib import MSFT
-from fxcompress.ops.packing import bias_grad, unpack_nbits
+from fxcompress.ops.packing import bias_grad, output_slices, unpack_nbits
 from fxcompress.ops.registry import register_op
 
 
@@ -42,7 +42,15 @@ def linear_nbits(
         >>> torch.ops.fxcompress.linear_nbits(torch.ones(1, 16), packed, scales, None, None, 16, 2, 4, 16)
         tensor([[ 8., 16.]])
     """
-    y = x @ nbits_weight(packed, scales, zero_points, k, n, bits, block_size).t().to(x.dtype)
+    blocks = k // block_size
+    parts = []
+    for rows in output_slices(n, k):  # a slice of output channels at a time: never the whole float weight
+        count = rows.stop - rows.start
+        zp = None if zero_points is None else zero_points[rows]
+        scale = scales.reshape(n, blocks)[rows].reshape(-1)
+        w = nbits_weight(packed.reshape(n, -1)[rows], scale, zp, k, count, bits, block_size)
+        parts.append(x @ w.t().to(x.dtype))
+    y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
     return y + bias if bias is not None else y
 
 

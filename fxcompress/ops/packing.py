@@ -7,6 +7,22 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+# The torch reference of a quantized Linear dequantizes its weight to float32 to multiply: a [128k, 3k] head is
+# 1.5 GiB of floats, twice over during the conversion. Above this many weight elements it runs over slices of output
+# channels instead, so the module runs (and calibrates) in memory proportional to a slice.
+SLICE_ELEMENTS = 1 << 24
+
+
+def output_slices(n: int, k: int) -> list[slice]:
+    """Slices of ``n`` output channels of a ``k``-input weight, each at most :data:`SLICE_ELEMENTS` elements.
+
+    Example:
+        >>> output_slices(4, 8), len(output_slices(1 << 20, 64))
+        ([slice(0, 4, None)], 4)
+    """
+    step = max(1, SLICE_ELEMENTS // max(k, 1))
+    return [slice(start, min(start + step, n)) for start in range(0, n, step)]
+
 
 def dequantize(qweight: Tensor, scale: Tensor, zero_point: Optional[Tensor], axis: int) -> Tensor:
     """(q - zero_point) * scale with one scale (and zero point) per slice along ``axis``, in float32.

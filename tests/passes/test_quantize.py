@@ -232,3 +232,17 @@ def test_quantization_and_its_error_are_computed_in_row_chunks_with_the_same_num
     conv = torch.randn(CHUNK_ROWS + 3, 2, 3, 3)
     q4, s4 = quantize_per_channel(conv)
     assert q4.shape == conv.shape and s4.shape == (CHUNK_ROWS + 3,)
+
+
+def test_large_weights_run_a_slice_of_output_channels_at_a_time(monkeypatch):
+    """The torch reference never dequantizes a large weight whole; sliced, it computes the same."""
+    import fxcompress.ops.packing as packing
+
+    torch.manual_seed(0)
+    model, x = torch.nn.Sequential(torch.nn.Linear(64, 300)).eval(), torch.randn(5, 64)
+    whole = fxcompress.optimize(model, x, recipe="int8")(x)
+    i4 = fxcompress.optimize(model, x, recipe="int4:block=32")(x)
+    monkeypatch.setattr(packing, "SLICE_ELEMENTS", 64 * 7)  # 7 output channels per slice: 43 slices
+    assert len(packing.output_slices(300, 64)) == 43
+    assert torch.allclose(fxcompress.optimize(model, x, recipe="int8")(x), whole, atol=1e-5)  # BLAS blocking differs
+    assert torch.allclose(fxcompress.optimize(model, x, recipe="int4:block=32")(x), i4, atol=1e-6)
