@@ -288,7 +288,8 @@ def optimize(
             pager.release()
 
         ctx = PassContext(inputs, calib, progress=on_layer, teacher=called)
-        records = PassManager(configs).run(gm, ctx, on_pass_done=on_pass_done)
+        with pager.while_reading():
+            records = PassManager(configs).run(gm, ctx, on_pass_done=on_pass_done)
     configs, records = drop_idle_canonical(configs, user_configs, records)
     unshare(gm, model)  # the compressed module never aliases the user's weights: editing one must not change the other
     try:  # the rewritten graph must still run on what the original ran on

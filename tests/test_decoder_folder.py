@@ -97,5 +97,13 @@ def test_weights_mapped_from_the_folder_are_let_go_and_read_back_intact(folder):
             during = model(ids).logits
         assert pager.release() > 0
         after = model(ids).logits
+        from fxcompress.graph.residency import checkpoint
+
+        with pager.while_reading():  # released between slices of a weight, pages read again as needed
+            pager.released_at = 0.0
+            checkpoint()
+            background = [model(ids).logits for _ in range(3)]
+        assert pager.released_at > 0
     assert torch.equal(before, during) and torch.equal(before, after)
+    assert all(torch.equal(before, b) for b in background)
     assert WeightPager(torch.nn.Linear(4, 4)).ranges == []  # weights in ordinary memory are never advised

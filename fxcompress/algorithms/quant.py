@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from fxcompress.algorithms.gptq import activation_order, gptq
+from fxcompress.graph.residency import checkpoint
 from fxcompress.graph.sites import Site, nbytes
 
 CHUNK_ROWS = 512  # output channels processed at once: temporaries stay a few MiB on 8192-wide layers
@@ -59,6 +60,7 @@ def quantize_per_channel(w: Tensor, axis: int = 0, bits: int = 8) -> tuple[Tenso
     scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
     q = torch.empty(rows.shape, dtype=torch.int8)
     for start in range(0, rows.shape[0], CHUNK_ROWS):  # a few rows at a time: no full-size float temporaries
+        checkpoint()  # a file-mapped weight: the rows already read may leave memory
         chunk = rows[start : start + CHUNK_ROWS].to(torch.float32)
         step = scale[start : start + CHUNK_ROWS].reshape(-1, *([1] * (chunk.dim() - 1)))
         q[start : start + CHUNK_ROWS] = torch.clamp(torch.round(chunk / step), -qmax, qmax).to(torch.int8)
@@ -137,6 +139,7 @@ def sqnr_db_per_channel(w: Tensor, q: Tensor, scale: Tensor) -> float:
     rows, codes = w.detach().reshape(w.shape[0], -1), q.reshape(q.shape[0], -1)
     noise = signal = 0.0
     for start in range(0, rows.shape[0], CHUNK_ROWS):
+        checkpoint()
         ref = rows[start : start + CHUNK_ROWS].double()
         approx = codes[start : start + CHUNK_ROWS].double() * scale[start : start + CHUNK_ROWS, None].double()
         noise += (ref - approx).pow(2).sum().item()
@@ -190,11 +193,16 @@ def quantize_rtn(w: Tensor, block: int, clip: bool = False) -> tuple[Tensor, Ten
         >>> codes.shape, s.shape
         (torch.Size([8, 64]), torch.Size([8, 2]))
     """
-    w = w.to(torch.float32)
-    scale, zp = block_params(w, block, clip)
-    n, k = w.shape
-    codes = _codes(w.reshape(n, -1, block), scale.unsqueeze(-1), zp.unsqueeze(-1)).reshape(n, k)
-    return codes, scale, zp
+    parts = []
+    for start in range(0, w.shape[0], CHUNK_ROWS):  # rows are independent: a few at a time, no full-size temporaries
+        checkpoint()
+        rows = w[start : start + CHUNK_ROWS].to(torch.float32)
+        scale, zp = block_params(rows, block, clip)
+        codes = _codes(rows.reshape(rows.shape[0], -1, block), scale.unsqueeze(-1), zp.unsqueeze(-1))
+        parts.append((codes.reshape(rows.shape), scale, zp))
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
 
 
 def quantize_gptq(

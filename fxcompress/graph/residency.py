@@ -17,12 +17,27 @@ import contextlib
 import ctypes
 import logging
 import sys
-from typing import Iterator
+import time
+from typing import Iterator, Optional
 
 from torch import nn
 
 log = logging.getLogger(__name__)
 _MADV_PAGEOUT = 21
+_ACTIVE: Optional["WeightPager"] = None  # the pager checkpoint() releases (set by WeightPager.while_reading)
+_EVERY_SECONDS = 0.05
+
+
+def checkpoint() -> None:
+    """Between slices of a large weight: let the active pager's pages go (at most every 50 ms; nothing when no
+    pager is active, as for a model in ordinary memory).
+
+    Example:
+        >>> checkpoint()  # no pager active: nothing happens
+    """
+    pager = _ACTIVE
+    if pager is not None and time.monotonic() - pager.released_at >= _EVERY_SECONDS:
+        pager.release()
 
 
 def _mapped_files() -> list[tuple[int, int, str]]:
@@ -51,6 +66,7 @@ class WeightPager:
 
     def __init__(self, model: nn.Module):
         self.ranges: list[tuple[int, int]] = []
+        self.released_at = 0.0
         if not sys.platform.startswith("linux"):
             return
         maps = _mapped_files()
@@ -71,11 +87,24 @@ class WeightPager:
 
     def release(self) -> int:
         """Let the kernel drop the mapped weights' resident pages; the bytes of mappings advised."""
+        self.released_at = time.monotonic()
         advised = 0
         for start, end in self.ranges:
             if self._madvise(start, end - start, _MADV_PAGEOUT) == 0:
                 advised += end - start
         return advised
+
+    @contextlib.contextmanager
+    def while_reading(self) -> Iterator[None]:
+        """Make this pager the one :func:`checkpoint` releases while the block runs: code that reads one large weight
+        in slices (a 128k-token embedding is 1.5 GiB of floats) calls it between slices, so the slices already read
+        go too."""
+        global _ACTIVE
+        previous, _ACTIVE = _ACTIVE, (self if self.ranges else None)
+        try:
+            yield
+        finally:
+            _ACTIVE = previous
 
     @contextlib.contextmanager
     def layer_by_layer(self, model: nn.Module) -> Iterator[None]:
