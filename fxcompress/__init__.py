@@ -2,8 +2,8 @@
 
 The data path, one folder per stage: ``graph/`` (capture the model, find its sites) -> ``passes/`` (rewrite them,
 with ``ops/``, ``recipe/`` and ``algorithms/``) -> ``export/`` (lower for a target, write ONNX) -> ``check/`` (run it
-on ONNX Runtime against the original). Names below load on first use, so ``import fxcompress`` (and the CLI's
-``--help``) does not import torch.
+on ONNX Runtime against the original); ``planner`` chooses a recipe, ``llm/`` makes causal LMs KV-cache decoders.
+Names below load on first use, so ``import fxcompress`` (and the CLI's ``--help``) does not import torch.
 
 Example:
     >>> import fxcompress
@@ -25,6 +25,10 @@ _EXPORTS = {
     "distill": "fxcompress.api",
     "CompressedModel": "fxcompress.api",
     "check": "fxcompress.checker.parity",
+    "optimize_decoder": "fxcompress.llm.compress",
+    "check_decoder": "fxcompress.llm.check",
+    "OrtDecoder": "fxcompress.llm.generate",
+    "plan": "fxcompress.planner",
     "ParityReport": "fxcompress.checker.report",
     "Calibration": "fxcompress.graph.calibration",
     "Tolerance": "fxcompress.recipe.tolerance",
