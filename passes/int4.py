@@ -46,7 +46,7 @@ from fxcompress.algorithms.quant import (
     quantize_gptq,
     quantize_per_channel_gptq,
     quantize_rtn,
-    sqnr_db,
+    sqnr_db_blocks,
 )
 from fxcompress.errors import InputError
 from fxcompress.graph.edit import TiedWeights, attr_owner, replace_site
@@ -251,7 +251,7 @@ def quantize_int4(gm: fx.GraphModule, cfg: Int4Config, ctx: PassContext) -> Pass
                 note,
                 site.weight_bytes if first is None else nbytes(site.bias),
                 nbytes(*tensors.values()),
-                sqnr_db(w, dequantize_blocks(codes, scale, zp, block)),
+                sqnr_db_blocks(w, codes, scale, zp, block),
                 "weight SQNR dB",
                 numerics=INT4,
             )
