@@ -67,6 +67,7 @@ class WeightPager:
     def __init__(self, model: nn.Module):
         self.ranges: list[tuple[int, int]] = []
         self.released_at = 0.0
+        self._trim = None
         if not sys.platform.startswith("linux"):
             return
         maps = _mapped_files()
@@ -95,7 +96,7 @@ class WeightPager:
         for start, end in self.ranges:
             if self._madvise(start, end - start, _MADV_PAGEOUT) == 0:
                 advised += end - start
-        if self._trim is not None:
+        if self._trim is not None and self.ranges:
             # slices of float temporaries (a few MiB each, under malloc's mmap threshold) come from the heap between
             # long-lived codes; freed, they stay as holes counted in RSS (measured: 1.3 GiB on a 4B model) unless
             # returned
