@@ -66,8 +66,8 @@ def test_a_python_scalar_input_is_a_constant_of_the_artifact_and_check_runs(tmp_
 @pytest.mark.parametrize(
     "recipe, message",
     [
-        (None, "recipe must be text such as 'fold_bn,int8'"),
         (5, "recipe must be text such as 'fold_bn,int8'"),
+        ([], "empty recipe"),
         ({"pass": "int4", "block": 64.0}, "option 'block' of pass 'int4' expects int, got 64.0"),
         ({"pass": "int8", "kinds": 3}, "option 'kinds' of pass 'int8' expects a list of strings"),
         ({"block": 64}, "unknown pass None"),
@@ -76,6 +76,12 @@ def test_a_python_scalar_input_is_a_constant_of_the_artifact_and_check_runs(tmp_
 def test_recipes_of_the_wrong_type_say_what_is_expected(recipe, message):
     with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
         fxcompress.optimize(nn.Linear(64, 8), torch.randn(2, 64), recipe=recipe)
+
+
+def test_no_recipe_is_the_float_baseline():
+    model, x = nn.Linear(64, 8).eval(), torch.randn(2, 64)
+    cm = fxcompress.optimize(model, x, recipe=None)  # capture only: what an fp32 artifact is exported from
+    assert cm.records == [] and cm.bytes_after == cm.bytes_before and torch.equal(cm(x), model(x))
 
 
 def test_nan_in_calibration_is_refused_before_any_pass_runs():
