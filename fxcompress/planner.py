@@ -371,13 +371,18 @@ def _bisect_pruning(ratio_of: Callable[[str], float], size: float, progress) -> 
     twin = _rounded_to_nearest(PRUNED)
     fits = lambda r: ratio_of(twin.format(r=r)) <= size  # noqa: E731
     progress(f"sizing {twin.format(r='?')} for {size:.3f} of the fp32 bytes")
-    low, high = 0.05, 0.95
-    if not fits(high):
+    if not fits(0.95):
         return None
+    _, high = _bisect(lambda r: not fits(r), 0.05, 0.95)  # more pruning fits: the boundary from the other side
+    return math.ceil(high * 1000) / 1000
+
+
+def _bisect(holds: Callable[[float], bool], low: float, high: float) -> tuple[float, float]:
+    """:data:`_BISECT_STEPS` halvings of [low, high] keeping ``holds(low)`` true and ``holds(high)`` false."""
     for _ in range(_BISECT_STEPS):
         mid = (low + high) / 2
-        low, high = (low, mid) if fits(mid) else (mid, high)
-    return math.ceil(high * 1000) / 1000
+        low, high = (mid, high) if holds(mid) else (low, mid)
+    return low, high
 
 
 def _bisect_budget(ratio_of: Callable[[str], float], shape: str, size: float, progress) -> Optional[float]:
@@ -388,9 +393,7 @@ def _bisect_budget(ratio_of: Callable[[str], float], shape: str, size: float, pr
     progress(f"sizing {rtn.format(b='?')} for {size:.3f} of the fp32 bytes")
     if not fits(low):
         return None
-    for _ in range(_BISECT_STEPS):
-        mid = (low + high) / 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
+    low, _ = _bisect(fits, low, high)
     return math.floor(low * 1000) / 1000
 
 

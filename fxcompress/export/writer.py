@@ -25,6 +25,7 @@ from torch import fx
 from fxcompress.errors import ExportError
 from fxcompress.export.lowering import lower_for_target
 from fxcompress.export.targets import AUTO, Target, auto_target, get_target
+from fxcompress.graph.edit import state_bytes
 from fxcompress.graph.inputs import DynamicAxes, batch_of_two, first_line, input_axes
 from fxcompress.ops.onnx_contrib import ONNX_OPSET
 from fxcompress.ops.registry import compressed_ops
@@ -111,7 +112,7 @@ def export_onnx(
     target = get_target(target)
     _probe_writable(destination)
     module = lower_for_target(module, target) if isinstance(module, fx.GraphModule) else module
-    _check_space(destination, _state_bytes(module))
+    _check_space(destination, state_bytes(module))
     inputs = tuple(example_inputs)
     program = _export_program(module, inputs, target, input_axes(inputs, dynamic_axes), axis_names or {})
     if not program.model.graph.outputs:
@@ -128,13 +129,6 @@ def export_onnx(
     del program, module
     gc.collect()  # the lowered copy's re-encoded weights sit in fx's reference cycles: free them now
     return path
-
-
-def _state_bytes(module: torch.nn.Module) -> int:
-    seen = {}
-    for t in [*module.parameters(), *module.buffers()]:
-        seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
-    return sum(seen.values())
 
 
 def _check_space(destination: Path, weight_bytes: int) -> None:
