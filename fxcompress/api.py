@@ -127,7 +127,11 @@ class CompressedModel:
         return self.bytes_before / max(self.bytes_after, 1)
 
     def export(
-        self, path: str | os.PathLike, target: Union[str, Target] = "auto", dynamic_axes: Optional[DynamicAxes] = None
+        self,
+        path: str | os.PathLike,
+        target: Union[str, Target] = "auto",
+        dynamic_axes: Optional[DynamicAxes] = None,
+        external_data: Optional[bool] = None,
     ) -> Path:
         """Write the compressed model as ONNX and return the path.
 
@@ -139,6 +143,8 @@ class CompressedModel:
                 else ``cpu``; the artifact's metadata says which and why.
             dynamic_axes: the input axes left symbolic in the ONNX graph; default: those given to
                 :func:`optimize`. ``()`` fixes every shape.
+            external_data: the weights in ``<path>.data`` beside the model, written a tensor at a time (the peak
+                memory of writing stays near the model's own); default: when they pass 512 MiB (one file below).
 
         Example:
             >>> cm = optimize(nn.Sequential(nn.Linear(16, 4)), torch.randn(2, 16), recipe="int8")
@@ -162,6 +168,7 @@ class CompressedModel:
             dynamic_axes=self.dynamic_axes if dynamic_axes is None else dynamic_axes,
             output_names=self.output_names,
             axis_names=self.axis_names,
+            external_data=external_data,
         )
         return self.onnx_path
 

@@ -263,8 +263,9 @@ def _optimize_folder(args: argparse.Namespace) -> int:
     cm = optimize_decoder(model, args.recipe, calibration=calibration, progress=False if args.no_progress else None)
     print(cm.summary())
     say("exporting")
-    path = cm.export(output, target=args.target)
-    print(f"\nwrote {path} (target {read_target(path)})")
+    # weights beside the model (model.onnx.data), written a tensor at a time: the peak stays near the model's own
+    path = cm.export(output, target=args.target, external_data=True)
+    print(f"\nwrote {path} and {path.name}.data (target {read_target(path)})")
     say("written")
     if not args.check:
         return EXIT_OK

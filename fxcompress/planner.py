@@ -39,7 +39,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 
 from fxcompress.api import CompressedModel, optimize
-from fxcompress.checker.parity import check
+from fxcompress.checker.parity import check, export_float, onnx_feed
+from fxcompress.checker.timing import relative_latency
 from fxcompress.errors import InputError
 from fxcompress.graph.calibration import Calibration
 
@@ -206,32 +207,35 @@ def plan(
 
     candidates: list[Candidate] = []
     best: Optional[tuple[Candidate, CompressedModel]] = None  # kept, so the choice is not compressed again
-    for recipe in _ladder(ratio_of, size, calib is not None, allow_training, progress):
-        t0 = time.perf_counter()
-        twin = _rounded_to_nearest(recipe)
-        if size is not None and twin != recipe:
-            ratio = ratio_of(twin)  # GPTQ stores the same bytes: run it only if they fit
-            if ratio > size * 1.005:
-                candidates.append(Candidate(recipe, ratio, fits=False, seconds=time.perf_counter() - t0))
-                continue
-        progress(f"trying {recipe}")
-        cm = compress(recipe)
-        ratio = 1 / cm.compression_ratio
-        cand = Candidate(recipe, ratio, fits=size is None or ratio <= size * 1.005)
-        # with only a latency target, every candidate is "in size": the floors (speed included) decide
-        if cand.fits or twin == recipe:  # a cheap recipe too large for the size still gives the chart a point
-            floors.measure(cand, model, cm, example_inputs, batches, target)
-            cand.note = "" if cand.fits else "larger than the size"
-        cand.seconds = time.perf_counter() - t0
-        candidates.append(cand)
-        if (
-            cand.fits
-            and cand.holds
-            and (best is None or _better(cand, best[0], size is not None or max_latency is not None))
-        ):
-            best = (cand, cm)
-        if cand.fits and cand.holds and (size is not None or max_latency is not None):
-            break  # the ladder goes from faithful to small: the first that fits and holds is the most accurate
+    try:
+        for recipe in _ladder(ratio_of, size, calib is not None, allow_training, progress):
+            t0 = time.perf_counter()
+            twin = _rounded_to_nearest(recipe)
+            if size is not None and twin != recipe:
+                ratio = ratio_of(twin)  # GPTQ stores the same bytes: run it only if they fit
+                if ratio > size * 1.005:
+                    candidates.append(Candidate(recipe, ratio, fits=False, seconds=time.perf_counter() - t0))
+                    continue
+            progress(f"trying {recipe}")
+            cm = compress(recipe)
+            ratio = 1 / cm.compression_ratio
+            cand = Candidate(recipe, ratio, fits=size is None or ratio <= size * 1.005)
+            # with only a latency target, every candidate is "in size": the floors (speed included) decide
+            if cand.fits or twin == recipe:  # a cheap recipe too large for the size still gives the chart a point
+                floors.measure(cand, model, cm, example_inputs, batches, target)
+                cand.note = "" if cand.fits else "larger than the size"
+            cand.seconds = time.perf_counter() - t0
+            candidates.append(cand)
+            if (
+                cand.fits
+                and cand.holds
+                and (best is None or _better(cand, best[0], size is not None or max_latency is not None))
+            ):
+                best = (cand, cm)
+            if cand.fits and cand.holds and (size is not None or max_latency is not None):
+                break  # the ladder goes from faithful to small: the first that fits and holds is the most accurate
+    finally:
+        floors.close()
     if best is None:
         raise PlanError(_unreachable(candidates, size, floors))
     chosen, cm = best
@@ -258,7 +262,9 @@ class _Floors:
     min_metric: Optional[float]
     max_latency: Optional[float] = None
     provider: str = "auto"
-    fp32_ms: Optional[float] = None  # the fp32 export's p50 on the example inputs, measured once
+    fp32_ms: Optional[float] = None  # the fp32 export's p50 on the example inputs, beside the last candidate's
+    _fp32: Optional[Path] = None
+    _fp32_dir: Optional[tempfile.TemporaryDirectory] = None
 
     def measure(self, cand: Candidate, model, cm: CompressedModel, example_inputs, batches, target: str) -> None:
         with tempfile.TemporaryDirectory(prefix="fxc-plan-") as tmp:
@@ -272,20 +278,23 @@ class _Floors:
             if self.metric is not None:
                 cand.metric = _user_metric(self.metric, path)
             if self.max_latency is not None:
-                cand.latency_ratio = self._latency(model, path, example_inputs)
+                cand.latency_ratio = self._latency(model, path, example_inputs, target)
         cand.holds = self.held_by(cand)
 
-    def _latency(self, model, path: Path, example_inputs) -> float:
-        """The artifact's p50 on the example inputs over the fp32 export's (timed once, in the first call)."""
-        timed = check(
-            model, path, example_inputs, fp32_baseline=self.fp32_ms is None, latency_repeat=20, provider=self.provider
-        )
-        if self.fp32_ms is None:
-            self.fp32_ms = timed.latency.get("fp32_p50_ms")
-        p50 = timed.latency.get("p50_ms")
-        if not self.fp32_ms or p50 is None:
-            raise InputError("the latency target could not be measured: ONNX Runtime reported no latency")
-        return float(p50) / float(self.fp32_ms)
+    def _latency(self, model, path: Path, example_inputs, target: str) -> float:
+        """The artifact's latency on the example inputs over the fp32 export's (exported once), timed side by side."""
+        if self._fp32 is None:
+            self._fp32_dir = tempfile.TemporaryDirectory(prefix="fxc-plan-fp32-")
+            self._fp32 = export_float(model, example_inputs, Path(self._fp32_dir.name, "fp32.onnx"), target)
+        timed = relative_latency(path, self._fp32, onnx_feed(example_inputs), self.provider)
+        self.fp32_ms = timed.reference_p50_ms
+        return timed.ratio
+
+    def close(self) -> None:
+        """Remove the fp32 export the latencies were timed against."""
+        if self._fp32_dir is not None:
+            self._fp32_dir.cleanup()
+            self._fp32_dir, self._fp32 = None, None
 
     def held_by(self, cand: Candidate) -> bool:
         ok = cand.cosine is not None and cand.cosine >= self.min_cosine

@@ -4,6 +4,8 @@ a KV-cache decoder and checked token by token; bad folders get an error naming t
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -107,3 +109,37 @@ def test_weights_mapped_from_the_folder_are_let_go_and_read_back_intact(folder):
     assert torch.equal(before, during) and torch.equal(before, after)
     assert all(torch.equal(before, b) for b in background)
     assert WeightPager(torch.nn.Linear(4, 4)).ranges == []  # weights in ordinary memory are never advised
+
+
+_BUILD = """
+import sys, warnings
+warnings.simplefilter("ignore")
+from fxcompress.llm.compress import optimize_decoder
+from fxcompress.llm.folder import load_causal_lm
+optimize_decoder(load_causal_lm(sys.argv[1]), "int8", progress=False).export(sys.argv[2], external_data=True)
+print("PEAK", next(int(l.split()[1]) << 10 for l in open("/proc/self/status") if l.startswith("VmHWM")))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS (VmHWM) from /proc")
+def test_compressing_a_folder_holds_about_one_layer_of_float_weights_next_to_the_output(tmp_path):
+    """Each extra layer of a folder-backed model may add its compressed bytes (held, then written) and a fraction of
+    its float bytes to the build's peak memory, never its whole float weights: the float weights of a layer already
+    rewritten are let go (a build holding them grows by at least the float bytes per layer)."""
+    peaks, fp32, output = {}, {}, {}
+    for layers in (2, 8):
+        lm = causal_lm("llama", layers=layers, hidden=1024, heads=8, kv_heads=4, vocab=4096, intermediate=4096)
+        fp32[layers] = sum(p.numel() * p.element_size() for p in lm.parameters())
+        lm.save_pretrained(tmp_path / f"l{layers}")
+        del lm
+        artifact = tmp_path / f"o{layers}.onnx"
+        run = subprocess.run(
+            [sys.executable, "-c", _BUILD, str(tmp_path / f"l{layers}"), str(artifact)], capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        peaks[layers] = int(run.stdout.split("PEAK")[-1])
+        output[layers] = sum(f.stat().st_size for f in tmp_path.glob(f"o{layers}.onnx*"))
+    float_growth, output_growth, peak_growth = (d[8] - d[2] for d in (fp32, output, peaks))
+    assert float_growth > 300 << 20  # 6 layers of 60 MB: what the bound must tell apart from noise
+    assert peak_growth <= 2 * output_growth + float_growth / 4, (peak_growth >> 20, output_growth >> 20)

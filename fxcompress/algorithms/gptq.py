@@ -7,7 +7,7 @@ rows) is the caller's: :func:`gptq` only asks it to round one column.
 
 :class:`LayerHessians` supplies the Hessians: from the float graph in one calibration pass, or (``sequential``)
 per group of layers sharing an input, from the graph with every earlier layer already quantized, so later layers
-correct for the error upstream.
+correct for the error upstream (block by block: one forward pass over the calibration data in all).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, fx
 
-from fxcompress.algorithms.statistics import input_hessians, warn_if_few_rows
+from fxcompress.algorithms.layerwise import LayerwiseRun
+from fxcompress.algorithms.statistics import input_hessians, unfit_batch, warn_if_few_rows
 from fxcompress.graph.sites import Site
 
 # (column index in the original order, the lazy batch's updated columns from this one on) -> the rounded column
@@ -90,7 +91,10 @@ class LayerHessians:
 
     With ``sequential=False`` all come from the graph as it is now (the float model), in one calibration pass. With
     ``sequential=True`` the Hessian of a layer is computed when the pass reaches it, together with those of the
-    other layers reading the same input, from the graph with the earlier layers already rewritten.
+    other layers reading the same input (they share one tensor), from the graph with the earlier layers already
+    rewritten: block by block, as the reference GPTQ does, by a :class:`LayerwiseRun` that keeps each batch's
+    activations at the frontier, so the whole pass costs one forward over the calibration data and holds one
+    group's Hessian at a time.
 
     Example:
         >>> hessians = LayerHessians(gm, sites, calibration, sequential=True)
@@ -99,8 +103,9 @@ class LayerHessians:
     """
 
     def __init__(self, gm: fx.GraphModule, sites: Sequence[Site], calibration: Sequence[tuple], sequential: bool):
-        self._gm, self._sites, self._calibration = gm, list(sites), calibration
+        self._sites, self._calibration = list(sites), calibration
         self._rows: dict[str, tuple[int, int]] = {}  # (rows, features) per layer: one calibration warning for all
+        self._run = LayerwiseRun(gm, calibration) if sequential else None
         self._ready: dict[str, Tensor] = (
             {} if sequential else input_hessians(gm, {s.name: s.input for s in sites}, calibration, self._rows)
         )
@@ -111,13 +116,33 @@ class LayerHessians:
     def pop(self, site: Site) -> Tensor:
         """The Hessian of ``site``'s input (released afterwards: each is asked for once)."""
         if site.name not in self._ready:
-            group = {
-                s.name: s.input
+            assert self._run is not None
+            group = [
+                s.name
                 for s in self._sites
                 if s.input is site.input and s.name not in self._done and s.name not in self._ready
-            }
-            self._ready.update(input_hessians(self._gm, group, self._calibration, self._rows))
+            ]
+            values = self._run.advance_to(site.input)
+            for i, value in enumerate(values):
+                if value.shape[-1] != site.weight.shape[1]:
+                    why = f"layer {site.name!r} takes {site.weight.shape[1]} input features, this batch gives it "
+                    raise unfit_batch(i, self._calibration[i], ValueError(why + str(value.shape[-1])))
+            hessian, rows = _hessian(values)
+            self._ready.update(dict.fromkeys(group, hessian))
+            self._rows.update(dict.fromkeys(group, (rows, hessian.shape[0])))
             if len(self._done) + len(group) == len(self._sites):  # the last group: every layer's rows are known
                 warn_if_few_rows(self._rows)
         self._done.add(site.name)
         return self._ready.pop(site.name)
+
+
+def _hessian(values: Sequence[Tensor]) -> tuple[Tensor, int]:
+    """2/n X^T X over every row of every batch's value, and n."""
+    total: Optional[Tensor] = None
+    rows = 0
+    for value in values:
+        x = value.reshape(-1, value.shape[-1]).to(torch.float64)
+        total = x.t() @ x if total is None else total + x.t() @ x
+        rows += x.shape[0]
+    assert total is not None
+    return 2 * total / rows, rows

@@ -310,12 +310,32 @@ def _set_training(model: torch.nn.Module, training: bool) -> None:
         pass
 
 
+def export_float(model: torch.nn.Module, example_inputs: Any, path: str | Path, target: Optional[str] = None) -> Path:
+    """The float model exported as it is: the baseline that memory and latency ratios are taken against.
+
+    Example:
+        >>> export_float(nn.Linear(16, 4), torch.randn(1, 16), "fp32.onnx").name
+        'fp32.onnx'
+    """
+    inputs = normalize_inputs(example_inputs, keyword_names(example_inputs))
+    gm = capture(model, inputs).graph_module
+    return export_onnx(gm, inputs, Path(path), target=target if target in TARGETS else "cpu")
+
+
+def onnx_feed(example_inputs: Any) -> tuple[np.ndarray, ...]:
+    """``example_inputs`` as the arrays an exported model takes, in its input order.
+
+    Example:
+        >>> [a.shape for a in onnx_feed({"ids": torch.zeros(1, 4, dtype=torch.long), "scale": 2.0})]
+        [(1, 4)]
+    """
+    return _tensors_only(normalize_inputs(example_inputs, keyword_names(example_inputs)))
+
+
 def _fp32_baseline(model: torch.nn.Module, inputs: tuple, provider: str, report: ParityReport, repeat: int) -> None:
     """Export the float model and measure its session memory and latency beside the artifact's."""
     with tempfile.TemporaryDirectory(prefix="fxc-fp32-") as tmp:
-        gm = capture(model, inputs).graph_module
-        target = report.target if report.target in TARGETS else "cpu"
-        fp32 = export_onnx(gm, inputs, Path(tmp, "fp32.onnx"), target=target)
+        fp32 = export_float(model, inputs, Path(tmp, "fp32.onnx"), report.target)
         base = probe(fp32, [_tensors_only(inputs)], provider=provider, repeat=repeat)
     if base.load_error:
         report.memory["fp32_note"] = base.load_error
