@@ -102,3 +102,21 @@ def test_sequential_gptq_through_optimize_still_beats_rtn_on_a_deep_model():
 
     # on the data it was fitted to: GPTQ minimises the output error there, layer after layer
     assert error("int4:block=32,algo=gptq") < 0.9 * error("int4:block=32")
+
+
+def test_gptq_rounds_rows_in_slices_exactly_as_all_at_once(monkeypatch):
+    import fxcompress.algorithms.gptq as gptq_module
+    from fxcompress.algorithms.quant import quantize_gptq, quantize_per_channel_gptq
+
+    torch.manual_seed(0)
+    w, x = torch.randn(40, 64), torch.randn(512, 64) @ torch.randn(64, 64)
+    h = 2 * x.t().double() @ x.double() / 512
+
+    def all_three():
+        return [quantize_gptq(w, h, 32, act_order=a) for a in (False, True)] + [quantize_per_channel_gptq(w, h)]
+
+    whole = all_three()
+    monkeypatch.setattr(gptq_module, "ROW_CHUNK_ELEMENTS", 7 * 64)  # slices of 7 rows: 6 slices, the last short
+    for a, b in zip(whole, all_three()):
+        for ta, tb in zip(a, b):
+            assert torch.equal(ta, tb)

@@ -19,10 +19,16 @@ from torch import Tensor, fx
 
 from fxcompress.algorithms.layerwise import LayerwiseRun
 from fxcompress.algorithms.statistics import input_hessians, unfit_batch, warn_if_few_rows
+from fxcompress.graph.residency import checkpoint
 from fxcompress.graph.sites import Site
 
-# (column index in the original order, the lazy batch's updated columns from this one on) -> the rounded column
-RoundColumn = Callable[[int, Tensor], Tensor]
+# (column index in the original order, the rows being rounded, the lazy batch's updated columns of those rows from
+# this one on) -> the rounded column of those rows
+RoundColumn = Callable[[int, slice, Tensor], Tensor]
+
+# Rows are rounded this many weight elements at a time (128 MiB of float64): a row's rounding never reads another
+# row, so a 128k-vocabulary head (400M weights: 3 GiB per float64 copy) is rounded in slices, not in full-size copies.
+ROW_CHUNK_ELEMENTS = 1 << 24
 
 
 def gptq(
@@ -32,47 +38,70 @@ def gptq(
     order: Optional[Tensor] = None,
     damp: float = 0.01,
     lazy: int = 128,
-) -> Tensor:
+    chunk_elements: Optional[int] = None,
+) -> None:
     """Round ``w`` [N, K] column by column in ``order`` (default: left to right), compensating each column's error
-    in the columns after it; returns the rounded weight in float64, columns in their original order.
+    in the columns after it; the caller keeps what ``round_column`` rounds.
 
-    ``round_column(col, pending)`` gets ``pending = w'[:, i:i_end]``, the error-updated columns of the current lazy
-    batch from the one to round on (``pending[:, 0]`` is column ``col``), so a blockwise grid can be fitted to the
-    updated weights at a block's first column; it returns the rounded column and keeps its codes itself.
+    ``round_column(col, rows, pending)`` gets ``pending = w'[rows, i:i_end]``, the error-updated columns of the current
+    lazy batch from the one to round on (``pending[:, 0]`` is column ``col``), so a blockwise grid can be fitted to
+    the updated weights at a block's first column; it returns the rounded column of ``rows`` and keeps their codes.
     ``lazy`` columns are updated together (the paper's lazy batch); a blockwise caller passes a multiple of its block.
+    Rows are independent: they go through in slices of about ``chunk_elements`` weights, each in float64, with the
+    inverse Hessian's factor computed once (default :data:`ROW_CHUNK_ELEMENTS`).
 
     Example:
         >>> w, x = torch.randn(8, 32), torch.randn(256, 32)
         >>> scale = w.abs().amax(1) / 127
-        >>> round_column = lambda col, pending: torch.round(pending[:, 0] / scale).clamp(-127, 127) * scale
-        >>> q = gptq(w, 2 * x.T @ x / 256, round_column)
-        >>> q.shape, bool(((q / scale[:, None]).round() - q / scale[:, None]).abs().max() < 1e-6)  # on the grid
-        (torch.Size([8, 32]), True)
+        >>> codes = torch.zeros(8, 32)
+        >>> def round_column(col, rows, pending):
+        ...     codes[rows, col] = torch.round(pending[:, 0] / scale[rows]).clamp(-127, 127).float()
+        ...     return codes[rows, col] * scale[rows]
+        >>> gptq(w, 2 * x.T @ x / 256, round_column)
+        >>> bool((codes.abs() <= 127).all()), bool((codes * scale[:, None] - w).abs().max() < 2 * scale.max())
+        (True, True)
     """
-    w = w.to(torch.float64).clone()
     n, k = w.shape
+    order = torch.arange(k) if order is None else order
+    hinv = _inverse_hessian_factor(hessian, order, damp)
+    step = max(1, (chunk_elements or ROW_CHUNK_ELEMENTS) // k)
+    for r0 in range(0, n, step):
+        checkpoint()  # a folder-backed weight: let the slices already read go
+        rows = slice(r0, min(r0 + step, n))
+        _round_rows(w[rows].to(torch.float64)[:, order], hinv, rows, order, round_column, lazy)
+
+
+def _inverse_hessian_factor(hessian: Tensor, order: Tensor, damp: float) -> Tensor:
+    """The upper Cholesky factor of H^-1 (columns in ``order``), H damped by ``damp`` x its mean diagonal."""
     h = hessian.to(torch.float64).clone()
     # Inputs the calibration never activated have zero rows in H: no error moves into or out of their columns, so
     # they are rounded to nearest. (The reference GPTQ zeroes them; a deployment that activates them would then
     # lose those weights without a trace.)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
-    order = torch.arange(k) if order is None else order
-    w, h = w[:, order], h[order][:, order]
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=torch.float64)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    rounded = torch.zeros(n, k, dtype=torch.float64)
+    if not torch.equal(order, torch.arange(len(order))):
+        h = h[order][:, order]
+    h.diagonal().add_(damp * torch.mean(torch.diag(h)))
+    # one K x K float64 matrix alive next to the caller's at each step (an 8192-wide input: 0.5 GiB each)
+    factor = torch.linalg.cholesky(h)
+    del h
+    inverse = torch.cholesky_inverse(factor)
+    del factor
+    return torch.linalg.cholesky(inverse, upper=True)
+
+
+def _round_rows(w: Tensor, hinv: Tensor, rows: slice, order: Tensor, round_column: RoundColumn, lazy: int) -> None:
+    """GPTQ's column loop on the rows ``w`` (float64, columns permuted to ``order``), updated in place."""
+    n, k = w.shape
     for i1 in range(0, k, lazy):
         i2 = min(i1 + lazy, k)
-        w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=torch.float64), hinv[i1:i2, i1:i2]
+        w1, err1, hinv1 = w[:, i1:i2], torch.zeros(n, i2 - i1, dtype=torch.float64), hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            q = round_column(int(order[i1 + i]), w1[:, i:]).to(torch.float64)
-            rounded[:, i1 + i] = q
+            q = round_column(int(order[i1 + i]), rows, w1[:, i:]).to(torch.float64)
             err = (w1[:, i] - q) / hinv1[i, i]
             w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
             err1[:, i] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return rounded[:, torch.argsort(order)]
 
 
 def activation_order(hessian: Tensor) -> Tensor:

@@ -90,12 +90,15 @@ def quantize_per_channel_gptq(
     """
     _, scale = quantize_per_channel(w, axis=0)
     step = scale.to(torch.float64)
+    codes = torch.zeros(w.shape, dtype=torch.int8)
 
-    def round_column(col: int, pending: Tensor) -> Tensor:
-        return torch.clamp(torch.round(pending[:, 0] / step), -127, 127) * step
+    def round_column(col: int, rows: slice, pending: Tensor) -> Tensor:
+        q = torch.clamp(torch.round(pending[:, 0] / step[rows]), -127, 127)
+        codes[rows, col] = q.to(torch.int8)
+        return q * step[rows]
 
-    rounded = gptq(w, hessian, round_column, activation_order(hessian) if act_order else None, damp)
-    return torch.round(rounded / step.unsqueeze(1)).to(torch.int8), scale
+    gptq(w, hessian, round_column, activation_order(hessian) if act_order else None, damp)
+    return codes, scale
 
 
 def int8_bytes(site: Site) -> int:
@@ -222,26 +225,27 @@ def quantize_gptq(
         >>> codes.shape, s.shape, int(codes.max()) <= 15
         (torch.Size([8, 64]), torch.Size([8, 2]), True)
     """
-    w = w.to(torch.float64)
     n, k = w.shape
-    codes = torch.zeros(n, k, dtype=torch.float64)
+    codes = torch.zeros(n, k, dtype=torch.uint8)  # 0..15
     static = act_order
     if static:  # block params from the float weights, so the block layout survives the permutation
-        scale, zp = (t.to(torch.float64) for t in block_params(w, block, clip))
+        params = [block_params(w[r : r + CHUNK_ROWS].to(torch.float32), block, clip) for r in range(0, n, CHUNK_ROWS)]
+        scale, zp = (torch.cat(p).to(torch.float64) for p in zip(*params))
     else:
         scale, zp = torch.ones(n, k // block, dtype=torch.float64), torch.zeros(n, k // block, dtype=torch.float64)
 
-    def round_column(col: int, pending: Tensor) -> Tensor:
+    def round_column(col: int, rows: slice, pending: Tensor) -> Tensor:
         g = col // block
         if not static and col % block == 0:  # first column of a block: fit its params on the updated weights
             s, z = block_params(pending[:, :block], block, clip)
-            scale[:, g], zp[:, g] = s[:, 0].double(), z[:, 0].double()
-        codes[:, col] = _codes(pending[:, 0], scale[:, g], zp[:, g])
-        return (codes[:, col] - zp[:, g]) * scale[:, g]
+            scale[rows, g], zp[rows, g] = s[:, 0].double(), z[:, 0].double()
+        q = _codes(pending[:, 0], scale[rows, g], zp[rows, g])
+        codes[rows, col] = q.to(torch.uint8)
+        return (q - zp[rows, g]) * scale[rows, g]
 
     order = activation_order(hessian) if act_order else None
     gptq(w, hessian, round_column, order, damp, lazy=-(-max(lazy, block) // block) * block)  # whole blocks per batch
-    return codes.float(), scale.float(), zp.float()
+    return codes, scale.float(), zp.float()
 
 
 def dequantize_blocks(codes: Tensor, scale: Tensor, zp: Tensor, block: int) -> Tensor:
