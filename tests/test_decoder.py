@@ -89,6 +89,26 @@ def test_int4_decoder_uses_matmulnbits_and_passes(tmp_path):
     assert not report.tokens_onnx == [] and report.provider == "CPUExecutionProvider"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("family", CAUSAL_LM_FAMILIES)
+def test_fp16_decoder_of_every_family_stores_half_weights_and_decodes_like_torch(family, tmp_path):
+    model = causal_lm(family)
+    for p in model.parameters():  # as above: weights that generate varied tokens
+        p.data.mul_(4.0)
+    path = optimize_decoder(model, "fp16").export(tmp_path / "decoder.onnx")
+    dtypes = init_dtypes(path)
+    big = [name for name, t in _initializers(path).items() if t.size >= 1024]
+    assert big and all(dtypes[name] == "float16" for name in big), {n: dtypes[n] for n in big}
+    ids, mask = _prompts()
+    report = check_decoder(model, path, ids, attention_mask=mask, max_new_tokens=8)
+    assert report.passed, report.summary()
+    assert report.logits_cosine > 0.999 and report.token_agreement >= 0.9
+
+
+def _initializers(path) -> dict:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
 def test_a_decoder_with_a_corrupted_scale_fails_the_check(tmp_path):
     model = causal_lm("llama")
     path = optimize_decoder(model, "int8").export(tmp_path / "decoder.onnx")
