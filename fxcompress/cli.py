@@ -311,7 +311,7 @@ def _folder_text(folder: str, path: str):
 
 def _planned(model, example_inputs, eval_data, args: argparse.Namespace):
     """``--recipe auto``: the planner's choice for ``--target-size`` and ``--min-cosine``; its candidates are printed
-    and saved beside the artifact (``<output>.plan.json``, ``.svg``, ``.html``)."""
+    and saved beside the artifact (``<output>.plan.json``, ``.svg``, ``.png`` with matplotlib, ``.html``)."""
     from fxcompress.planner import plan
 
     def say(line: str) -> None:

@@ -4,6 +4,8 @@ reproduces it, the trade-off chart and data) and its errors (unreachable targets
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,10 +38,11 @@ def test_a_size_between_int4_and_int8_is_met_with_a_budget(tmp_path):
     # the recipe reproduces the plan: same bytes
     again = fxcompress.optimize(model, x, recipe=p.chosen.recipe, calibration=calibration)
     assert again.bytes_after == p.compressed.bytes_after
-    files = p.save(tmp_path / "plan")
-    data = json.loads(files[0].read_text())
+    files = {f.suffix: f for f in p.save(tmp_path / "plan")}
+    data = json.loads(files[".json"].read_text())
     assert data["chosen"]["recipe"] == p.chosen.recipe and len(data["candidates"]) == len(p.candidates)
-    assert files[1].read_text().startswith("<svg") and "<svg" in files[2].read_text()
+    page = files[".html"].read_text()
+    assert files[".svg"].read_text().startswith("<svg") and ("<svg" in page or "data:image/png" in page)
 
 
 def test_without_a_size_the_smallest_recipe_that_holds_the_floor_wins():
@@ -113,9 +116,27 @@ def test_pruning_recovered_by_distillation_reaches_12x_on_the_digits_cnn(tmp_pat
 
 def test_a_latency_target_times_every_candidate_on_the_named_provider():
     model, x, calibration = _mlp()
+    scratch = set(Path(tempfile.gettempdir()).glob("fxc-plan-fp32-*"))
     p = plan(model, x, max_latency=1000.0, min_cosine=0.99, calibration=calibration)
     assert p.chosen.recipe == "fp16" and p.chosen.latency_ratio is not None  # the most faithful one under it
+    assert set(Path(tempfile.gettempdir()).glob("fxc-plan-fp32-*")) == scratch  # the fp32 baseline is cleaned up
     with pytest.raises(PlanError, match=r"latency <= 1e-06x fp32 on cpu"):
         plan(model, x, max_latency=1e-6, provider="cpu", calibration=calibration)
     with pytest.raises(fxcompress.errors.RuntimeMissingError, match="CUDAExecutionProvider is not available"):
         plan(model, x, max_latency=0.5, provider="cuda")
+
+
+def test_the_chart_is_a_png_with_a_latency_panel_that_the_html_embeds(tmp_path):
+    pytest.importorskip("matplotlib")
+    from fxcompress.planner import Candidate, Plan
+
+    tried = [Candidate("fp16", 0.5, 0.99999, latency_ratio=1.4), Candidate("int8", 0.26, 0.9993, latency_ratio=0.35)]
+    files = {f.suffix: f for f in Plan("int8", tried[1], tried, None, 0.99, "cpu", 1.0).save(tmp_path / "p")}
+    assert set(files) == {".json", ".svg", ".png", ".html"}
+    png = files[".png"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width = int.from_bytes(png[16:20], "big")
+    height = int.from_bytes(png[20:24], "big")
+    assert width > 1.8 * height  # two panels side by side: bytes and latency
+    page = files[".html"].read_text()
+    assert "data:image/png;base64," in page and "<td>0.35</td>" in page

@@ -27,11 +27,13 @@ Not yet: SVD in the ladder, and a joint per-layer search across techniques.
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import re
 import tempfile
 import time
+from base64 import b64encode
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -43,6 +45,7 @@ from fxcompress.checker.parity import check, export_float, onnx_feed
 from fxcompress.checker.timing import relative_latency
 from fxcompress.errors import InputError
 from fxcompress.graph.calibration import Calibration
+from fxcompress.planner.chart import pareto_png, pareto_svg
 
 _BISECT_STEPS = 7
 # Embedding tables (often most of a text model's bytes) at int8, or int4 in blocks of 64 with a searched range.
@@ -107,34 +110,46 @@ class Plan:
         }
 
     def save(self, prefix: str | Path) -> list[Path]:
-        """Write ``<prefix>.json`` (the data), ``<prefix>.svg`` (bytes vs cosine, the chosen point marked) and
-        ``<prefix>.html`` (the chart beside the candidates' table).
+        """Write ``<prefix>.json`` (the data), ``<prefix>.svg`` (bytes vs cosine, the chosen point marked), with
+        matplotlib ``<prefix>.png`` (the same, plus latency vs cosine when timed), and ``<prefix>.html`` (the chart
+        beside the candidates' table).
 
         Example:
             >>> c = Candidate("int8", 0.26, 0.9995)
             >>> p = Plan("int8", c, [c], 0.3, 0.99, "cpu", 1.0)
-            >>> [f.name for f in p.save("plan")]
-            ['plan.json', 'plan.svg', 'plan.html']
+            >>> sorted(f.name for f in p.save("plan"))[:3]
+            ['plan.html', 'plan.json', 'plan.png']
         """
         prefix = Path(prefix)
-        paths = [prefix.parent / f"{prefix.name}{ext}" for ext in (".json", ".svg", ".html")]
-        paths[0].write_text(json.dumps(self.to_dict(), indent=2))
+        written = [prefix.parent / f"{prefix.name}.json", prefix.parent / f"{prefix.name}.svg"]
+        written[0].write_text(json.dumps(self.to_dict(), indent=2))
         svg = pareto_svg(self.candidates, self.chosen, self.size, self.min_cosine)
-        paths[1].write_text(svg)
+        written[1].write_text(svg)
+        png = pareto_png(self.candidates, self.chosen, self.size, self.min_cosine)
+        if png is not None:
+            written.append(prefix.parent / f"{prefix.name}.png")
+            written[-1].write_bytes(png)
+            chart = f'<img alt="the trade-off" src="data:image/png;base64,{b64encode(png).decode()}">'
+        else:
+            chart = svg + "<p>(pip install 'fxcompress[report]' for the PNG chart)</p>"
         rows = "".join(
-            f"<tr><td>{c.recipe}</td><td>{c.ratio:.3f}</td><td>{'' if c.cosine is None else f'{c.cosine:.5f}'}</td>"
+            f"<tr><td>{html.escape(c.recipe)}</td><td>{c.ratio:.3f}</td>"
+            f"<td>{'' if c.cosine is None else f'{c.cosine:.5f}'}</td>"
+            f"<td>{'' if c.latency_ratio is None else f'{c.latency_ratio:.2f}'}</td>"
             f"<td>{'' if c.accuracy_drop_pp is None else f'{c.accuracy_drop_pp:.2f}'}</td>"
-            f"<td>{'' if c.metric is None else f'{c.metric:.5g}'}</td><td>{c.seconds:.1f}</td><td>{c.note}</td></tr>"
+            f"<td>{'' if c.metric is None else f'{c.metric:.5g}'}</td><td>{c.seconds:.1f}</td>"
+            f"<td>{html.escape(c.note)}</td></tr>"
             for c in self.candidates
         )
-        paths[2].write_text(
-            f"<html><body><h1>fxcompress plan</h1><p>chosen: <code>{self.recipe}</code> ({self.chosen.ratio:.3f} of "
-            f"the fp32 bytes, cosine {self.chosen.cosine:.5f} on ONNX Runtime, target {self.target})</p>{svg}"
-            "<table border=1><tr><th>recipe</th><th>bytes (x fp32)</th><th>cosine</th><th>accuracy drop (pp)</th>"
-            "<th>metric</th><th>s</th><th>note</th></tr>"
+        written.append(prefix.parent / f"{prefix.name}.html")
+        written[-1].write_text(
+            f"<html><body><h1>fxcompress plan</h1><p>chosen: <code>{html.escape(self.recipe)}</code> "
+            f"({self.chosen.ratio:.3f} of the fp32 bytes, cosine {self.chosen.cosine:.5f} on ONNX Runtime, target "
+            f"{self.target})</p>{chart}<table border=1><tr><th>recipe</th><th>bytes (x fp32)</th><th>cosine</th>"
+            "<th>latency (x fp32)</th><th>accuracy drop (pp)</th><th>metric</th><th>s</th><th>note</th></tr>"
             f"{rows}</table></body></html>"
         )
-        return paths
+        return written
 
 
 def plan(
@@ -430,41 +445,3 @@ def _explicit(recipe: str, cm: CompressedModel) -> str:
         return recipe
     named = "+".join(moved) if len(moved) <= 6 else f"{len(moved)} layers (see the records)"
     return f"{recipe}  # budget keeps finer: {named}"
-
-
-def pareto_svg(
-    candidates: Sequence[Candidate], chosen: Optional[Candidate], size: Optional[float], floor: float
-) -> str:
-    """Bytes (x fp32) against cosine on ONNX Runtime as a small SVG scatter: the size and floor as dashed lines, the
-    chosen candidate filled.
-
-    Example:
-        >>> pareto_svg([Candidate("int8", 0.26, 0.9995)], None, 0.3, 0.99).startswith("<svg")
-        True
-    """
-    measured = [c for c in candidates if c.cosine is not None and math.isfinite(c.cosine)]
-    w, h, pad = 480, 320, 48
-    lo = min([c.cosine for c in measured] + [floor]) - 0.001
-    hi = 1.0
-
-    def x(r: float) -> float:
-        return pad + r * (w - 2 * pad)
-
-    def y(c: float) -> float:
-        return h - pad - (c - lo) / max(hi - lo, 1e-9) * (h - 2 * pad)
-
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-size="11">']
-    parts.append(f'<rect x="{pad}" y="{pad}" width="{w - 2 * pad}" height="{h - 2 * pad}" fill="none" stroke="#888"/>')
-    parts.append(f'<text x="{w / 2 - 50}" y="{h - 12}">bytes (x fp32)</text>')
-    parts.append(f'<text x="4" y="{pad - 8}">cosine on ONNX Runtime ({lo:.3f} .. 1)</text>')
-    parts.append(f'<line x1="{pad}" x2="{w - pad}" y1="{y(floor)}" y2="{y(floor)}" stroke="red" stroke-dasharray="4"/>')
-    if size is not None:
-        parts.append(
-            f'<line x1="{x(size)}" x2="{x(size)}" y1="{pad}" y2="{h - pad}" stroke="blue" stroke-dasharray="4"/>'
-        )
-    for c in measured:
-        fill = "black" if chosen is not None and c.recipe == chosen.recipe else "white"
-        parts.append(f'<circle cx="{x(c.ratio):.1f}" cy="{y(c.cosine):.1f}" r="4" fill="{fill}" stroke="black">')
-        parts.append(f"<title>{c.recipe}: {c.ratio:.3f}, cosine {c.cosine:.5f}</title></circle>")
-    parts.append("</svg>")
-    return "\n".join(parts)
