@@ -140,3 +140,12 @@ def test_the_chart_is_a_png_with_a_latency_panel_that_the_html_embeds(tmp_path):
     assert width > 1.8 * height  # two panels side by side: bytes and latency
     page = files[".html"].read_text()
     assert "data:image/png;base64," in page and "<td>0.35</td>" in page
+
+
+def test_a_size_below_int4_everywhere_is_reached_by_factorizing_then_int4():
+    model, x, calibration = _mlp()
+    p = plan(model, x, size=0.1, min_cosine=0.5, calibration=calibration)
+    assert "svd:ratio=" in p.chosen.recipe and "aware=true" in p.chosen.recipe
+    assert p.chosen.ratio <= 0.1 * 1.005 and p.chosen.cosine >= 0.5
+    int4_everywhere = [c for c in p.candidates if c.recipe.endswith("int4:algo=gptq,act_order=true,clip=true")]
+    assert int4_everywhere and int4_everywhere[0].ratio > 0.1  # the rung before it could not reach the size

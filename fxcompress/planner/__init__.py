@@ -3,8 +3,9 @@
 ``plan(model, example_inputs, size=0.15, min_cosine=0.985, calibration=...)`` tries the project's techniques as a
 ladder of recipes, from the most faithful to the smallest: fp16, int8 (RTN, then GPTQ), int8 with a byte budget that
 leaves the most sensitive layers float, int4 Linears (GPTQ) with a budget that keeps the most sensitive ones int8 and
-the embedding tables int8, the same with int4 tables, then int4 everywhere. The per-layer choices inside a budgeted
-recipe come from measured sensitivity (each layer's output error under the coarser grid, per byte saved). Bytes are
+the embedding tables int8, the same with int4 tables, then int4 everywhere, then activation-aware SVD with int4
+factors. The per-layer choices inside a budgeted recipe come from measured sensitivity (each layer's output error
+under the coarser grid, per byte saved). Bytes are
 measured by compressing with round-to-nearest first (cheap; GPTQ stores the same bytes), the budget is bisected
 until the whole model lands on the requested size, and only the candidates that fit are compressed for real,
 exported for the target and run on ONNX Runtime against the original model. The most accurate one that fits and
@@ -22,7 +23,7 @@ The plan is written out as the recipe that reproduces it, with the layers the bu
 A latency target (``max_latency``, a fraction of the fp32 export's latency) times every candidate on the provider it
 names and keeps the most accurate one under it.
 
-Not yet: SVD in the ladder, and a joint per-layer search across techniques.
+Not yet: a joint per-layer search across techniques (a budget moves layers within one technique).
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ BUDGETED = (
     INT4_TABLES + ",int4:algo=gptq,act_order=true,clip=true,budget={b}",
 )
 # With allow_training: channel pruning at a bisected ratio {r}, recovered against the original model, then int8.
+# Below int4 everywhere: the Linears factorized (activation-aware SVD, each layer's factors at most {b} of its bytes),
+# then the factors int4 by GPTQ; {b} is bisected onto the size.
+FACTORIZED = INT4_TABLES + ",svd:ratio={b},aware=true,int4:algo=gptq,act_order=true,clip=true"
 PRUNED = "fold_bn,prune:ratio={r},importance=activation,distill:steps=300,lr=1e-3,loss=kl,int8"
 # A user metric: called with a function that runs the candidate artifact on a batch (a tuple of inputs) and returns
 # its outputs as numpy arrays; returns a number, higher is better (return -perplexity for perplexity)
@@ -377,6 +381,10 @@ def _ladder(
         f"{INT8_TABLES},int4:algo=gptq,act_order=true",
         f"{INT4_TABLES},int4:algo=gptq,act_order=true,clip=true",
     )
+    if size is not None:
+        rank_ratio = _bisect_budget(ratio_of, FACTORIZED, size, progress)
+        if rank_ratio is not None:
+            yield FACTORIZED.format(b=rank_ratio)
     if training and size is not None:
         ratio = _bisect_pruning(ratio_of, size, progress)
         if ratio is not None:
@@ -387,7 +395,7 @@ def _rounded_to_nearest(recipe: str) -> str:
     """``recipe`` with GPTQ replaced by round-to-nearest and without distillation: the same grid and structure, so
     the same bytes, in seconds."""
     recipe = re.sub(r",distill:[^,]*(,(steps|lr|loss|temperature|hidden|schedule)=[^,]*)*", "", recipe)
-    return re.sub(r"(?<=[:,])(algo=gptq|act_order=true),?", "", recipe).replace(":,", ":").rstrip(":,")
+    return re.sub(r"(?<=[:,])(algo=gptq|act_order=true|aware=true),?", "", recipe).replace(":,", ":").rstrip(":,")
 
 
 def _bisect_pruning(ratio_of: Callable[[str], float], size: float, progress) -> Optional[float]:
@@ -413,6 +421,8 @@ def _bisect_budget(ratio_of: Callable[[str], float], shape: str, size: float, pr
     """The largest budget (within the pass's range) whose round-to-nearest bytes stay under ``size``, or None."""
     rtn = _rounded_to_nearest(shape)  # the same bytes as GPTQ, at a fraction of the cost
     low, high = (0.26, 0.99) if shape.startswith("int8") else (0.11, 0.99)
+    if "svd:" in shape:
+        low, high = 0.1, 0.9  # the factors' share of a layer's bytes: above ~0.9 SVD leaves layers as they are
     fits = lambda b: ratio_of(rtn.format(b=b)) <= size  # noqa: E731
     progress(f"sizing {rtn.format(b='?')} for {size:.3f} of the fp32 bytes")
     if not fits(low):
