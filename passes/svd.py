@@ -80,7 +80,9 @@ class SVDConfig(PassConfig):
     all selected layers together instead of ``ratio`` per layer. ``sequential=true`` (needs ``aware``) refits each
     layer to the inputs the compressed layers before it produce. ``refit=block`` (needs ``aware=output``) then
     trains the factors of each Linear -> activation -> Linear pair together for ``refit_steps`` Adam steps
-    (:mod:`fxcompress.algorithms.block_refit`).
+    (:mod:`fxcompress.algorithms.block_refit`). ``multiple=16`` rounds each rank from ``ratio`` (down) or
+    ``energy`` (up) to a multiple of 16, so that an int4 pass after it can quantize the second factor too
+    (MatMulNBits blocks need an input width that is a multiple of 16).
     """
 
     name: ClassVar[str] = "svd"
@@ -97,6 +99,7 @@ class SVDConfig(PassConfig):
     sequential: bool = False
     refit: str = "none"
     refit_steps: int = 500
+    multiple: int = 1
 
     def __post_init__(self) -> None:
         if not 0 < self.ratio < 1:
@@ -122,6 +125,8 @@ class SVDConfig(PassConfig):
             )
         if self.sequential and aware == "none":
             raise ValueError("sequential=true refits layers to calibration inputs: it needs aware=true or aware=output")
+        if self.multiple < 1:
+            raise ValueError(f"multiple must be >= 1, got {self.multiple}")
         if self.probes < 1:
             raise ValueError(f"probes must be >= 1, got {self.probes}")
         if self.refit not in ("none", "block"):
@@ -141,10 +146,12 @@ def _choose_rank(cfg: SVDConfig, sigma: Tensor, n: int, k: int, layer: str) -> i
         if cfg.rank > full:
             raise RecipeError(f"svd rank={cfg.rank} is larger than layer {layer!r} allows (min(out, in) = {full})")
         return cfg.rank
+    m = cfg.multiple
     if cfg.energy:
         cum = torch.cumsum(sigma.double() ** 2, 0) / (sigma.double() ** 2).sum().clamp_min(1e-300)
-        return int(torch.searchsorted(cum, torch.tensor(cfg.energy, dtype=torch.float64)).item()) + 1
-    return max(1, math.floor(cfg.ratio * n * k / (n + k)))
+        rank = int(torch.searchsorted(cum, torch.tensor(cfg.energy, dtype=torch.float64)).item()) + 1
+        return min(full, -(-rank // m) * m)  # up: at least that energy
+    return min(full, max(m, math.floor(cfg.ratio * n * k / (n + k)) // m * m))  # down: within the bytes
 
 
 def whitening(hessian: Tensor, damp: float) -> Tensor:

@@ -59,9 +59,9 @@ BUDGETED = (
     INT4_TABLES + ",int4:algo=gptq,act_order=true,clip=true,budget={b}",
 )
 # With allow_training: channel pruning at a bisected ratio {r}, recovered against the original model, then int8.
-# Below int4 everywhere: the Linears factorized (activation-aware SVD, each layer's factors at most {b} of its bytes),
-# then the factors int4 by GPTQ; {b} is bisected onto the size.
-FACTORIZED = INT4_TABLES + ",svd:ratio={b},aware=true,int4:algo=gptq,act_order=true,clip=true"
+# Below int4 everywhere: the Linears factorized (activation-aware SVD, each layer's factors at most {b} of its bytes,
+# ranks a multiple of 16 so that both factors take int4), then the factors int4 by GPTQ; {b} is bisected onto the size.
+FACTORIZED = INT4_TABLES + ",svd:ratio={b},aware=true,multiple=16,int4:algo=gptq,act_order=true,clip=true"
 PRUNED = "fold_bn,prune:ratio={r},importance=activation,distill:steps=300,lr=1e-3,loss=kl,int8"
 # A user metric: called with a function that runs the candidate artifact on a batch (a tuple of inputs) and returns
 # its outputs as numpy arrays; returns a number, higher is better (return -perplexity for perplexity)

@@ -333,3 +333,17 @@ def test_block_refit_holds_out_whole_calibration_batches():
     assert len(held) == 3 and held.isdisjoint(groups[fit].tolist()) and val.numel() + fit.numel() == groups.numel()
     val, fit = held_out_rows(torch.zeros(50, dtype=torch.long), torch.Generator().manual_seed(0))  # one batch: rows
     assert val.numel() == 5 and fit.numel() == 45
+
+
+def test_ranks_a_multiple_of_16_let_int4_quantize_both_factors():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 160)).eval()
+    x = torch.randn(8, 96)
+    plain = fxcompress.optimize(model, x, recipe="svd:ratio=0.5,int4:block=32")
+    aligned = fxcompress.optimize(model, x, recipe="svd:ratio=0.5,multiple=16,int4:block=32")
+    rank = lambda cm: [r for r in cm.records if r.pass_name == "svd"][0]  # noqa: E731
+    assert "rank 30" in rank(plain).reason and "rank 16" in rank(aligned).reason  # floor(0.5*96*160/256) = 30
+    int4_layers = lambda cm: [r for r in cm.records if r.pass_name == "int4" and r.action.startswith("int4")]  # noqa
+    assert len(int4_layers(plain)) == 1 and len(int4_layers(aligned)) == 2  # rank 30: the second factor stays float
+    with pytest.raises(fxcompress.errors.RecipeError, match="multiple must be >= 1"):
+        fxcompress.optimize(model, x, recipe="svd:multiple=0")
