@@ -142,10 +142,21 @@ def test_the_chart_is_a_png_with_a_latency_panel_that_the_html_embeds(tmp_path):
     assert "data:image/png;base64," in page and "<td>0.35</td>" in page
 
 
-def test_a_size_below_int4_everywhere_is_reached_by_factorizing_then_int4():
+def test_a_size_below_int4_everywhere_is_reached_by_factorizing_with_int4_factors():
     model, x, calibration = _mlp()
     p = plan(model, x, size=0.1, min_cosine=0.5, calibration=calibration)
-    assert "svd:ratio=" in p.chosen.recipe and "aware=true" in p.chosen.recipe
+    assert "svd:ratio=" in p.chosen.recipe and "aware=true,multiple=16" in p.chosen.recipe
     assert p.chosen.ratio <= 0.1 * 1.005 and p.chosen.cosine >= 0.5
-    int4_everywhere = [c for c in p.candidates if c.recipe.endswith("int4:algo=gptq,act_order=true,clip=true")]
-    assert int4_everywhere and int4_everywhere[0].ratio > 0.1  # the rung before it could not reach the size
+    again = fxcompress.optimize(model, x, recipe=p.chosen.recipe, calibration=calibration)
+    assert again.bytes_after == p.compressed.bytes_after  # the per-layer recipe reproduces the plan
+
+
+def test_the_joint_per_layer_search_challenges_the_budget_that_held_and_the_more_accurate_wins():
+    model, x, calibration = _mlp()
+    p = plan(model, x, size=0.2, min_cosine=0.97, calibration=calibration)
+    joint = [c for c in p.candidates if "include=" in c.recipe]
+    budgeted = [c for c in p.candidates if "budget=" in c.recipe and c.holds]
+    assert joint and budgeted  # both measured on ONNX Runtime
+    holding = [c for c in p.candidates if c.fits and c.holds]
+    assert p.chosen.cosine == max(c.cosine for c in holding)
+    assert len([c for c in p.candidates if "budget=" in c.recipe]) == 1  # no other budget sized after one held

@@ -47,6 +47,7 @@ from fxcompress.checker.timing import relative_latency
 from fxcompress.errors import InputError
 from fxcompress.graph.calibration import Calibration
 from fxcompress.planner.chart import pareto_png, pareto_svg
+from fxcompress.planner.mixed import captured_for_search, layer_forms, search
 
 _BISECT_STEPS = 7
 # Embedding tables (often most of a text model's bytes) at int8, or int4 in blocks of 64 with a searched range.
@@ -224,10 +225,22 @@ def plan(
             ratios[recipe] = 1 / compress(recipe).compression_ratio
         return ratios[recipe]
 
+    def joint() -> Optional[str]:  # the joint per-layer search's recipe for the size, or None
+        assert size is not None and calib is not None
+        progress("joint search: each layer's error in every form it can take")
+        graph, positional = captured_for_search(model, example_inputs, calib, dynamic_axes)
+        layers = layer_forms(graph, positional)
+        del graph
+        return search(layers, lambda r: ratio_of(_rounded_to_nearest(r)) <= size, progress)
+
     candidates: list[Candidate] = []
     best: Optional[tuple[Candidate, CompressedModel]] = None  # kept, so the choice is not compressed again
     try:
-        for recipe in _ladder(ratio_of, size, calib is not None, allow_training, progress):
+        challenged = [False]  # a budgeted recipe held: the joint search still gets its say, then the plan stops
+        ladder = _ladder(ratio_of, size, calib is not None, allow_training, progress, joint, lambda: challenged[0])
+        for kind, recipe in ladder:
+            if challenged[0] and kind != "joint":
+                continue
             t0 = time.perf_counter()
             twin = _rounded_to_nearest(recipe)
             if size is not None and twin != recipe:
@@ -251,8 +264,10 @@ def plan(
                 and (best is None or _better(cand, best[0], size is not None or max_latency is not None))
             ):
                 best = (cand, cm)
-            if cand.fits and cand.holds and (size is not None or max_latency is not None):
+            done = cand.fits and cand.holds and (size is not None or max_latency is not None)
+            if challenged[0] or (done and kind != "budget"):
                 break  # the ladder goes from faithful to small: the first that fits and holds is the most accurate
+            challenged[0] = done
     finally:
         floors.close()
     if best is None:
@@ -364,31 +379,44 @@ def _better(candidate: Candidate, than: Candidate, sized: bool) -> bool:
 
 
 def _ladder(
-    ratio_of: Callable[[str], float], size: Optional[float], calibrated: bool, training: bool, progress
-) -> Iterable[str]:
-    """Recipes from the most faithful to the smallest; with a size, the budgeted ones bisected onto it."""
-    yield from ("fp16", "int8")
+    ratio_of: Callable[[str], float],
+    size: Optional[float],
+    calibrated: bool,
+    training: bool,
+    progress,
+    joint: Callable[[], Optional[str]],
+    challenged: Callable[[], bool],
+) -> Iterable[tuple[str, str]]:
+    """(kind, recipe) from the most faithful to the smallest; with a size, the budgeted ones bisected onto it and the
+    joint per-layer search's choice after them (kind ``joint``; it is also tried when a budgeted one held, and the
+    more accurate of the two wins)."""
+    yield from (("rung", "fp16"), ("rung", "int8"))
     if not calibrated:  # GPTQ and the sensitivity budgets need calibration batches
-        yield from (f"{INT8_TABLES},int4", f"{INT4_TABLES},int4:clip=true")
+        yield from (("rung", f"{INT8_TABLES},int4"), ("rung", f"{INT4_TABLES},int4:clip=true"))
         return
-    yield "int8:algo=gptq"
+    yield "rung", "int8:algo=gptq"
     if size is not None:
         for shape in BUDGETED:
+            if challenged():  # one budgeted recipe held: on to the joint search, without sizing the others
+                break
             budget = _bisect_budget(ratio_of, shape, size, progress)
             if budget is not None:
-                yield shape.format(b=budget)
+                yield "budget", shape.format(b=budget)
+        chosen = joint()
+        if chosen is not None:
+            yield "joint", chosen
     yield from (
-        f"{INT8_TABLES},int4:algo=gptq,act_order=true",
-        f"{INT4_TABLES},int4:algo=gptq,act_order=true,clip=true",
+        ("rung", f"{INT8_TABLES},int4:algo=gptq,act_order=true"),
+        ("rung", f"{INT4_TABLES},int4:algo=gptq,act_order=true,clip=true"),
     )
     if size is not None:
-        rank_ratio = _bisect_budget(ratio_of, FACTORIZED, size, progress)
-        if rank_ratio is not None:
-            yield FACTORIZED.format(b=rank_ratio)
+        rank_share = _bisect_budget(ratio_of, FACTORIZED, size, progress)
+        if rank_share is not None:
+            yield "rung", FACTORIZED.format(b=rank_share)
     if training and size is not None:
         ratio = _bisect_pruning(ratio_of, size, progress)
         if ratio is not None:
-            yield PRUNED.format(r=ratio)
+            yield "rung", PRUNED.format(r=ratio)
 
 
 def _rounded_to_nearest(recipe: str) -> str:
