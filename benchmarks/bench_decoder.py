@@ -5,6 +5,7 @@ logits cosine, top-1 agreement, greedy token agreement).
 
     python benchmarks/bench_decoder.py                  # gpt2-small and llama-200m
     python benchmarks/bench_decoder.py --models gpt2-small --recipes int8
+    python benchmarks/bench_decoder.py --recipes int8 --targets cpu-vnni,cpu-nbits --name decoder_int8_targets
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--recipes", default=",".join(RECIPES))
-    parser.add_argument("--target", default="auto")
+    parser.add_argument("--target", default="auto", help=argparse.SUPPRESS)  # the target of one --one build
+    parser.add_argument("--targets", default="auto", help="export targets, each recipe built for each")
+    parser.add_argument("--name", default="decoders", help="results file name under benchmarks/results/")
     parser.add_argument("--one", nargs=3, metavar=("FOLDER", "RECIPE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -96,30 +99,32 @@ def main() -> None:
             folder = Path(scratch, name)
             causal_lm(**MODELS[name]).save_pretrained(folder)
             for recipe in args.recipes.split(","):
-                out = Path(scratch, f"{name}-{recipe}")
-                out.mkdir()
-                print(f"{name} {recipe} ...", file=sys.stderr, flush=True)
-                done = subprocess.run(
-                    [sys.executable, __file__, "--one", str(folder), recipe, str(out), "--target", args.target],
-                    capture_output=True, text=True, env=os.environ | {"PYTHONWARNINGS": "ignore"},
-                )  # fmt: skip
-                if done.returncode:
-                    raise SystemExit(done.stderr[-3000:])
-                row = json.loads(done.stdout.strip().splitlines()[-1]) | {"model": name}
-                rows.append(row)
-                print(row, file=sys.stderr, flush=True)
+                for target in args.targets.split(","):
+                    out = Path(scratch, f"{name}-{recipe}-{target}")
+                    out.mkdir()
+                    print(f"{name} {recipe} {target} ...", file=sys.stderr, flush=True)
+                    done = subprocess.run(
+                        [sys.executable, __file__, "--one", str(folder), recipe, str(out), "--target", target],
+                        capture_output=True, text=True, env=os.environ | {"PYTHONWARNINGS": "ignore"},
+                    )  # fmt: skip
+                    if done.returncode:
+                        raise SystemExit(done.stderr[-3000:])
+                    row = json.loads(done.stdout.strip().splitlines()[-1]) | {"model": name, "target": target}
+                    rows.append(row)
+                    print(row, file=sys.stderr, flush=True)
     cells = [
         [
-            r["model"], r["recipe"], f"{r['params_m']:.0f}M", f"{r['artifact_bytes'] / 2**20:.0f} MiB",
+            r["model"], r["recipe"], r["target"], f"{r['params_m']:.0f}M", f"{r['artifact_bytes'] / 2**20:.0f} MiB",
             f"{r['ratio']:.2f}x", f"{r['build_s']:.0f} s", f"{r['build_peak_rss_gib']:.2f} GiB",
             f"{r['decode_tokens_per_s']:.1f}", f"{r['prefill_ms']:.0f} ms", f"{r['logits_cosine']:.5f}",
             f"{r['top1_agreement']:.1%}", f"{r['token_agreement']:.1%}", "yes" if r["passed"] else "no",
         ]
         for r in rows
     ]  # fmt: skip
-    header = ["model", "recipe", "params", "artifact", "vs fp32", "build", "build peak RSS", "decode tok/s (b1)",
-              "prefill 32 tok", "logits cosine", "top-1 agree", "greedy tokens equal", "check passed"]  # fmt: skip
-    save_table("decoders", "KV-cache decoders on ONNX Runtime (CPU)", header, cells, rows)
+    header = ["model", "recipe", "target", "params", "artifact", "vs fp32", "build", "build peak RSS",
+              "decode tok/s (b1)", "prefill 32 tok", "logits cosine", "top-1 agree", "greedy tokens equal",
+              "check passed"]  # fmt: skip
+    save_table(args.name, "KV-cache decoders on ONNX Runtime (CPU)", header, cells, rows)
 
 
 if __name__ == "__main__":
