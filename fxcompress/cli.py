@@ -205,8 +205,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     _writable_file(args.output, "-o")
     _writable_file(args.json, "--json")
     model, example_inputs, eval_data = _call_factory(args.model)
+    target = args.target
     if args.recipe == "auto":
-        cm = _planned(model, example_inputs, eval_data, args)
+        cm, target = _planned(model, example_inputs, eval_data, args)
     else:
         cm = optimize(
             model,
@@ -218,9 +219,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             canonicalize=not args.no_canonicalize,
         )
     print(cm.summary())
-    path = cm.export(args.output, target=args.target)
+    path = cm.export(args.output, target=target)
     written = read_target(path)
-    print(f"\nwrote {path} (target {written}{' (' + args.target + ')' if args.target != written else ''})")
+    print(f"\nwrote {path} (target {written}{' (' + target + ')' if target != written else ''})")
     layers = [dataclasses.asdict(r) for r in cm.records]
     if not args.check:
         if args.json:
@@ -311,7 +312,8 @@ def _folder_text(folder: str, path: str):
 
 def _planned(model, example_inputs, eval_data, args: argparse.Namespace):
     """``--recipe auto``: the planner's choice for ``--target-size`` and ``--min-cosine``; its candidates are printed
-    and saved beside the artifact (``<output>.plan.json``, ``.svg``, ``.png`` with matplotlib, ``.html``)."""
+    and saved beside the artifact (``<output>.plan.json``, ``.svg``, ``.png`` with matplotlib, ``.html``). Returns
+    the compressed model and the target its numbers were measured on."""
     from fxcompress.planner import plan
 
     def say(line: str) -> None:
@@ -338,8 +340,8 @@ def _planned(model, example_inputs, eval_data, args: argparse.Namespace):
         cosine = "not run (too large)" if c.cosine is None else f"cosine {c.cosine:.5f}"
         print(f"  candidate {c.recipe}: {c.ratio:.3f} of fp32, {cosine}, {c.seconds:.0f} s")
     saved = chosen.save(Path(args.output).with_suffix(".plan"))
-    print(f"plan: {chosen.recipe} ({chosen.seconds:.0f} s); trade-off chart: {saved[2]}\n")
-    return chosen.compressed
+    print(f"plan: {chosen.recipe} on target {chosen.target} ({chosen.seconds:.0f} s); trade-off chart: {saved[-1]}\n")
+    return chosen.compressed, chosen.target  # export for the lowering its numbers were measured on
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -160,3 +160,26 @@ def test_the_joint_per_layer_search_challenges_the_budget_that_held_and_the_more
     holding = [c for c in p.candidates if c.fits and c.holds]
     assert p.chosen.cosine == max(c.cosine for c in holding)
     assert len([c for c in p.candidates if "budget=" in c.recipe]) == 1  # no other budget sized after one held
+
+
+def test_a_candidate_that_misses_on_autos_lowering_is_measured_on_the_more_accurate_ones(monkeypatch):
+    import fxcompress.planner as planner
+
+    cosines = {"auto": 0.995, "cpu-nbits": 0.9985, "cpu-weightonly": 0.9995}
+    measured = []
+
+    class Floors(planner._Floors):
+        def measure(self, cand, model, cm, example_inputs, batches, target):
+            measured.append(target)
+            cand.cosine = cosines[target]
+            cand.holds = self.held_by(cand)
+
+    monkeypatch.setattr(planner, "auto_target", lambda: (fxcompress.export.targets.TARGETS["cpu-vnni"], ""))
+    floors = Floors(0.999, None, None, None, None)
+    first = planner.Candidate("int8", 0.253, fits=True, target="auto")
+    Floors.measure(floors, first, None, None, None, None, "auto")
+    chosen = planner._on_accurate_lowering(first, floors, None, None, None, None)
+    assert chosen.holds and chosen.target == "cpu-weightonly" and "auto's lowering gave cosine 0.99500" in chosen.note
+    assert measured == ["auto", "cpu-nbits", "cpu-weightonly"]  # the faster lowering first
+    far = planner.Candidate("int4", 0.14, fits=True, target="auto", cosine=0.95)
+    assert planner._on_accurate_lowering(far, floors, None, None, None, None) is far  # too far to be worth it
