@@ -499,7 +499,13 @@ def _unreachable(candidates: list[Candidate], size: Optional[float], floors: _Fl
         parts.append(f"smallest holding the floor: {small.ratio:.3f} ({small.recipe}, cosine {small.cosine:.5f})")
     elif candidates:
         parts.append(f"smallest tried: {min(c.ratio for c in candidates):.3f}")
-    parts.append("loosen min_cosine, raise size, or give calibration= so that GPTQ and the budgets can run")
+    timed = [c for c in candidates if c.latency_ratio is not None]
+    if timed:
+        fast = min(timed, key=lambda c: c.latency_ratio)
+        parts.append(f"fastest: {fast.latency_ratio:.2f}x fp32 ({fast.recipe}, cosine {fast.cosine:.5f})")
+        parts.append("raise max_latency, or time a larger batch (example_inputs): compressed GEMMs weigh more there")
+    else:
+        parts.append("loosen min_cosine, raise size, or give calibration= so that GPTQ and the budgets can run")
     return "; ".join(parts)
 
 
