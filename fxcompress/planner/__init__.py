@@ -3,14 +3,17 @@
 ``plan(model, example_inputs, size=0.15, min_cosine=0.985, calibration=...)`` tries the project's techniques as a
 ladder of recipes, from the most faithful to the smallest: fp16, int8 (RTN, then GPTQ), int8 with a byte budget that
 leaves the most sensitive layers float, int4 Linears (GPTQ) with a budget that keeps the most sensitive ones int8 and
-the embedding tables int8, the same with int4 tables, then int4 everywhere, then activation-aware SVD with int4
-factors. The per-layer choices inside a budgeted recipe come from measured sensitivity (each layer's output error
-under the coarser grid, per byte saved). Bytes are
-measured by compressing with round-to-nearest first (cheap; GPTQ stores the same bytes), the budget is bisected
-until the whole model lands on the requested size, and only the candidates that fit are compressed for real,
-exported for the target and run on ONNX Runtime against the original model. The most accurate one that fits and
-holds the floor wins; without a size, the smallest that holds the floor. Every candidate is kept (bytes, cosine, wall
-time) for the trade-off chart.
+the embedding tables int8, the same with int4 tables, a joint per-layer search across techniques
+(:mod:`fxcompress.planner.mixed`), int4 everywhere, then activation-aware SVD with int4 factors. The per-layer choices
+inside a budgeted recipe or the joint search come from measured sensitivity (each layer's output error in a form,
+per byte saved). Bytes are measured by compressing with round-to-nearest first (cheap; GPTQ stores the same bytes),
+budgets are bisected until the whole model lands on the requested size, and only the candidates that fit are
+compressed for real, exported for the target and run on ONNX Runtime against the original model. The most accurate
+one that fits and holds the floor wins (a budgeted recipe that holds is still challenged by the joint search);
+without a size, the smallest that holds the floor. A candidate that misses the floor by a little on the CPU lowering
+``auto`` picked is measured again on lowerings that quantize fewer activations, and the plan says which target its
+numbers belong to. Every candidate is kept (bytes, cosine, latency, wall time) for the trade-off chart
+(:mod:`fxcompress.planner.chart`).
 
 The floor is the output cosine on ONNX Runtime, plus, when given, an accuracy drop against labels
 (``labels=``, ``max_accuracy_drop=`` in points) and a user metric over the artifact (``metric=``, ``min_metric=``).
@@ -18,12 +21,14 @@ With ``allow_training=True`` and calibration batches the ladder ends with struct
 distillation and then int8 (``fold_bn,prune:ratio=R,...,distill,int8``), the ratio bisected onto the size: the
 technique that reaches 12x and more on CNNs, where int8 stops at 4x.
 
-The plan is written out as the recipe that reproduces it, with the layers the budget moved listed by name.
+The plan is written out as the recipe that reproduces it, with the layers a budget moved listed by name (the joint
+search's recipe names them in its ``include=`` lists).
 
-A latency target (``max_latency``, a fraction of the fp32 export's latency) times every candidate on the provider it
-names and keeps the most accurate one under it.
+A latency target (``max_latency``, a fraction of the fp32 export's latency) times every candidate against the fp32
+export side by side (:func:`fxcompress.checker.timing.relative_latency`) on the provider it names, and keeps the most
+accurate one under it.
 
-Not yet: a joint per-layer search across techniques (a budget moves layers within one technique).
+Not yet: pruning and distillation as per-layer forms of the joint search (they are one rung of the ladder).
 """
 
 from __future__ import annotations
