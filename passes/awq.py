@@ -26,10 +26,7 @@ from torch import Tensor, fx, nn
 from fxcompress.algorithms.quant import (
     INT4_BLOCK_SIZES,
     block_for,
-    dequantize_blocks,
-    dequantize_per_channel,
-    quantize_per_channel,
-    quantize_rtn,
+    round_trip,
 )
 from fxcompress.algorithms.statistics import observe
 from fxcompress.errors import InputError
@@ -67,21 +64,6 @@ class AWQConfig(PassConfig):
             raise ValueError(f"grid must be >= 2 (alpha values tried from 0 to 1), got {self.grid}")
         if self.rows < 1:
             raise ValueError(f"rows must be >= 1, got {self.rows}")
-
-
-def round_trip(w: Tensor, bits: int, block: int) -> Tensor:
-    """``w`` after the grid of the pass that follows: int4 round-to-nearest in blocks (the largest block size up to
-    ``block`` that divides the width, as ``int4`` chooses) or int8 per output channel.
-
-    Example:
-        >>> w = torch.randn(8, 64)
-        >>> (round_trip(w, 4, 32) - w).abs().max() < 0.5
-        tensor(True)
-    """
-    if bits == 8:
-        return dequantize_per_channel(*quantize_per_channel(w))
-    fitting = block_for(w.shape[1], block)
-    return dequantize_blocks(*quantize_rtn(w, fitting), fitting)
 
 
 def search_scales(

@@ -40,12 +40,12 @@ from fxcompress.algorithms.quant import (
     INT4_BITS,
     INT4_BLOCK_SIZES,
     block_for,
-    dequantize_blocks,
     int4_bytes,
     int8_bytes,
     quantize_gptq,
     quantize_per_channel_gptq,
     quantize_rtn,
+    round_trip,
     sqnr_db_blocks,
 )
 from fxcompress.errors import InputError
@@ -113,10 +113,6 @@ def _pack_embedding(codes: Tensor, scale: Tensor, zp: Tensor) -> dict[str, Tenso
     }
 
 
-def _rtn_round_trip(site: Site, block: int) -> Tensor:
-    return dequantize_blocks(*quantize_rtn(site.weight, block), block)
-
-
 def _keep_int8(
     gm: fx.GraphModule, sites: list[Site], blocks: dict[str, int], cfg: Int4Config, batches
 ) -> dict[str, float]:
@@ -125,7 +121,7 @@ def _keep_int8(
         gm,
         sites,
         cfg.budget,
-        lambda s: _rtn_round_trip(s, blocks[s.name]),
+        lambda s: round_trip(s.weight, INT4_BITS, blocks[s.name]),
         lambda s: int4_bytes(*s.weight.shape, blocks[s.name]) + nbytes(s.bias),
         int8_bytes,
         batches,

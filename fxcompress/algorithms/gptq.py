@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, fx
 
 from fxcompress.algorithms.layerwise import LayerwiseRun
-from fxcompress.algorithms.statistics import input_hessians, unfit_batch, warn_if_few_rows
+from fxcompress.algorithms.statistics import add_second_moment, input_hessians, unfit_batch, warn_if_few_rows
 from fxcompress.graph.residency import checkpoint
 from fxcompress.graph.sites import Site
 
@@ -170,8 +170,7 @@ def _hessian(values: Sequence[Tensor]) -> tuple[Tensor, int]:
     total: Optional[Tensor] = None
     rows = 0
     for value in values:
-        x = value.reshape(-1, value.shape[-1]).to(torch.float64)
-        total = x.t() @ x if total is None else total + x.t() @ x
-        rows += x.shape[0]
+        total, n = add_second_moment(total, value)
+        rows += n
     assert total is not None
     return 2 * total / rows, rows

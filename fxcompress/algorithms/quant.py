@@ -281,6 +281,21 @@ def sqnr_db_blocks(w: Tensor, codes: Tensor, scale: Tensor, zp: Tensor, block: i
     return 200.0 if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
 
 
+def round_trip(w: Tensor, bits: int, block: int) -> Tensor:
+    """``w`` on a quantization grid: int4 round-to-nearest in blocks (the largest block size up to
+    ``block`` that divides the width, as ``int4`` chooses) or int8 per output channel.
+
+    Example:
+        >>> w = torch.randn(8, 64)
+        >>> (round_trip(w, 4, 32) - w).abs().max() < 0.5
+        tensor(True)
+    """
+    if bits == 8:
+        return dequantize_per_channel(*quantize_per_channel(w))
+    fitting = block_for(w.shape[1], block)
+    return dequantize_blocks(*quantize_rtn(w, fitting), fitting)
+
+
 def int4_bytes(n: int, k: int, block: int) -> int:
     """Bytes of an [n, k] int4 weight in blocks of ``block``: packed codes, fp32 scales, packed zero points.
 

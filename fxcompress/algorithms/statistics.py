@@ -115,6 +115,18 @@ def observe_batch(
             raise unfit_batch(i, batch, exc) from exc
 
 
+def add_second_moment(total: Optional[torch.Tensor], value: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``total`` (None to start) plus X^T X in float64, X = ``value`` as rows of its last dimension; and X's rows.
+
+    Example:
+        >>> total, n = add_second_moment(None, torch.ones(2, 3, 4))
+        >>> total[0, 0].item(), n
+        (6.0, 6)
+    """
+    x = value.reshape(-1, value.shape[-1]).to(torch.float64)
+    return (x.t() @ x if total is None else total + x.t() @ x), x.shape[0]
+
+
 def input_hessians(
     gm: fx.GraphModule,
     inputs_of: dict[str, fx.Node],
@@ -144,9 +156,8 @@ def input_hessians(
     rows: dict[str, int] = {}
 
     def accumulate(name: str, out: torch.Tensor) -> None:
-        x = out.reshape(-1, out.shape[-1]).to(torch.float64)
-        sums[name] = sums[name] + x.t() @ x if name in sums else x.t() @ x
-        rows[name] = rows.get(name, 0) + x.shape[0]
+        sums[name], n = add_second_moment(sums.get(name), out)
+        rows[name] = rows.get(name, 0) + n
 
     observe(gm, inputs_of, batches, accumulate)
     counts = {name: (rows[name], sums[name].shape[0]) for name in sums}

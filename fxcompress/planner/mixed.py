@@ -20,19 +20,12 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 from torch import Tensor, fx
 
-from fxcompress.algorithms.quant import (
-    block_for,
-    dequantize_blocks,
-    dequantize_per_channel,
-    int4_bytes,
-    quantize_per_channel,
-    quantize_rtn,
-)
+from fxcompress.algorithms.quant import INT4_BITS, block_for, int4_bytes, int8_bytes, round_trip
 from fxcompress.algorithms.sensitivity import layer_sensitivity
 from fxcompress.graph.calibration import positional_calibration
 from fxcompress.graph.capture import capture
 from fxcompress.graph.inputs import called_positionally, keyword_names, normalize_inputs
-from fxcompress.graph.sites import find_sites, nbytes
+from fxcompress.graph.sites import Site, find_sites, nbytes, single_reader
 
 SVD_SHARE = 0.5  # the factorized form's factors hold at most this share of the layer's fp32 weight bytes
 SVD_MULTIPLE = 16
@@ -57,23 +50,42 @@ class LayerForms:
     forms: dict[str, tuple[float, int]]
 
 
-def _int4_round_trip(w: Tensor, block: int) -> Tensor:
-    return dequantize_blocks(*quantize_rtn(w, block), block)
-
-
-def _factorized(w: Tensor) -> Optional[tuple[Tensor, int]]:
-    """``w`` through rank-r SVD (r a multiple of 16 within :data:`SVD_SHARE` of the bytes) and int4 factors, and its
-    bytes; None where no such rank is smaller than the layer."""
+def _factorized(w: Tensor) -> Optional[tuple[Callable[[], Tensor], int]]:
+    """``w`` through rank-r SVD (r a multiple of 16 within :data:`SVD_SHARE` of the bytes) and int4 factors (a
+    function computing it), and its bytes; None where no such rank is smaller than the layer."""
     n, k = w.shape
     rank = math.floor(SVD_SHARE * n * k / (n + k)) // SVD_MULTIPLE * SVD_MULTIPLE
     first, second = block_for(k, 128), block_for(rank, 128) if rank else None
     if rank < SVD_MULTIPLE or first is None or second is None:
         return None
-    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
-    root = s[:rank].sqrt()
-    a, b = (root[:, None] * vh[:rank]).float(), (u[:, :rank] * root).float()
-    approx = _int4_round_trip(b, second) @ _int4_round_trip(a, first)
-    return approx, int4_bytes(rank, k, first) + int4_bytes(n, rank, second)
+
+    def approximate() -> Tensor:
+        u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+        root = s[:rank].sqrt()
+        a, b = (root[:, None] * vh[:rank]).float(), (u[:, :rank] * root).float()
+        return round_trip(b, INT4_BITS, second) @ round_trip(a, INT4_BITS, first)
+
+    return approximate, int4_bytes(rank, k, first) + int4_bytes(n, rank, second)
+
+
+def _forms(site: Site) -> dict[str, tuple[Callable[[], Tensor], int]]:
+    """The forms ``site`` can take: each one's weight (computed when measured, so that one layer's approximation is
+    alive at a time) and its bytes."""
+    w, bias = site.weight.float(), nbytes(site.bias)
+    block = block_for(w.shape[1], 128 if site.kind == "linear" else 64)
+    int8 = (lambda: round_trip(w, 8, 0), int8_bytes(site))
+    if site.kind == "embedding":
+        forms = {"int8 table": int8}
+        if block is not None:
+            forms["int4 table"] = (lambda: round_trip(w, INT4_BITS, block), int4_bytes(*w.shape, block))
+        return forms
+    forms = {"int8": int8}
+    if block is not None:
+        forms["int4"] = (lambda: round_trip(w, INT4_BITS, block), int4_bytes(*w.shape, block) + bias)
+        factorized = _factorized(w)
+        if factorized is not None:
+            forms["svd+int4"] = (factorized[0], factorized[1] + bias)
+    return forms
 
 
 def layer_forms(gm: fx.GraphModule, batches: Sequence[tuple]) -> list[LayerForms]:
@@ -85,38 +97,17 @@ def layer_forms(gm: fx.GraphModule, batches: Sequence[tuple]) -> list[LayerForms
         (['0', '2'], ['int4', 'int8', 'svd+int4'])
     """
     sites = [s for s in find_sites(gm)[0] if s.kind in ("linear", "embedding") and s.weight.dtype == torch.float32]
-    readers: dict[tuple, int] = {}
-    for s in sites:
-        readers[s.weight_key] = readers.get(s.weight_key, 0) + 1
-    sites = [s for s in sites if readers[s.weight_key] == 1]  # a tied weight keeps what the recipe's passes give it
-    approximations: dict[str, dict[str, tuple[Tensor, int]]] = {}
-    for site in sites:
-        w, bias = site.weight.float(), nbytes(site.bias)
-        forms: dict[str, tuple[Tensor, int]] = {}
-        block = block_for(w.shape[1], 128 if site.kind == "linear" else 64)
-        int8 = dequantize_per_channel(*quantize_per_channel(w))
-        if site.kind == "embedding":
-            forms["int8 table"] = (int8, w.numel() + 4 * w.shape[0])
-            if block is not None:
-                forms["int4 table"] = (_int4_round_trip(w, block), int4_bytes(*w.shape, block))
-        else:
-            forms["int8"] = (int8, w.numel() + 4 * w.shape[0] + bias)
-            if block is not None:
-                forms["int4"] = (_int4_round_trip(w, block), int4_bytes(*w.shape, block) + bias)
-                factorized = _factorized(w)
-                if factorized is not None:
-                    forms["svd+int4"] = (factorized[0], factorized[1] + bias)
-        approximations[site.name] = forms
-    by_name = {s.name: s for s in sites}
+    sites = single_reader(sites)  # a tied weight keeps what the recipe's passes give it
+    forms = {site.name: _forms(site) for site in sites}
     errors: dict[tuple[str, str], float] = {}
     for form in FORMS:
-        chosen = [by_name[n] for n, forms in approximations.items() if form in forms]
+        chosen = [s for s in sites if form in forms[s.name]]
         if chosen:
-            measured = layer_sensitivity(gm, chosen, lambda s, f=form: approximations[s.name][f][0], batches)
+            measured = layer_sensitivity(gm, chosen, lambda s, f=form: forms[s.name][f][0](), batches)
             errors.update({(name, form): err for name, err in measured.items()})
     return [
-        LayerForms(name, {form: (errors[(name, form)], size) for form, (_, size) in forms.items()})
-        for name, forms in approximations.items()
+        LayerForms(name, {form: (errors[(name, form)], size) for form, (_, size) in layer.items()})
+        for name, layer in forms.items()
     ]
 
 

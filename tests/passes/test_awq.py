@@ -5,8 +5,9 @@ from helpers import cosine
 from torch import nn
 
 import fxcompress
+from fxcompress.algorithms.quant import round_trip
 from fxcompress.errors import InputError, RecipeError
-from fxcompress.passes.awq import round_trip, search_scales
+from fxcompress.passes.awq import search_scales
 
 
 class Salient(nn.Module):
