@@ -9,6 +9,7 @@ rewrites a *copy* of the graph as the :class:`~fxcompress.export.targets.Target`
 * ``"nbits"``: Linear becomes ``linear_nbits`` (MatMulNBits, 8 bits, the per-channel scale repeated per block of K:
   an exact re-encoding); layers with K not a multiple of 16 take the target's ``nbits_fallback``.
 * ``"keep"``: unchanged (``DequantizeLinear + MatMul``).
+* ``fuse_attention``: an encoder's attention becomes one ``MultiHeadAttention`` (:mod:`fxcompress.export.attention`).
 * ``static_uint8``: static int8 (``conv_qdq`` / ``linear_qdq``) weights become uint8 with zero point 128 too, so
   ORT's QLinearConv / QLinearMatMul run U8U8.
 
@@ -24,6 +25,7 @@ from torch import fx
 
 import fxcompress.ops.linear_q8  # noqa: F401  (registers the ops the lowering writes)
 import fxcompress.ops.nbits  # noqa: F401
+from fxcompress.export.attention import fuse_attention
 from fxcompress.export.targets import Target
 from fxcompress.graph.edit import add_constant, replace_node, shared_copy
 from fxcompress.ops.registry import op_args, op_name, set_op_args
@@ -53,6 +55,8 @@ def lower_for_target(gm: fx.GraphModule, target: Target) -> fx.GraphModule:
                 set_op_args(node, w_zero_point=zero_point)
         elif name == "linear_q8" and op_args(node)["zero_point"] is None:
             _lower_linear(gm, node, target, uint8_cache)
+    if target.fuse_attention:
+        fuse_attention(gm)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.recompile()

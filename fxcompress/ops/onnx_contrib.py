@@ -1,8 +1,8 @@
 """ONNX Runtime's ``com.microsoft`` contrib ops as onnxscript and onnx.checker see them.
 
 onnx does not know ORT's contrib ops; onnxscript and ``onnx.checker`` need their schemas to build and validate a graph
-that uses them. Each schema lists its inputs as (name, type variable, optional) and its attributes as (name, required),
-following ORT's contrib op documentation.
+that uses them. Each schema lists its inputs as (name, type variable, optional) and its attributes as (name, required)
+or (name, required, "float") (default: an int), following ORT's contrib op documentation.
 """
 
 from __future__ import annotations
@@ -58,7 +58,24 @@ _CONTRIB_SCHEMAS = {
         attributes=[("gather_axis", False), ("quantize_axis", False), ("block_size", False), ("bits", False)],
         output="T2",
     ),
+    # Only the inputs fxcompress writes (ORT's op also takes past key/value and a cache indirection).
+    "MultiHeadAttention": dict(
+        inputs=[
+            ("query", "T", False),
+            ("key", "T", True),
+            ("value", "T", True),
+            ("bias", "T", True),
+            ("key_padding_mask", "M", True),
+            ("attention_bias", "T", True),
+        ],
+        types=[("T", ["tensor(float)", "tensor(float16)"]), ("M", ["tensor(int32)"])],
+        attributes=[("num_heads", True), ("scale", False, "float"), ("mask_filter_value", False, "float")],
+        output="T",
+    ),
 }
+
+
+_ATTRIBUTE_TYPES = {"int": OpSchema.AttrType.INT, "float": OpSchema.AttrType.FLOAT}
 
 
 def _register_contrib_schemas() -> None:
@@ -75,7 +92,8 @@ def _register_contrib_schemas() -> None:
                 outputs=[param("Y", spec.get("output", "T1"))],
                 type_constraints=[(t, allowed, "") for t, allowed in spec["types"]],
                 attributes=[
-                    OpSchema.Attribute(a, OpSchema.AttrType.INT, "", required=req) for a, req in spec["attributes"]
+                    OpSchema.Attribute(a, _ATTRIBUTE_TYPES[kind[0] if kind else "int"], "", required=req)
+                    for a, req, *kind in spec["attributes"]
                 ],
             )
         )

@@ -61,7 +61,7 @@ def compressed_ops() -> dict[str, CompressedOp]:
 
     Example:
         >>> sorted(compressed_ops())[:3]
-        ['activation_qdq', 'conv_q8', 'conv_qdq']
+        ['activation_qdq', 'attention', 'conv_q8']
     """
     import fxcompress.ops as package
 
