@@ -9,7 +9,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import fx, nn
@@ -19,7 +19,7 @@ from fxcompress.errors import InputError, PassError
 from fxcompress.export.targets import Target, get_target
 from fxcompress.export.writer import AxisNames, export_onnx
 from fxcompress.graph.calibration import positional_calibration
-from fxcompress.graph.capture import capture
+from fxcompress.graph.capture import Captured, capture
 from fxcompress.graph.edit import state_bytes, unshare
 from fxcompress.graph.inputs import (
     DynamicAxes,
@@ -266,14 +266,7 @@ def optimize(
     """
     user_configs = [] if recipe is None else parse_recipe(recipe)
     configs = with_canonical(user_configs) if canonicalize else user_configs
-    names = keyword_names(example_inputs)
-    inputs = normalize_inputs(example_inputs, names)
-    calib = None
-    if calibration is not None:  # keeps a Calibration's token mask
-        calib = positional_calibration(calibration, names)
-        _check_finite(calib)
-    called = called_positionally(model, names)  # keyword inputs become the graph's (and the ONNX file's) named inputs
-    captured = capture(called, inputs, dynamic_axes)
+    called, inputs, names, calib, captured = prepare(model, example_inputs, calibration, dynamic_axes)
     gm = captured.graph_module
     pager = WeightPager(model)  # weights mapped from a file are let go after each layer is rewritten
     pager.release()
@@ -323,6 +316,39 @@ def optimize(
         captured.dynamic_axes,
         input_names=names,
     )
+
+
+class Prepared(NamedTuple):
+    """A model as the passes see it: called with positional inputs, its example and calibration batches in that
+    order, the names of keyword inputs (None: positional), and its capture (weights shared with the model, never
+    modified)."""
+
+    called: nn.Module
+    inputs: tuple
+    input_names: Optional[tuple[str, ...]]
+    calibration: Optional[Sequence[tuple]]
+    captured: Captured
+
+
+def prepare(
+    model: nn.Module, example_inputs: Any, calibration: Optional[Any] = None, dynamic_axes: DynamicAxes = (0,)
+) -> Prepared:
+    """What :func:`optimize` does before its passes run: keyword inputs become positional (and the graph's named
+    inputs), calibration batches are checked and put in the same order, and the model is captured.
+
+    Example:
+        >>> prepared = prepare(model, x, calibration)
+        >>> prepared.captured.method, len(prepared.calibration)
+        ('fx', 4)
+    """
+    names = keyword_names(example_inputs)
+    inputs = normalize_inputs(example_inputs, names)
+    calib = None
+    if calibration is not None:  # keeps a Calibration's token mask
+        calib = positional_calibration(calibration, names)
+        _check_finite(calib)
+    called = called_positionally(model, names)  # keyword inputs become the graph's (and the ONNX file's) named inputs
+    return Prepared(called, inputs, names, calib, capture(called, inputs, dynamic_axes))
 
 
 def _check_finite(batches: Sequence[tuple]) -> None:

@@ -2,7 +2,8 @@
 (``quantize_dynamic`` and ``MatMulNBitsQuantizer`` with RTN or GPTQ on the same calibration data).
 
 Every variant is measured the same way, in one run: file size, initializer bytes, session RSS (fresh process),
-p50 latency per batch size, cosine similarity to the fp32 torch model and, for classifiers, accuracy.
+p50 latency per batch size, cosine similarity to the fp32 torch model and, for classifiers, accuracy. Latency ratios
+to fp32 are timed side by side (:func:`fxcompress.checker.timing.relative_latency`), not divided from two timings.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import onnx
 from fxcompress.api import optimize
 from fxcompress.checker.metrics import compare, outputs_to_numpy
 from fxcompress.checker.runtime import import_ort, probe
+from fxcompress.checker.timing import relative_latency
 from fxcompress.checker.weights import initializer_bytes
 from fxcompress.errors import InputError
 from fxcompress.export.targets import AUTO, auto_target, target_names
@@ -40,6 +42,9 @@ class BenchRow:
     provider: str = ""
     accuracy: Optional[float] = None
     gpu_mem_mb: Optional[float] = None
+    # per batch size: this variant's latency over fp32's, the two timed in alternating rounds in one process
+    # (the p50s above are timed one variant after another and drift with the machine's load)
+    relative: dict[int, float] = field(default_factory=dict)
 
 
 def _tile(inputs: tuple, batch: int) -> tuple[np.ndarray, ...]:
@@ -219,9 +224,11 @@ def run_benchmark(
         nonlocal done
         done += 1
         progress(f"[{done}/{total}] measuring {name}")
+        paths.append(path)
         return _measure(name, path, batches, inputs, eval_batches, reference, provider, repeat, labels)
 
     rows: list[BenchRow] = []
+    paths: list[Path] = []
     with tempfile.TemporaryDirectory(prefix="fxc-bench-", dir=workdir) as tmp:
         progress("exporting the fp32 model")
         fp32 = export_onnx(capture(model, inputs).graph_module, inputs, Path(tmp, "fp32.onnx"))
@@ -247,6 +254,11 @@ def run_benchmark(
         for algo in ort_nbits:
             out = _ort_nbits(fp32, Path(tmp, f"ort_nbits_{algo}.onnx"), algo, nbits_block, calib)
             rows.append(measure(f"ORT MatMulNBitsQuantizer {algo.upper()} int4 b{nbits_block}", out))
+        progress("timing every variant beside fp32")
+        for row, path in zip(rows[1:], paths[1:]):
+            for b in batches:
+                timed = relative_latency(path, paths[0], _tile(inputs, b), provider, runs=max(3, repeat // 4))
+                row.relative[b] = timed.ratio
     return rows
 
 
@@ -269,7 +281,7 @@ def format_rows(rows: Sequence[BenchRow]) -> str:
     header = (
         ["variant", "provider", "file", "weights (x fp32)", "RSS load (x fp32)", "RSS after runs", "RSS peak"]
         + (["GPU memory"] if with_gpu else [])
-        + [f"p50 b{b} ms (x fp32)" for b in batches]
+        + [f"p50 b{b} ms (x fp32{', side by side' if any(r.relative for r in rows) else ''})" for b in batches]
         + ["cosine"]
         + (["accuracy %"] if with_acc else [])
     )
@@ -288,7 +300,8 @@ def format_rows(rows: Sequence[BenchRow]) -> str:
             cells.append(f"{r.gpu_mem_mb:.0f} MiB" if r.gpu_mem_mb is not None else "n/a")
         for b in batches:
             v, ref = r.latency_ms.get(b), base.latency_ms.get(b)
-            cells.append(f"{v:.2f} ({v / ref:.2f})" if v and ref else "n/a")
+            ratio = r.relative.get(b, v / ref if v and ref else None)
+            cells.append(f"{v:.2f} ({ratio:.2f})" if v and ratio else "n/a")
         cells.append(f"{r.cosine:.5f}" if r.cosine is not None else "")
         if with_acc:
             cells.append(f"{r.accuracy:.2f}" if r.accuracy is not None else "")

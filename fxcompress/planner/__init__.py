@@ -46,14 +46,14 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
-from fxcompress.api import CompressedModel, optimize
+from fxcompress.api import CompressedModel, optimize, prepare
 from fxcompress.checker.parity import check, export_float, onnx_feed
 from fxcompress.checker.timing import relative_latency
 from fxcompress.errors import InputError
 from fxcompress.export.targets import auto_target
 from fxcompress.graph.calibration import Calibration
 from fxcompress.planner.chart import pareto_png, pareto_svg
-from fxcompress.planner.mixed import captured_for_search, layer_forms, search
+from fxcompress.planner.mixed import layer_forms, search
 
 _BISECT_STEPS = 7
 # Embedding tables (often most of a text model's bytes) at int8, or int4 in blocks of 64 with a searched range.
@@ -238,18 +238,20 @@ def plan(
     def joint() -> Optional[str]:  # the joint per-layer search's recipe for the size, or None
         assert size is not None and calib is not None
         progress("joint search: each layer's error in every form it can take")
-        graph, positional = captured_for_search(model, example_inputs, calib, dynamic_axes)
-        layers = layer_forms(graph, positional)
-        del graph
+        prepared = prepare(model, example_inputs, calib, dynamic_axes)
+        layers = layer_forms(prepared.captured.graph_module, list(prepared.calibration))
+        del prepared
         return search(layers, lambda r: ratio_of(_rounded_to_nearest(r)) <= size, progress)
 
     candidates: list[Candidate] = []
     best: Optional[tuple[Candidate, CompressedModel]] = None  # kept, so the choice is not compressed again
     try:
-        challenged = [False]  # a budgeted recipe held: the joint search still gets its say, then the plan stops
-        ladder = _ladder(ratio_of, size, calib is not None, allow_training, progress, joint, lambda: challenged[0])
+        # a budgeted recipe held: the joint search still gets its say, then the plan stops (the ladder reads the
+        # flag through the closure, which sees each rebinding)
+        budget_held = False
+        ladder = _ladder(ratio_of, size, calib is not None, allow_training, progress, joint, lambda: budget_held)
         for kind, recipe in ladder:
-            if challenged[0] and kind != "joint":
+            if budget_held and kind != "joint":
                 continue
             t0 = time.perf_counter()
             twin = _rounded_to_nearest(recipe)
@@ -277,9 +279,9 @@ def plan(
             ):
                 best = (cand, cm)
             done = cand.fits and cand.holds and (size is not None or max_latency is not None)
-            if challenged[0] or (done and kind != "budget"):
+            if budget_held or (done and kind != "budget"):
                 break  # the ladder goes from faithful to small: the first that fits and holds is the most accurate
-            challenged[0] = done
+            budget_held = done
     finally:
         floors.close()
     if best is None:

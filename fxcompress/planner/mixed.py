@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, fx
 
 from fxcompress.algorithms.quant import INT4_BITS, block_for, int4_bytes, int8_bytes, round_trip
 from fxcompress.algorithms.sensitivity import layer_sensitivity
-from fxcompress.graph.calibration import positional_calibration
-from fxcompress.graph.capture import capture
-from fxcompress.graph.inputs import called_positionally, keyword_names, normalize_inputs
 from fxcompress.graph.sites import Site, find_sites, nbytes, single_reader
 
 SVD_SHARE = 0.5  # the factorized form's factors hold at most this share of the layer's fp32 weight bytes
@@ -109,23 +106,6 @@ def layer_forms(gm: fx.GraphModule, batches: Sequence[tuple]) -> list[LayerForms
         LayerForms(name, {form: (errors[(name, form)], size) for form, (_, size) in layer.items()})
         for name, layer in forms.items()
     ]
-
-
-def captured_for_search(
-    model: torch.nn.Module, example_inputs: Any, calibration: Iterable[Any], dynamic_axes: Any
-) -> tuple[fx.GraphModule, list[tuple]]:
-    """The model captured as :func:`fxcompress.optimize` captures it (weights shared, never modified) and the
-    calibration batches as positional tuples, for :func:`layer_forms`.
-
-    Example:
-        >>> graph, batches = captured_for_search(model, x, calibration, (0,))
-        >>> len(batches)
-        4
-    """
-    names = keyword_names(example_inputs)
-    inputs = normalize_inputs(example_inputs, names)
-    graph = capture(called_positionally(model, names), inputs, dynamic_axes).graph_module
-    return graph, list(positional_calibration(calibration, names))
 
 
 def choose(layers: Sequence[LayerForms], lam: float) -> dict[str, str]:
