@@ -26,9 +26,14 @@ from fxcompress.graph.sites import Site
 # this one on) -> the rounded column of those rows
 RoundColumn = Callable[[int, slice, Tensor], Tensor]
 
-# Rows are rounded this many weight elements at a time (128 MiB of float64): a row's rounding never reads another
-# row, so a 128k-vocabulary head (400M weights: 3 GiB per float64 copy) is rounded in slices, not in full-size copies.
+# Rows are rounded this many weight elements at a time (64 MiB of float32): a row's rounding never reads another
+# row, so a 128k-vocabulary head (400M weights: 1.5 GiB per float32 copy) is rounded in slices, not in full copies.
 ROW_CHUNK_ELEMENTS = 1 << 24
+
+# The precision of the column loop, as the reference GPTQ runs it; the inverse Hessian is factored in float64, once
+# per weight. Against a float64 loop: the same layer output error to 4-5 digits, 18-30% less time (int4 block 64 and
+# int8, 2048- and 4096-wide weights; benchmarks/experiments/gptq_precision.py).
+WORK_DTYPE = torch.float32
 
 
 def gptq(
@@ -39,6 +44,7 @@ def gptq(
     damp: float = 0.01,
     lazy: int = 128,
     chunk_elements: Optional[int] = None,
+    dtype: Optional[torch.dtype] = None,
 ) -> None:
     """Round ``w`` [N, K] column by column in ``order`` (default: left to right), compensating each column's error
     in the columns after it; the caller keeps what ``round_column`` rounds.
@@ -47,8 +53,8 @@ def gptq(
     lazy batch from the one to round on (``pending[:, 0]`` is column ``col``), so a blockwise grid can be fitted to
     the updated weights at a block's first column; it returns the rounded column of ``rows`` and keeps their codes.
     ``lazy`` columns are updated together (the paper's lazy batch); a blockwise caller passes a multiple of its block.
-    Rows are independent: they go through in slices of about ``chunk_elements`` weights, each in float64, with the
-    inverse Hessian's factor computed once (default :data:`ROW_CHUNK_ELEMENTS`).
+    Rows are independent: they go through in slices of about ``chunk_elements`` weights, each in ``dtype`` (default
+    :data:`WORK_DTYPE`), with the inverse Hessian's factor computed once (default :data:`ROW_CHUNK_ELEMENTS`).
 
     Example:
         >>> w, x = torch.randn(8, 32), torch.randn(256, 32)
@@ -63,12 +69,13 @@ def gptq(
     """
     n, k = w.shape
     order = torch.arange(k) if order is None else order
-    hinv = _inverse_hessian_factor(hessian, order, damp)
+    dtype = dtype or WORK_DTYPE
+    hinv = _inverse_hessian_factor(hessian, order, damp).to(dtype)
     step = max(1, (chunk_elements or ROW_CHUNK_ELEMENTS) // k)
     for r0 in range(0, n, step):
         checkpoint()  # a folder-backed weight: let the slices already read go
         rows = slice(r0, min(r0 + step, n))
-        _round_rows(w[rows].to(torch.float64)[:, order], hinv, rows, order, round_column, lazy)
+        _round_rows(w[rows].to(dtype)[:, order], hinv, rows, order, round_column, lazy)
 
 
 def _inverse_hessian_factor(hessian: Tensor, order: Tensor, damp: float) -> Tensor:
@@ -91,13 +98,13 @@ def _inverse_hessian_factor(hessian: Tensor, order: Tensor, damp: float) -> Tens
 
 
 def _round_rows(w: Tensor, hinv: Tensor, rows: slice, order: Tensor, round_column: RoundColumn, lazy: int) -> None:
-    """GPTQ's column loop on the rows ``w`` (float64, columns permuted to ``order``), updated in place."""
+    """GPTQ's column loop on the rows ``w`` (columns permuted to ``order``), updated in place, in ``w``'s dtype."""
     n, k = w.shape
     for i1 in range(0, k, lazy):
         i2 = min(i1 + lazy, k)
-        w1, err1, hinv1 = w[:, i1:i2], torch.zeros(n, i2 - i1, dtype=torch.float64), hinv[i1:i2, i1:i2]
+        w1, err1, hinv1 = w[:, i1:i2], torch.zeros(n, i2 - i1, dtype=w.dtype), hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            q = round_column(int(order[i1 + i]), rows, w1[:, i:]).to(torch.float64)
+            q = round_column(int(order[i1 + i]), rows, w1[:, i:]).to(w.dtype)
             err = (w1[:, i] - q) / hinv1[i, i]
             w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
             err1[:, i] = err

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fxcompress.algorithms import gptq as gptq_module
 from fxcompress.algorithms.gptq import activation_order, gptq
 from fxcompress.graph.residency import checkpoint
 from fxcompress.graph.sites import Site, nbytes
@@ -89,7 +90,7 @@ def quantize_per_channel_gptq(
         (torch.int8, torch.Size([4]))
     """
     _, scale = quantize_per_channel(w, axis=0)
-    step = scale.to(torch.float64)
+    step = scale.to(gptq_module.WORK_DTYPE)
     codes = torch.zeros(w.shape, dtype=torch.int8)
 
     def round_column(col: int, rows: slice, pending: Tensor) -> Tensor:
@@ -228,17 +229,18 @@ def quantize_gptq(
     n, k = w.shape
     codes = torch.zeros(n, k, dtype=torch.uint8)  # 0..15
     static = act_order
+    work = gptq_module.WORK_DTYPE
     if static:  # block params from the float weights, so the block layout survives the permutation
         params = [block_params(w[r : r + CHUNK_ROWS].to(torch.float32), block, clip) for r in range(0, n, CHUNK_ROWS)]
-        scale, zp = (torch.cat(p).to(torch.float64) for p in zip(*params))
+        scale, zp = (torch.cat(p).to(work) for p in zip(*params))
     else:
-        scale, zp = torch.ones(n, k // block, dtype=torch.float64), torch.zeros(n, k // block, dtype=torch.float64)
+        scale, zp = torch.ones(n, k // block, dtype=work), torch.zeros(n, k // block, dtype=work)
 
     def round_column(col: int, rows: slice, pending: Tensor) -> Tensor:
         g = col // block
         if not static and col % block == 0:  # first column of a block: fit its params on the updated weights
             s, z = block_params(pending[:, :block], block, clip)
-            scale[rows, g], zp[rows, g] = s[:, 0].double(), z[:, 0].double()
+            scale[rows, g], zp[rows, g] = s[:, 0], z[:, 0]
         q = _codes(pending[:, 0], scale[rows, g], zp[rows, g])
         codes[rows, col] = q.to(torch.uint8)
         return (q - zp[rows, g]) * scale[rows, g]
