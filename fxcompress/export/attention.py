@@ -99,6 +99,11 @@ def _shape(node) -> tuple:
     return tuple(val.shape) if isinstance(val, torch.Tensor) else ()
 
 
+def _dtype(node) -> Optional[torch.dtype]:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val.dtype if isinstance(val, torch.Tensor) else None
+
+
 def _same(a, b) -> bool:
     """Equal sizes, symbolic ones by name (no guard is added to the captured program)."""
     return str(a) == str(b)
@@ -122,9 +127,11 @@ def _merged_heads(heads: fx.Node) -> Optional[fx.Node]:
     if not (isinstance(split, fx.Node) and split.target in _RESHAPES):
         return None
     source = split.args[0]
-    b, s, n, h = _shape(split)
     whole = _shape(source)
-    if len(whole) != 3 or source.meta["val"].dtype != torch.float32:
+    if len(_shape(split)) != 4:
+        return None
+    b, s, n, h = _shape(split)
+    if len(whole) != 3 or _dtype(source) != torch.float32:
         return None
     if not (_same(whole[0], b) and _same(whole[1], s) and isinstance(n, int) and isinstance(h, int)):
         return None
@@ -158,7 +165,7 @@ def _mask_fits(mask, query: fx.Node, key: fx.Node) -> bool:
     """No mask, or a boolean one the op's single bias covers: (B or 1, 1, S, T)."""
     if mask is None:
         return True
-    if not isinstance(mask, fx.Node) or mask.meta["val"].dtype != torch.bool:
+    if _dtype(mask) != torch.bool:
         return False
     shape, (b, _, s, _), t = _shape(mask), _shape(query), _shape(key)[2]
     return (
