@@ -68,8 +68,16 @@ def latency() -> None:
                 progress=lambda line: print("  " + line, file=sys.stderr, flush=True),
             )  # fmt: skip
         except PlanError as exc:
-            sections.append(f"## {name}\n\nnot reached in {time.perf_counter() - start:.0f} s: {exc}\n")
-            data[name] = {"error": str(exc)}
+            timed = [c for c in exc.candidates if c.latency_ratio is not None]
+            fastest = min(timed, key=lambda c: c.latency_ratio).recipe.split("  #")[0] if timed else None
+            text = f"## {name}\n\nnot reached in {time.perf_counter() - start:.0f} s: {exc}\n"
+            rows = []
+            if fastest:  # what the planner got closest with, beside ORT's quantizer all the same
+                rows = run_benchmark(factory, recipes=(fastest,), targets=(target,), batches=(1,),
+                                     calibration=calibration, provider="cpu")  # fmt: skip
+                text += f"\nThe fastest candidate, `{fastest}`, beside ORT quantize_dynamic:\n\n{format_rows(rows)}\n"
+            sections.append(text)
+            data[name] = {"error": str(exc), "rows": rows_to_json(rows)}
             continue
         seconds = time.perf_counter() - start
         recipe = p.chosen.recipe.split("  #")[0]

@@ -20,7 +20,7 @@ from fxcompress.export.targets import Target, get_target
 from fxcompress.export.writer import AxisNames, export_onnx
 from fxcompress.graph.calibration import positional_calibration
 from fxcompress.graph.capture import Captured, capture
-from fxcompress.graph.edit import state_bytes, unshare
+from fxcompress.graph.edit import shared_copy, state_bytes, unshare
 from fxcompress.graph.inputs import (
     DynamicAxes,
     called_positionally,
@@ -264,10 +264,32 @@ def optimize(
         >>> round(cm.compression_ratio, 1)
         3.6
     """
+    prepared = prepare(model, example_inputs, calibration, dynamic_axes)
+    return compress_prepared(model, prepared, recipe, progress=progress, canonicalize=canonicalize, copy=False)
+
+
+def compress_prepared(
+    model: nn.Module,
+    prepared: Prepared,
+    recipe: Optional[RecipeLike],
+    *,
+    progress: Optional[bool] = None,
+    canonicalize: bool = True,
+    copy: bool = True,
+) -> CompressedModel:
+    """:func:`optimize` from what :func:`prepare` made of ``model``: a caller trying many recipes on one model (the
+    planner) captures it once. With ``copy`` the passes rewrite a copy of the capture that shares its weights, so
+    ``prepared`` serves the next recipe unchanged.
+
+    Example:
+        >>> prepared = prepare(model, x)
+        >>> [round(compress_prepared(model, prepared, r).compression_ratio, 1) for r in ("int8", "int4")]
+        [3.6, 6.3]
+    """
     user_configs = [] if recipe is None else parse_recipe(recipe)
     configs = with_canonical(user_configs) if canonicalize else user_configs
-    called, inputs, names, calib, captured = prepare(model, example_inputs, calibration, dynamic_axes)
-    gm = captured.graph_module
+    called, inputs, names, calib, captured = prepared
+    gm = shared_copy(captured.graph_module) if copy else captured.graph_module
     pager = WeightPager(model)  # weights mapped from a file are let go after each layer is rewritten
     pager.release()
     before = state_bytes(gm)

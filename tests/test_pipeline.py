@@ -77,3 +77,30 @@ def test_include_exclude_select_layers_and_records_say_why():
     by_layer = {r.layer: r for r in cm.records}
     assert by_layer["0"].action == "int8"
     assert by_layer["2"].skipped and "excluded by pattern '2'" in by_layer["2"].reason
+
+
+def test_one_capture_serves_many_recipes_as_fresh_optimizes_do():
+    """The planner captures once and compresses many times: each result equals optimize's, and the capture (and the
+    user's model) are left as they were, BatchNorm folding and GPTQ included."""
+    import fxcompress
+    from fxcompress.api import compress_prepared, prepare
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    calibration = [(torch.randn(4, 3, 8, 8),) for _ in range(2)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prepared = prepare(model, x, calibration)
+    captured = {k: v.clone() for k, v in prepared.captured.graph_module.state_dict().items()}
+    for recipe in ("fold_bn,int8:algo=gptq", "int4:block=32", "fold_bn,int8"):
+        reused = compress_prepared(model, prepared, recipe)
+        fresh = fxcompress.optimize(model, x, recipe, calibration=calibration)
+        mine, theirs = reused.module.state_dict(), fresh.module.state_dict()
+        assert mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine), recipe
+        assert torch.equal(reused.module(x), fresh.module(x))
+    assert all(torch.equal(v, captured[k]) for k, v in prepared.captured.graph_module.state_dict().items())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -120,8 +120,10 @@ def test_a_latency_target_times_every_candidate_on_the_named_provider():
     p = plan(model, x, max_latency=1000.0, min_cosine=0.99, calibration=calibration)
     assert p.chosen.recipe == "fp16" and p.chosen.latency_ratio is not None  # the most faithful one under it
     assert set(Path(tempfile.gettempdir()).glob("fxc-plan-fp32-*")) == scratch  # the fp32 baseline is cleaned up
-    with pytest.raises(PlanError, match=r"latency <= 1e-06x fp32 on cpu.*fastest: \d+\.\d+x fp32"):
+    with pytest.raises(PlanError, match=r"latency <= 1e-06x fp32 on cpu.*fastest: \d+\.\d+x fp32") as missed:
         plan(model, x, max_latency=1e-6, provider="cpu", calibration=calibration)
+    timed = [c for c in missed.value.candidates if c.latency_ratio is not None]  # what was tried comes with the error
+    assert len(timed) >= 3 and f"{min(c.latency_ratio for c in timed):.2f}x" in str(missed.value)
     with pytest.raises(fxcompress.errors.RuntimeMissingError, match="CUDAExecutionProvider is not available"):
         plan(model, x, max_latency=0.5, provider="cuda")
 

@@ -46,12 +46,13 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
-from fxcompress.api import CompressedModel, optimize, prepare
+from fxcompress.api import CompressedModel, compress_prepared, prepare
 from fxcompress.checker.parity import check, export_float, onnx_feed
 from fxcompress.checker.timing import relative_latency
 from fxcompress.errors import InputError
 from fxcompress.export.targets import auto_target
 from fxcompress.graph.calibration import Calibration
+from fxcompress.graph.edit import shared_copy
 from fxcompress.planner.chart import pareto_png, pareto_svg
 from fxcompress.planner.mixed import layer_forms, search
 
@@ -78,7 +79,12 @@ Metric = Callable[[Callable[[tuple], list]], float]
 
 
 class PlanError(InputError):
-    """No candidate reaches the size under the floor; the message says the best found either way."""
+    """No candidate reaches the size under the floor; the message says the best found either way, and
+    ``candidates`` holds every one measured (as a :class:`Plan` would)."""
+
+    def __init__(self, message: str, candidates: Sequence["Candidate"] = ()) -> None:
+        super().__init__(message)
+        self.candidates = list(candidates)
 
 
 @dataclass
@@ -223,10 +229,11 @@ def plan(
         from fxcompress.checker.runtime import choose_providers
 
         choose_providers(provider)  # a provider that is not installed fails here, before any candidate is built
+    prepared = prepare(model, example_inputs, calib, dynamic_axes)  # captured once for every recipe tried
     floors = _Floors(min_cosine, labels, max_accuracy_drop, metric, min_metric, max_latency, provider)
 
     def compress(recipe: str) -> CompressedModel:
-        return optimize(model, example_inputs, recipe=recipe, calibration=calib, dynamic_axes=dynamic_axes)
+        return compress_prepared(model, prepared, recipe, progress=False)
 
     ratios: dict[str, float] = {}
 
@@ -238,9 +245,7 @@ def plan(
     def joint() -> Optional[str]:  # the joint per-layer search's recipe for the size, or None
         assert size is not None and calib is not None
         progress("joint search: each layer's error in every form it can take")
-        prepared = prepare(model, example_inputs, calib, dynamic_axes)
-        layers = layer_forms(prepared.captured.graph_module, list(prepared.calibration))
-        del prepared
+        layers = layer_forms(shared_copy(prepared.captured.graph_module), list(prepared.calibration))
         return search(layers, lambda r: ratio_of(_rounded_to_nearest(r)) <= size, progress)
 
     candidates: list[Candidate] = []
@@ -285,7 +290,7 @@ def plan(
     finally:
         floors.close()
     if best is None:
-        raise PlanError(_unreachable(candidates, size, floors))
+        raise PlanError(_unreachable(candidates, size, floors), candidates)
     chosen, cm = best
     return Plan(
         _explicit(chosen.recipe, cm),
