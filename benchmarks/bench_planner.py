@@ -13,6 +13,7 @@ import argparse
 import sys
 import time
 
+from common import OUT as RESULTS
 from common import save_table
 
 from fxcompress.models import zoo
@@ -31,7 +32,7 @@ def digits() -> None:
         labels=ev.labels, max_accuracy_drop=0.5, allow_training=True,
         progress=lambda line: print("  " + line, file=sys.stderr, flush=True),
     )  # fmt: skip
-    p.save("results/planner_digits")
+    p.save(RESULTS / "planner_digits")
     cells = [
         [f"`{c.recipe}`", f"{c.ratio:.4f} ({1 / c.ratio:.1f}x)", "" if c.cosine is None else f"{c.cosine:.5f}",
          "" if c.accuracy_drop_pp is None else f"{c.accuracy_drop_pp:.2f}", "yes" if c.fits else "no",
@@ -132,7 +133,7 @@ def main() -> None:
         except PlanError as e:
             rows.append(dict(size=size, floor=floor, error=str(e), seconds=time.perf_counter() - start))
             continue
-        p.save(f"results/planner_minilm_{size}")
+        p.save(RESULTS / f"planner_minilm_{size}")
         rows.append(
             dict(
                 size=size,

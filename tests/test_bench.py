@@ -44,3 +44,22 @@ def test_benchmark_puts_fxcompress_and_ort_quantizers_in_one_table():
     assert rows[-1].weight_bytes < 0.3 * rows[0].weight_bytes  # ORT's int4 really quantized the (rewritten) MatMuls
     table = format_rows(rows)
     assert table.count("\n") == len(rows) + 1 and "CPU" in table
+
+
+def test_side_by_side_timing_keeps_both_sessions_from_spinning(tmp_path, monkeypatch):
+    """Two sessions in one process on few cores: a session whose threads spin after its runs slows the other one's
+    (measured: a model timed against itself read 0.86), so both are made without spinning."""
+    from fxcompress.checker.timing import relative_latency
+
+    x = torch.randn(2, 8)
+    path = export_onnx(torch.nn.Linear(8, 4), (x,), tmp_path / "m.onnx")
+    made = []
+    real = ort.InferenceSession
+
+    def recording(model, options=None, **kwargs):
+        made.append(None if options is None else options.get_session_config_entry("session.intra_op.allow_spinning"))
+        return real(model, options, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    timed = relative_latency(path, path, [x.numpy()], "cpu", rounds=1, runs=1)
+    assert made == ["0", "0"] and timed.ratio > 0 and timed.provider == "CPUExecutionProvider"

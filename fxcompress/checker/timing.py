@@ -3,6 +3,7 @@
 A latency *ratio* from two separate timings is only as good as the quietest of them: on a shared 2-core machine a
 neighbour's burst during the fp32 timing made an fp16 MiniLM look 0.47x fp32, while side by side it ran at 1.5x. So
 the two sessions are loaded together and timed in alternating rounds, and the ratio is the median of the rounds'.
+Neither session's threads spin between runs, so neither slows the other.
 """
 
 from __future__ import annotations
@@ -48,7 +49,12 @@ def relative_latency(
     """
     ort = import_ort()
     providers = choose_providers(provider)
-    sessions = [ort.InferenceSession(str(p), providers=providers) for p in (path, reference)]
+    # Worker threads that spin after a run (ORT's default) steal the cores from the other session's next runs: with
+    # spinning on, an int8 MiniLM timed against itself read 0.86, and int8/fp32 read 0.42-0.61 with the order swapped
+    # 0.34-0.37; with it off, 1.02 and 0.56-0.61 / 0.55-0.58 (2 cores, 2026-12-03).
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sessions = [ort.InferenceSession(str(p), options, providers=providers) for p in (path, reference)]
     feeds = [dict(zip((i.name for i in s.get_inputs()), inputs)) for s in sessions]
     for session, feed in zip(sessions, feeds):
         for _ in range(2):
