@@ -5,6 +5,7 @@ B added to our DynamicQuantizeMatMul nodes (the one difference between the two g
 Run: python benchmarks/experiments/int8_zero_point_side_by_side.py
 2026-12-03, AMD EPYC AVX-512 VNNI, 2 threads, ORT 1.32.0: ours/ORT 0.983, ours+zp/ORT 0.988, ours+zp/ours 0.992: the
 same speed; the 0.29x vs 0.22x of bench_planner.py --latency came from timing the variants one after another.
+Rerun later that day with the sessions' spinning threads off (relative_latency's fix): 0.983, 0.999, 1.042.
 """
 
 import warnings
