@@ -9,10 +9,10 @@ when they are int8 (MiniLM: 42% of the int8 graph's kernel time). This rewrite m
     -> scaled_dot_product_attention(q, k, v, mask)  no dropout, not causal, no GQA; mask None or bool (B|1, 1, S, T)
     -> [a reshape that keeps the shape] -> transpose(1, 2) -> reshape to (B, S, N*H)
 
-and replaces it with ``attention(x_q, x_k, x_v, mask, N, scale)``. Anything else (a KV cache concatenated in,
-rotary embeddings between the split and the attention, a per-head mask) is left as it is, and so are graphs from
-``symbolic_trace``: they carry no shapes to check the pattern against (transformers models are captured by
-torch.export).
+and replaces it with ``attention(x_q, x_k, x_v, mask, H, scale)`` (H as a literal in the split). Anything else (a KV
+cache concatenated in, rotary embeddings between the split and the attention, a per-head mask) is left as it is, and
+so are graphs from ``symbolic_trace``: they carry no shapes to check the pattern against (transformers models are
+captured by torch.export).
 """
 
 from __future__ import annotations
@@ -62,12 +62,14 @@ def _fuse(gm: fx.GraphModule, sdpa: fx.Node) -> bool:
     merge = _merge_of(sdpa)
     if any(s is None for s in sources) or merge is None or not _mask_fits(mask, query, key):
         return False
-    num_heads, head_size = _shape(query)[1], _shape(query)[3]
-    if not isinstance(num_heads, int) or not isinstance(head_size, int):
+    # The head size as the model's code writes it: a pass that prunes whole heads changes the head count and the widths
+    # but not the shapes recorded on the graph, which the op therefore does not take.
+    head_size = _literal_head_size(query)
+    if head_size is None:
         return False
     scale = 1.0 / math.sqrt(head_size) if scale is None else float(scale)
     with gm.graph.inserting_before(merge):
-        fused = gm.graph.call_function(torch.ops.fxcompress.attention.default, (*sources, mask, num_heads, scale))
+        fused = gm.graph.call_function(torch.ops.fxcompress.attention.default, (*sources, mask, head_size, scale))
     fused.meta.update({k: v for k, v in merge.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
     merge.replace_all_uses_with(fused)
     _erase_unused(gm, merge)
@@ -136,6 +138,13 @@ def _merged_heads(heads: fx.Node) -> Optional[fx.Node]:
     if not (_same(whole[0], b) and _same(whole[1], s) and isinstance(n, int) and isinstance(h, int)):
         return None
     return source if whole[2] == n * h else None
+
+
+def _literal_head_size(heads: fx.Node) -> Optional[int]:
+    """H when the split is ``reshape(x, [..., H])`` with H a literal that matches the recorded shape."""
+    target = heads.args[0].args[1] if len(heads.args[0].args) > 1 else None
+    size = target[-1] if isinstance(target, (list, tuple)) and target else None
+    return size if isinstance(size, int) and size > 0 and size == _shape(heads)[3] else None
 
 
 def _merge_of(sdpa: fx.Node) -> Optional[fx.Node]:

@@ -19,25 +19,31 @@ import torch.nn.functional as F
 from onnxscript import opset21 as op
 from torch import Tensor
 
+from fxcompress.errors import ExportError
 from fxcompress.ops.onnx_contrib import MSFT
 from fxcompress.ops.registry import register_op
 
 
 @torch.library.custom_op("fxcompress::attention", mutates_args=())
 def attention(
-    query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor], num_heads: int, scale: float
+    query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor], head_size: int, scale: float
 ) -> Tensor:
-    """Attention of ``query`` (B, S, N*H) over ``key``/``value`` (B, T, N*H), ``mask`` True where a query may attend
-    (broadcast to (B, N, S, T)); the heads merged back: (B, S, N*Hv).
+    """Attention of ``query`` (B, S, N*H) over ``key``/``value`` (B, T, N*H) in heads of ``head_size`` H, ``mask``
+    True where a query may attend (broadcast to (B, N, S, T)); the heads merged back: (B, S, N*Hv).
+
+    The op takes the head size, not the head count: pruning whole heads changes N and leaves H, and a graph's recorded
+    shapes are not updated by a pass that changes its weights; N is read from the tensors themselves.
 
     Example:
         >>> q = torch.randn(1, 3, 8)
-        >>> y = torch.ops.fxcompress.attention(q, q, q, None, 2, 0.5)
+        >>> y = torch.ops.fxcompress.attention(q, q, q, None, 4, 0.5)
         >>> heads = q.view(1, 3, 2, 4).transpose(1, 2)
         >>> reference = F.scaled_dot_product_attention(heads, heads, heads, scale=0.5).transpose(1, 2).reshape(1, 3, 8)
         >>> y.shape, torch.allclose(y, reference)
         (torch.Size([1, 3, 8]), True)
     """
+
+    num_heads = query.shape[2] // head_size
 
     def heads(t: Tensor) -> Tensor:
         return t.reshape(t.shape[0], t.shape[1], num_heads, t.shape[2] // num_heads).transpose(1, 2)
@@ -49,11 +55,18 @@ def attention(
 
 
 @attention.register_fake
-def _(query, key, value, mask, num_heads, scale):
+def _(query, key, value, mask, head_size, scale):
     return query.new_empty(query.shape[0], query.shape[1], value.shape[2])
 
 
-def multi_head_attention(query, key, value, mask=None, num_heads: int = 1, scale: float = 1.0):
+def multi_head_attention(query, key, value, mask=None, head_size: int = 1, scale: float = 1.0):
+    hidden = query.shape[-1] if query.shape is not None else None  # the exporter's shapes: traced from the weights
+    if not isinstance(hidden, int) or hidden % head_size:
+        raise ExportError(
+            f"attention: query width {hidden} is not a whole number of {head_size}-wide heads; export with a target "
+            "that leaves attention unfused (dataclasses.replace(target, fuse_attention=False))"
+        )
+    num_heads = hidden // head_size
     if mask is None:
         return MSFT.MultiHeadAttention(query, key, value, num_heads=num_heads, scale=scale)
     # The lowering only fuses boolean masks shaped (B or 1, 1, S, T): one bias for every head.
