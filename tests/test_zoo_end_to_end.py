@@ -1,7 +1,7 @@
 """int8 -> ONNX -> ORT CPU on every zoo model: the foundation issue's acceptance bars, as assertions."""
 
 import pytest
-from helpers import same_state, state_snapshot
+from helpers import op_types, same_state, state_snapshot
 
 import fxcompress
 from fxcompress.models import zoo
@@ -162,9 +162,12 @@ def test_minilm_attention_heads_prune_whole_and_run_on_ort(made, tmp_path):
         removed = r.extra["removed_channels"]
         assert len(removed) == 96 and len({c // 32 for c in removed}) == 3  # three whole heads (of 12, 32 wide)
     # reference = the pruned torch module: the artifact must compute exactly what it computes
+    path = cm.export(tmp_path / "m.onnx")
+    # attention stays fused with 9 heads of 12: the graph's recorded shapes still say 12, the fused op must not
+    assert op_types(path).count("MultiHeadAttention") == 6
     rep = fxcompress.check(
         cm.module,
-        cm.export(tmp_path / "m.onnx"),
+        path,
         example,
         tolerance=EXACT,
         eval_inputs=ev.inputs,
