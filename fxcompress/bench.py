@@ -224,11 +224,14 @@ def run_benchmark(
         nonlocal done
         done += 1
         progress(f"[{done}/{total}] measuring {name}")
-        paths.append(path)
-        return _measure(name, path, batches, inputs, eval_batches, reference, provider, repeat, labels)
+        row = _measure(name, path, batches, inputs, eval_batches, reference, provider, repeat, labels)
+        if path != fp32:  # its latency over fp32's, the two timed side by side
+            runs = max(3, repeat // 4)
+            for b in batches:
+                row.relative[b] = relative_latency(path, fp32, _tile(inputs, b), provider, runs=runs).ratio
+        return row
 
     rows: list[BenchRow] = []
-    paths: list[Path] = []
     with tempfile.TemporaryDirectory(prefix="fxc-bench-", dir=workdir) as tmp:
         progress("exporting the fp32 model")
         fp32 = export_onnx(capture(model, inputs).graph_module, inputs, Path(tmp, "fp32.onnx"))
@@ -254,11 +257,6 @@ def run_benchmark(
         for algo in ort_nbits:
             out = _ort_nbits(fp32, Path(tmp, f"ort_nbits_{algo}.onnx"), algo, nbits_block, calib)
             rows.append(measure(f"ORT MatMulNBitsQuantizer {algo.upper()} int4 b{nbits_block}", out))
-        progress("timing every variant beside fp32")
-        for row, path in zip(rows[1:], paths[1:]):
-            for b in batches:
-                timed = relative_latency(path, paths[0], _tile(inputs, b), provider, runs=max(3, repeat // 4))
-                row.relative[b] = timed.ratio
     return rows
 
 

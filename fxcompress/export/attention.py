@@ -96,14 +96,20 @@ def _sdpa_args(node: fx.Node) -> tuple:
     return tuple(values[n] for n in names)
 
 
-def _shape(node) -> tuple:
+def _fake(node) -> Optional[torch.Tensor]:
+    """The value torch.export recorded for ``node`` (None for constants and nodes without one)."""
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else ()
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _shape(node) -> tuple:
+    val = _fake(node)
+    return () if val is None else tuple(val.shape)
 
 
 def _dtype(node) -> Optional[torch.dtype]:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return val.dtype if isinstance(val, torch.Tensor) else None
+    val = _fake(node)
+    return None if val is None else val.dtype
 
 
 def _same(a, b) -> bool:
